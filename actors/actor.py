@@ -1,0 +1,98 @@
+"""A rollout actor: one engine, generating groups continuously into the buffer.
+
+It never waits for the learner: between batches it takes the newest published weights if
+there are any, and goes on. Plain Python; launch/ runs it as a Ray actor.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer
+
+from actors.hf_engine import HFEngine
+from actors.rollout import EpisodeRunner, RolloutConfig
+from buffer.client import BufferClient
+from common.config import check
+from common.weights import WeightChannel
+from envs import registry
+
+log = logging.getLogger(__name__)
+ENGINES = ("hf",)
+
+
+@dataclass
+class ActorsConfig:
+    count: int = 1
+    """Actor groups, each with its own engine (--actors)."""
+    engine: str = "hf"
+    """Inference engine: hf (transformers, CPU or GPU)."""
+    groups_per_batch: int = 2
+    """Tasks generated together in one engine call (each with group_size completions)."""
+    gpus: float = 0.0
+    """GPUs per actor; 0 runs the engine on CPU."""
+    num_cpus: float = 1.0
+    """CPUs Ray reserves for each actor."""
+    torch_threads: int = 1
+    """Torch intra-op threads of each actor process (CPU engines)."""
+
+    def validate(self):
+        check(self.count >= 1, "count", f"must be >= 1, got {self.count}")
+        check(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
+        check(self.groups_per_batch >= 1, "groups_per_batch", "must be >= 1")
+        check(self.gpus >= 0, "gpus", "must be >= 0")
+        check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+
+
+class RolloutActor:
+    def __init__(self, actor_id: int, model_path: str, dtype: str, actors: ActorsConfig,
+                 rollout: RolloutConfig, env: registry.EnvConfig, buffer_address: str,
+                 buffer_timeout_s: float, weights: WeightChannel, seed: int = 0):
+        torch.set_num_threads(actors.torch_threads)
+        self.actor_id, self.config, self.weights = actor_id, actors, weights
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        device = "cuda" if actors.gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.engine = HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=[tokenizer.eos_token_id],
+                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                               seed=seed * 1000 + actor_id)
+        self.runner = EpisodeRunner(self.engine, tokenizer, lambda: registry.make(env), rollout)
+        self.task_source = registry.make(env)
+        self.rng = random.Random(seed * 1000 + actor_id)
+        self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
+        self._stop = threading.Event()
+        self.groups = self.batches = 0
+        self.weight_load_s = 0.0
+        self.started = time.monotonic()
+
+    def run(self, max_batches: int | None = None) -> dict:
+        """Generate and insert until stop() or max_batches; returns stats()."""
+        while not self._stop.is_set() and (max_batches is None or self.batches < max_batches):
+            self.sync_weights()
+            tasks = [self.task_source.sample(self.rng) for _ in range(self.config.groups_per_batch)]
+            for group in self.runner.run(tasks, actor_id=self.actor_id):
+                self.buffer.insert(group)
+                self.groups += 1
+            self.batches += 1
+        return self.stats()
+
+    def sync_weights(self) -> bool:
+        update = self.weights.poll(self.engine.version)
+        if update is None:
+            return False
+        t = time.monotonic()
+        self.engine.load_weights(update[1], update[0])
+        self.weight_load_s += time.monotonic() - t
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def stats(self) -> dict:
+        return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
+                "generated_tokens": self.runner.generated_tokens, "generate_s": self.runner.generate_s,
+                "env_s": self.runner.env_s, "weight_load_s": self.weight_load_s,
+                "uptime_s": time.monotonic() - self.started}

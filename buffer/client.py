@@ -1,0 +1,86 @@
+"""The buffer client: a thin layer over the wire with deadlines and idempotent retries.
+
+Each call has a deadline. A call that gets no reply in time closes its socket (dropping
+anything queued), reconnects and, if the call is idempotent (insert: ids are unique, so a
+re-sent insert is stored once; set_version; stats), sends again, up to `retries` times.
+A sample is never re-sent: it could take groups twice. Failures raise BufferError naming the
+server's address and the cause.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+
+import zmq
+
+from common.rollout import RolloutGroup
+from common.wire import decode, encode
+
+
+class BufferError(RuntimeError):
+    """The buffer server refused a request or did not answer in time."""
+
+
+class BufferTimeout(BufferError):
+    pass
+
+
+class BufferClient:
+    def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._context = zmq.Context.instance()
+        self._socket = None
+        self._rids = itertools.count(1)
+        self._connect()
+
+    def _connect(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+
+    def _call(self, op: str, deadline_s: float | None = None, idempotent: bool = True, **fields) -> dict:
+        timeout_s = self.timeout_s if deadline_s is None else deadline_s
+        attempts = 1 + (self.retries if idempotent else 0)
+        for attempt in range(attempts):
+            rid = next(self._rids)
+            self._socket.send_multipart(encode({"op": op, "rid": rid, **fields}), copy=False)
+            deadline = time.monotonic() + timeout_s
+            while (left := deadline - time.monotonic()) > 0:
+                if not self._socket.poll(int(left * 1000) + 1):
+                    continue
+                reply = decode(self._socket.recv_multipart(copy=False))
+                if not isinstance(reply, dict) or reply.get("rid") != rid:
+                    continue  # a late reply to an abandoned attempt
+                if not reply.get("ok"):
+                    raise BufferError(f"buffer at {self.address} refused {op}: {reply.get('error')}")
+                return reply
+            self._connect()  # drop whatever is queued on the dead connection
+        raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
+                            f"({attempts} attempt(s)); is the server running?")
+
+    def insert(self, group: RolloutGroup) -> dict:
+        """Store a group. Returns {stored, size, learner_version}."""
+        return self._call("insert", group=group.to_wire())
+
+    def sample(self, n: int, timeout_s: float | None = None) -> tuple[list[RolloutGroup], list[int], int]:
+        """Wait up to timeout_s for n fresh groups; returns (groups, staleness, learner_version)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        # The server answers a sample it cannot meet at its own deadline; give the reply time to come.
+        reply = self._call("sample", deadline_s=timeout_s + 10.0, idempotent=False, n=n, timeout_s=timeout_s)
+        groups = [RolloutGroup.from_wire(g) for g in reply["groups"]]
+        return groups, list(reply["staleness"]), int(reply["learner_version"])
+
+    def set_learner_version(self, version: int) -> dict:
+        return self._call("set_version", version=int(version))
+
+    def stats(self) -> dict:
+        return self._call("stats")

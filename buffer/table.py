@@ -1,0 +1,131 @@
+"""A table of rollout groups: selection, removal, a size bound and a staleness bound.
+
+Plain Python, single-threaded: the server owns one table and calls it from its loop.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+
+from common.config import check
+from common.rollout import RolloutGroup
+
+SELECTORS = ("fifo", "lifo", "uniform")
+
+
+@dataclass
+class TableConfig:
+    max_size: int = 1024
+    """Groups held at most; inserting into a full table removes the oldest group."""
+    max_staleness: int = 4
+    """A group is never sampled once learner_version - group.version exceeds this; it is
+    dropped and counted in `dropped_stale`."""
+    selector: str = "fifo"
+    """Which groups a sample takes: fifo (oldest first), lifo (newest first) or uniform."""
+    max_times_sampled: int = 1
+    """A group is removed after this many samples; 0 keeps it until evicted or stale."""
+    min_size_to_sample: int = 1
+    """A sample waits until the table holds at least this many groups (and enough for it)."""
+
+    def validate(self):
+        check(self.max_size >= 1, "max_size", f"must be >= 1, got {self.max_size}")
+        check(self.max_staleness >= 0, "max_staleness", f"must be >= 0, got {self.max_staleness}")
+        check(self.selector in SELECTORS, "selector", f"must be one of {SELECTORS}, got {self.selector!r}")
+        check(self.max_times_sampled >= 0, "max_times_sampled", "must be >= 0")
+        check(1 <= self.min_size_to_sample <= self.max_size, "min_size_to_sample",
+              f"must lie in [1, max_size={self.max_size}], got {self.min_size_to_sample}")
+
+
+@dataclass
+class _Entry:
+    group: RolloutGroup
+    times_sampled: int = 0
+
+
+@dataclass
+class TableStats:
+    inserts: int = 0
+    duplicates: int = 0
+    samples: int = 0          # groups handed out
+    dropped_stale: int = 0
+    evicted: int = 0          # removed unsampled because the table was full
+    staleness: Counter = field(default_factory=Counter)  # staleness at sampling -> groups
+
+
+class Table:
+    def __init__(self, config: TableConfig, seed: int = 0, remember_ids: int = 100_000):
+        self.config = config
+        self.learner_version = 0
+        self.stats = TableStats()
+        self._items: OrderedDict[str, _Entry] = OrderedDict()  # insertion order
+        self._seen: OrderedDict[str, None] = OrderedDict()      # recent ids, for idempotent inserts
+        self._remember_ids = remember_ids
+        self._rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def insert(self, group: RolloutGroup) -> bool:
+        """Store the group; False if its id was stored before (a re-sent insert)."""
+        if group.id in self._seen:
+            self.stats.duplicates += 1
+            return False
+        self._seen[group.id] = None
+        if len(self._seen) > self._remember_ids:
+            self._seen.popitem(last=False)
+        self._items[group.id] = _Entry(group)
+        self.stats.inserts += 1
+        while len(self._items) > self.config.max_size:
+            self._items.popitem(last=False)
+            self.stats.evicted += 1
+        return True
+
+    def set_learner_version(self, version: int) -> None:
+        self.learner_version = max(self.learner_version, int(version))
+        self.drop_stale()
+
+    def staleness(self, group: RolloutGroup) -> int:
+        return self.learner_version - group.version
+
+    def drop_stale(self) -> int:
+        stale = [k for k, e in self._items.items() if self.staleness(e.group) > self.config.max_staleness]
+        for k in stale:
+            del self._items[k]
+        self.stats.dropped_stale += len(stale)
+        return len(stale)
+
+    def can_sample(self, n: int) -> bool:
+        self.drop_stale()
+        return len(self._items) >= max(n, self.config.min_size_to_sample)
+
+    def sample(self, n: int) -> list[RolloutGroup] | None:
+        """n distinct groups chosen by the selector, or None if too few are held."""
+        if not self.can_sample(n):
+            return None
+        keys = list(self._items)
+        if self.config.selector == "fifo":
+            chosen = keys[:n]
+        elif self.config.selector == "lifo":
+            chosen = keys[-n:][::-1]
+        else:
+            chosen = self._rng.sample(keys, n)
+        out = []
+        for k in chosen:
+            entry = self._items[k]
+            entry.times_sampled += 1
+            if self.config.max_times_sampled and entry.times_sampled >= self.config.max_times_sampled:
+                del self._items[k]
+            self.stats.staleness[self.staleness(entry.group)] += 1
+            out.append(entry.group)
+        self.stats.samples += len(out)
+        return out
+
+    def summary(self) -> dict:
+        s = self.stats
+        return {
+            "size": len(self._items), "learner_version": self.learner_version,
+            "inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
+            "dropped_stale": s.dropped_stale, "evicted": s.evicted,
+            "staleness_histogram": {str(k): v for k, v in sorted(s.staleness.items())},
+        }

@@ -1,0 +1,143 @@
+"""The rollout group: the buffer's item and the learner's unit of data. Defined once, here.
+
+A group is one prompt and its G sampled completions (GRPO normalises rewards within it).
+Per-completion arrays are stored as columns [G, T], T being the longest row of the group, with
+rows right-padded by zeros. A row holds the whole episode: prompt tokens, then for each turn
+the policy's tokens and (multi-turn) the environment's reply tokens.
+
+Versions: a policy version counts the learner's weight publications (0 = initial weights).
+`version_first`/`version_last` are the versions that produced the first and the last policy
+token of a row; the group's `version` is the oldest of them, and staleness is measured
+against it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# field name -> (dtype, shape in terms of G and T)
+ARRAY_FIELDS = {
+    "tokens": (np.int32, ("G", "T")),             # token ids; prompt, policy and env tokens
+    "loss_mask": (np.uint8, ("G", "T")),          # 1 on policy-sampled tokens, else 0
+    "behaviour_logprobs": (np.float32, ("G", "T")),  # log mu(token) on policy tokens, else 0
+    "lengths": (np.int32, ("G",)),                # valid tokens in each row
+    "rewards": (np.float32, ("G",)),              # total reward of each completion
+    "version_first": (np.int32, ("G",)),          # policy version at the first policy token
+    "version_last": (np.int32, ("G",)),           # policy version at the last policy token
+}
+
+
+class SchemaError(ValueError):
+    """A rollout group does not match the schema; the text names the field."""
+
+
+@dataclass
+class RolloutGroup:
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    behaviour_logprobs: np.ndarray
+    lengths: np.ndarray
+    rewards: np.ndarray
+    version_first: np.ndarray
+    version_last: np.ndarray
+    turn_rewards: list          # G lists of floats, one per turn
+    errors: list                # G strings; "" where the episode ended cleanly
+    prompt_id: str = ""
+    actor_id: int = 0
+    temperature: float = 1.0    # sampling temperature the behaviour log-probs were taken at
+    timings: dict = field(default_factory=dict)  # seconds, e.g. generate_s, env_s
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def group_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def version(self) -> int:
+        """The oldest policy version that generated any token of the group."""
+        return int(self.version_first.min())
+
+    @property
+    def num_policy_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def validate(self) -> "RolloutGroup":
+        """Check dtypes, shapes and invariants; raise SchemaError naming the field."""
+        if not isinstance(self.tokens, np.ndarray) or self.tokens.ndim != 2:
+            raise SchemaError("tokens: must be a 2-D array [G, T]")
+        dims = {"G": self.tokens.shape[0], "T": self.tokens.shape[1]}
+        if dims["G"] < 1:
+            raise SchemaError("tokens: a group needs at least one completion")
+        for name, (dtype, shape) in ARRAY_FIELDS.items():
+            value = getattr(self, name)
+            want = tuple(dims[d] for d in shape)
+            if not isinstance(value, np.ndarray):
+                raise SchemaError(f"{name}: must be a numpy array, got {type(value).__name__}")
+            if value.dtype != dtype:
+                raise SchemaError(f"{name}: dtype must be {np.dtype(dtype)}, got {value.dtype}")
+            if value.shape != want:
+                raise SchemaError(f"{name}: shape must be {want} (G, T), got {value.shape}")
+        for name in ("turn_rewards", "errors"):
+            if not isinstance(getattr(self, name), list) or len(getattr(self, name)) != dims["G"]:
+                raise SchemaError(f"{name}: must be a list of {dims['G']} entries")
+        if (self.lengths < 0).any() or (self.lengths > dims["T"]).any():
+            raise SchemaError("lengths: each must lie in [0, T]")
+        if (self.loss_mask > 1).any():
+            raise SchemaError("loss_mask: values must be 0 or 1")
+        if not np.isfinite(self.rewards).all():
+            raise SchemaError("rewards: must be finite")
+        if not np.isfinite(self.behaviour_logprobs).all() or (self.behaviour_logprobs > 1e-4).any():
+            raise SchemaError("behaviour_logprobs: must be finite and <= 0")
+        if (self.version_last < self.version_first).any():
+            raise SchemaError("version_last: must be >= version_first")
+        if not self.temperature > 0:
+            raise SchemaError("temperature: must be > 0")
+        return self
+
+    def to_wire(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_wire(cls, data) -> "RolloutGroup":
+        if not isinstance(data, dict):
+            raise SchemaError(f"a rollout group must be a map, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = set(data) - names, set(ARRAY_FIELDS) - set(data)
+        if unknown or missing:
+            raise SchemaError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+        try:
+            group = cls(**data)
+        except TypeError as e:
+            raise SchemaError(str(e)) from None
+        return group.validate()
+
+    @classmethod
+    def from_rows(cls, rows: list, **meta) -> "RolloutGroup":
+        """Build a group from G rows, each a dict with 1-D `tokens`, `loss_mask`,
+        `behaviour_logprobs` and scalars `reward`, `version_first`, `version_last`,
+        plus `turn_rewards` (list) and `error` (str)."""
+        width = max(len(r["tokens"]) for r in rows)
+
+        def pad(key, dtype):
+            out = np.zeros((len(rows), width), dtype=dtype)
+            for i, r in enumerate(rows):
+                out[i, : len(r[key])] = r[key]
+            return out
+
+        return cls(
+            tokens=pad("tokens", np.int32),
+            loss_mask=pad("loss_mask", np.uint8),
+            behaviour_logprobs=pad("behaviour_logprobs", np.float32),
+            lengths=np.array([len(r["tokens"]) for r in rows], dtype=np.int32),
+            rewards=np.array([r["reward"] for r in rows], dtype=np.float32),
+            version_first=np.array([r["version_first"] for r in rows], dtype=np.int32),
+            version_last=np.array([r["version_last"] for r in rows], dtype=np.int32),
+            turn_rewards=[list(map(float, r["turn_rewards"])) for r in rows],
+            errors=[str(r["error"]) for r in rows],
+            **meta,
+        ).validate()

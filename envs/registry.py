@@ -1,0 +1,55 @@
+"""Environment registry: a name, a dotted path or an installed entry point -> a class.
+
+Built-ins are listed here explicitly. Users plug their own in by config without touching
+asyncrl: `env.name=mypkg.games:Chess` (or `mypkg.games.Chess`), or by publishing an entry
+point in the group `asyncrl.envs` and naming it.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+from common.config import ConfigError
+from envs.base import Environment
+
+BUILTIN = {
+    "arithmetic": "envs.arithmetic:ArithmeticEnv",
+    "token_match": "envs.token_match:TokenMatchEnv",
+}
+ENTRY_POINT_GROUP = "asyncrl.envs"
+
+
+@dataclass
+class EnvConfig:
+    name: str = "arithmetic"
+    """A built-in name, an entry point in group asyncrl.envs, or a dotted path module:Class."""
+    args: dict = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor."""
+
+
+def _import(path: str):
+    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def resolve(name: str) -> type[Environment]:
+    if name in BUILTIN:
+        return _import(BUILTIN[name])
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    try:
+        cls = found[0].load() if found else _import(name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError("env.name", f"{name!r} is neither a built-in ({', '.join(BUILTIN)}), "
+                          f"an entry point in {ENTRY_POINT_GROUP}, nor an importable module:Class ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ConfigError("env.name", f"{name!r} is {cls!r}, not a subclass of envs.base.Environment")
+    return cls
+
+
+def make(config: EnvConfig) -> Environment:
+    cls = resolve(config.name)
+    try:
+        return cls(**config.args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("env.args", f"{cls.__name__} rejected its arguments {dict(config.args)}: {e}") from None

@@ -1,0 +1,72 @@
+"""python -m launch RECIPE [--actors N] [--learner-gpus M] [--config NAME] [key=value ...]"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from common.config import ConfigError
+
+RECIPES = {
+    "async_grpo": "actors generate continuously while the learner trains (off-policy, staleness-bounded)",
+}
+
+EPILOG = """\
+overrides:
+  key=value sets any config key, e.g. trainer.max_steps=20 rollout.group_size=8 model.name=tiny
+  (see configs/*.yaml and the dataclasses they override; unknown keys are errors).
+
+examples:
+  python -m launch async_grpo                                # the default job: SmolLM2-135M on arithmetic
+  python -m launch async_grpo --config tiny --actors 2       # a one-minute smoke run, no download
+  python -m launch async_grpo --actors 4 --learner-gpus 16 model.name=Qwen/Qwen2.5-0.5B-Instruct
+"""
+
+
+def count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch", description="Run an asyncrl recipe.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", choices=sorted(RECIPES), metavar="RECIPE",
+                   help="; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
+    p.add_argument("--actors", type=count(1), metavar="N",
+                   help="actor groups generating rollouts (sets actors.count)")
+    p.add_argument("--learner-gpus", type=count(0), metavar="M",
+                   help="GPUs for the learner, one rank each; 0 trains on CPU (sets trainer.gpus)")
+    p.add_argument("--config", metavar="NAME",
+                   help="configs/NAME.yaml (or a path to a YAML file) applied over the recipe's defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_intermixed_args(argv)
+    overrides = list(args.overrides)
+    if args.actors is not None:
+        overrides.append(f"actors.count={args.actors}")
+    if args.learner_gpus is not None:
+        overrides.append(f"trainer.gpus={args.learner_gpus}")
+    from launch.config import build_config
+    recipe = importlib.import_module(f"launch.{args.recipe}")
+    try:
+        config = build_config(args.recipe, args.config, overrides)
+        recipe.main(config)
+    except ConfigError as e:
+        print(f"python -m launch: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

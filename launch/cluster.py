@@ -1,0 +1,115 @@
+"""Ray at the edges: start or join Ray, place the learner ranks and the actors, and wait on
+them with deadlines. The parts themselves are plain classes; this module wraps them."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.actor import RolloutActor
+from launch.config import Config
+from launch.weights import RayWeightChannel, WeightStore
+from learner.learner import Learner
+
+
+class PeerError(RuntimeError):
+    """A remote part failed or missed its deadline; the text names it."""
+
+
+def start_ray(config: Config) -> None:
+    address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local Ray gets at least as many CPUs as the parts reserve, so a small machine still runs
+    # every part (oversubscribed: the parts' torch threads are what really shares the cores).
+    wanted = (config.actors.count * config.actors.num_cpus
+              + (0 if config.trainer.gpus else config.trainer.world_size * config.trainer.torch_threads) + 1)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+
+
+def get(refs, timeout_s: float, what: str):
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise PeerError(f"{what} did not answer within {timeout_s:.0f}s") from None
+    except ray.exceptions.RayError as e:
+        raise PeerError(f"{what} failed: {e}") from None
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address():
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def start_weight_channel(config: Config) -> RayWeightChannel:
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    return RayWeightChannel(store, timeout_s=config.run.weights_timeout_s)
+
+
+def start_learners(config: Config, model_path: str, buffer_address: str, weights) -> tuple:
+    """One Ray actor per learner rank, packed with a placement group; returns (ranks, group)."""
+    t = config.trainer
+    bundle = {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
+    group = placement_group([dict(bundle) for _ in range(t.world_size)], strategy="PACK")
+    get(group.ready(), config.run.step_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
+    in_bundle = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
+    master_addr, master_port = get(_rendezvous_address.options(scheduling_strategy=in_bundle[0]).remote(),
+                                   config.run.actor_timeout_s, "learner rendezvous")
+    remote = ray.remote(Learner)
+    ranks = [remote.options(num_gpus=bundle.get("GPU", 0), num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
+             .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
+                     weights, master_addr, master_port, config.run.seed)
+             for i in range(t.world_size)]
+    get([r.__ray_ready__.remote() for r in ranks], t.dist_timeout_s + 120, "learner start-up")
+    return ranks, group
+
+
+def start_actors(config: Config, model_path: str, buffer_address: str, weights) -> list:
+    remote = ray.remote(RolloutActor).options(num_cpus=config.actors.num_cpus, num_gpus=config.actors.gpus,
+                                              max_concurrency=3)
+    actors = [remote.remote(i, model_path, config.model.dtype, config.actors, config.rollout, config.env,
+                            buffer_address, config.buffer.timeout_s, weights, config.run.seed)
+              for i in range(config.actors.count)]
+    get([a.__ray_ready__.remote() for a in actors], 600, "actor start-up")
+    return actors
+
+
+def learner_step(ranks: list, actor_runs: dict, timeout_s: float) -> dict:
+    """Run one step on every rank; fail at once, naming the part, if an actor dies meanwhile."""
+    refs = [r.step.remote() for r in ranks]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+        if len(done) == len(refs):
+            return get(refs, 1.0, "learner step")[0]
+        check_actors(actor_runs)
+        if time.monotonic() > deadline:
+            raise PeerError(f"learner step did not finish within {timeout_s:.0f}s")
+
+
+def check_actors(actor_runs: dict) -> None:
+    """Raise if any actor's run loop has ended (it only ends on failure or stop)."""
+    finished, _ = ray.wait(list(actor_runs), num_returns=len(actor_runs), timeout=0)
+    for ref in finished:
+        get(ref, 5.0, f"actor {actor_runs[ref]}")
+        raise PeerError(f"actor {actor_runs[ref]} stopped generating")
+
+
+def stop_all(actors: list, actor_runs: dict, ranks: list, group, timeout_s: float) -> None:
+    """Stop the actors' loops (kill those that miss the deadline), then the learner ranks."""
+    for a in actors:
+        a.stop.remote()
+    ray.wait(list(actor_runs), num_returns=len(actor_runs), timeout=timeout_s)
+    for handle in actors + ranks:
+        ray.kill(handle)
+    if group is not None:
+        remove_placement_group(group)
+

@@ -1,0 +1,61 @@
+"""The whole config tree of a run: every part's own config, under the part's name."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.actor import ActorsConfig
+from actors.rollout import RolloutConfig
+from buffer.server import BufferConfig
+from common.config import check, load_config
+from envs.registry import EnvConfig
+from launch.models import ModelConfig
+from learner.learner import TrainerConfig
+from learner.loss import LossConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""
+    """Output folder; empty means runs/<recipe>-<time>."""
+    seed: int = 0
+    ray_address: str = ""
+    """Ray cluster to join; empty means $RAY_ADDRESS if set, else a local Ray."""
+    weights_timeout_s: float = 300.0
+    """Deadline of each weight publication or fetch."""
+    actor_timeout_s: float = 60.0
+    """Deadline of each control call to an actor (stats, stop)."""
+    step_timeout_s: float = 1800.0
+    """Deadline of one learner step, seen from the launcher."""
+
+    def validate(self):
+        for key in ("weights_timeout_s", "actor_timeout_s", "step_timeout_s"):
+            check(getattr(self, key) > 0, key, "must be > 0")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actors: ActorsConfig = field(default_factory=ActorsConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def build_config(recipe: str, name: str | None = None, overrides: list = ()) -> Config:
+    """Defaults, then configs/<recipe>.yaml if present, then configs/<name>.yaml (or a path),
+    then key=value overrides."""
+    files = [p for p in [CONFIG_DIR / f"{recipe}.yaml"] if p.is_file()]
+    if name:
+        path = Path(name)
+        files.append(path if path.suffix in (".yaml", ".yml") else CONFIG_DIR / f"{name}.yaml")
+    config = load_config(Config, files, list(overrides))
+    if not config.run.dir:
+        config.run.dir = f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return config

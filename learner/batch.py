@@ -1,0 +1,73 @@
+"""From rollout groups to padded training tensors, split into micro-batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.rollout import RolloutGroup
+from learner.loss import group_advantages
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor              # [B, T] long, right-padded
+    attention_mask: torch.Tensor      # [B, T] long, 1 on valid tokens
+    loss_mask: torch.Tensor           # [B, T-1] float, 1 where token t+1 is a policy token
+    behaviour_logprobs: torch.Tensor  # [B, T-1] float, log mu of token t+1
+    advantages: torch.Tensor          # [B, T-1] float, the row's advantage on every position
+    temperature: float
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def split(self, rows: int) -> list["Batch"]:
+        """Micro-batches of at most `rows` rows, each trimmed to its own longest row."""
+        out = []
+        for i in range(0, self.rows, rows):
+            sl = slice(i, i + rows)
+            width = int(self.attention_mask[sl].sum(1).max().item())
+            width = max(width, 2)
+            out.append(Batch(self.tokens[sl, :width], self.attention_mask[sl, :width],
+                             self.loss_mask[sl, :width - 1], self.behaviour_logprobs[sl, :width - 1],
+                             self.advantages[sl, :width - 1], self.temperature))
+        return out
+
+
+def make_batch(groups: list[RolloutGroup], scale_by_std: bool = True) -> Batch:
+    """Concatenate the groups' rows. Advantages are normalised within each group."""
+    temperatures = {g.temperature for g in groups}
+    if len(temperatures) != 1:
+        raise ValueError(f"groups sampled at different temperatures {sorted(temperatures)} in one batch")
+    width = max(2, max(g.tokens.shape[1] for g in groups))
+
+    def stack(name, dtype):
+        out = np.zeros((sum(g.group_size for g in groups), width), dtype=dtype)
+        row = 0
+        for g in groups:
+            value = getattr(g, name)
+            out[row:row + g.group_size, :value.shape[1]] = value
+            row += g.group_size
+        return torch.from_numpy(out)
+
+    tokens = stack("tokens", np.int64)
+    lengths = torch.from_numpy(np.concatenate([g.lengths for g in groups]).astype(np.int64))
+    attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    advantages = torch.cat([
+        group_advantages(torch.from_numpy(np.asarray(g.rewards, dtype=np.float32))[None, :], scale_by_std)[0]
+        for g in groups])                                                           # [B]
+    return Batch(
+        tokens=tokens, attention_mask=attention_mask,
+        loss_mask=stack("loss_mask", np.float32)[:, 1:],
+        behaviour_logprobs=stack("behaviour_logprobs", np.float32)[:, 1:],
+        advantages=advantages[:, None].expand(-1, width - 1).contiguous(),
+        temperature=temperatures.pop())
+
+
+def token_logprobs(model, batch: Batch) -> torch.Tensor:
+    """log pi(token t+1 | tokens <= t) at the batch's sampling temperature: [B, T-1]."""
+    logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)
+    return logprobs.gather(-1, batch.tokens[:, 1:, None])[..., 0]

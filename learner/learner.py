@@ -1,0 +1,184 @@
+"""The learner: sample groups, take one clipped, importance-weighted policy-gradient step,
+publish weights every `sync_every` steps.
+
+One Learner per process (rank). With more than one rank the model is sharded with FSDP2
+(gloo on CPU, NCCL on GPU), each rank samples its own share of the batch, and the loss is
+normalised by the policy-token count of the whole global batch. Plain Python; launch/ runs
+the ranks as Ray actors.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from buffer.client import BufferClient
+from common.config import check
+from common.weights import WeightChannel
+from learner import fsdp
+from learner.batch import make_batch, token_logprobs
+from learner.loss import LossConfig, policy_loss
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    sync_every: int = 1
+    """Publish weights to the actors every this many steps (version += 1 each time)."""
+    gpus: int = 0
+    """Learner GPUs, one rank each (--learner-gpus); 0 trains on CPU."""
+    cpu_workers: int = 1
+    """Learner ranks when gpus=0; more than one shards the model with FSDP2 over gloo."""
+    batch_groups: int = 8
+    """Groups per optimizer step, over all ranks (a multiple of the rank count)."""
+    micro_batch_rows: int = 8
+    """Rows (completions) per forward/backward pass."""
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    torch_threads: int = 1
+    """Torch intra-op threads of each CPU learner rank."""
+    sample_timeout_s: float = 600.0
+    """How long one step waits for the buffer to hold enough fresh groups."""
+    dist_timeout_s: float = 300.0
+    """Deadline of every collective between learner ranks."""
+    export_final: bool = True
+    """Save the final weights in Hugging Face format under <run.dir>/final."""
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus if self.gpus > 0 else self.cpu_workers
+
+    def validate(self):
+        check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        check(self.sync_every >= 1, "sync_every", f"must be >= 1, got {self.sync_every}")
+        check(self.gpus >= 0, "gpus", f"must be >= 0, got {self.gpus}")
+        check(self.cpu_workers >= 1, "cpu_workers", f"must be >= 1, got {self.cpu_workers}")
+        check(self.batch_groups >= 1 and self.batch_groups % self.world_size == 0, "batch_groups",
+              f"must be a positive multiple of the learner's {self.world_size} rank(s), got {self.batch_groups}")
+        check(self.micro_batch_rows >= 1, "micro_batch_rows", "must be >= 1")
+        check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        check(self.sample_timeout_s > 0, "sample_timeout_s", "must be > 0")
+
+
+class Learner:
+    def __init__(self, rank: int, model_path: str, dtype: str, trainer: TrainerConfig, loss: LossConfig,
+                 buffer_address: str, buffer_timeout_s: float, weights: WeightChannel,
+                 master_addr: str = "127.0.0.1", master_port: int = 0, seed: int = 0):
+        self.rank, self.world_size, self.config, self.loss_config = rank, trainer.world_size, trainer, loss
+        self.weights = weights
+        torch.manual_seed(seed + rank)
+        torch.set_num_threads(trainer.torch_threads)
+        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if trainer.gpus else "cpu")
+        self.sharded = self.world_size > 1
+        if self.sharded:
+            os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+            dist.init_process_group("nccl" if trainer.gpus else "gloo", rank=rank, world_size=self.world_size,
+                                    timeout=datetime.timedelta(seconds=trainer.dist_timeout_s))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
+        model.to(self.device).train()
+        if self.sharded:
+            fsdp.shard(model, self.device.type, self.world_size)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
+        self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
+        self.model_path = model_path
+        self.step_count = 0
+        self.version = 0
+
+    def _all_reduce(self, values: list, op=None) -> list:
+        if not self.sharded:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def step(self) -> dict:
+        """One optimizer step; returns metrics of the whole global batch (same on every rank)."""
+        t0 = time.monotonic()
+        groups, staleness, _ = self.buffer.sample(self.config.batch_groups // self.world_size,
+                                                  timeout_s=self.config.sample_timeout_s)
+        wait_s = time.monotonic() - t0
+        batch = make_batch(groups, self.loss_config.scale_by_std)
+        global_tokens, = self._all_reduce([float(batch.loss_mask.sum())])
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict = {}
+        for micro in batch.split(self.config.micro_batch_rows):
+            micro = _to(micro, self.device)
+            logprobs = token_logprobs(self.model, micro)
+            loss_sum, metric_sums = policy_loss(logprobs, logprobs.detach(), micro.behaviour_logprobs,
+                                                micro.advantages, micro.loss_mask, self.loss_config)
+            # FSDP averages gradients over ranks; scale so the result is sum / global_tokens.
+            (loss_sum * self.world_size / max(global_tokens, 1.0)).backward()
+            metric_sums["loss/policy"] = loss_sum.detach()
+            for k, v in metric_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        self.step_count += 1
+        train_s = time.monotonic() - t0 - wait_s
+
+        rewards = np.concatenate([g.rewards for g in groups])
+        keys = sorted(sums)
+        totals = self._all_reduce([float(rewards.sum()), len(rewards), float(sum(staleness)), len(staleness),
+                                   sum(g.num_policy_tokens for g in groups), float(sum(len(e) > 0 for g in groups
+                                                                                        for e in g.errors))]
+                                  + [sums[k] for k in keys])
+        stale_max, = self._all_reduce([float(max(staleness))], op=dist.ReduceOp.MAX if self.sharded else None)
+        reward_sum, rows, stale_sum, n_groups, tokens, errors = totals[:6]
+        sync_s = self.publish() if self.step_count % self.config.sync_every == 0 else 0.0
+        metrics = {
+            "step": self.step_count, "weights/version": self.version,
+            "reward/mean": reward_sum / rows, "staleness/mean": stale_sum / n_groups, "staleness/max": stale_max,
+            "learner/step_s": time.monotonic() - t0, "learner/train_s": train_s, "learner/wait_s": wait_s,
+            "learner/tokens": tokens, "learner/grad_norm": grad_norm, "weights/sync_s": sync_s,
+            "rollout/episode_errors": errors,
+        }
+        metrics.update({k: v / max(global_tokens, 1.0) for k, v in zip(keys, totals[6:])})
+        return metrics
+
+    def publish(self) -> float:
+        """Publish the current weights as version+1 and tell the buffer; returns seconds taken."""
+        t = time.monotonic()
+        state = fsdp.full_state_dict(self.model, self.sharded)
+        self.version += 1
+        if self.rank == 0:
+            self.weights.publish(self.version, {n: _numpy(state[n]) for n in self.param_names})
+            self.buffer.set_learner_version(self.version)
+        return time.monotonic() - t
+
+    def export(self, path: str) -> None:
+        """Save the current weights and the tokenizer in Hugging Face format (rank 0 writes)."""
+        state = fsdp.full_state_dict(self.model, self.sharded)
+        if self.rank != 0:
+            return
+        plain = AutoModelForCausalLM.from_pretrained(self.model_path)
+        plain.load_state_dict(state)
+        plain.save_pretrained(path)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+
+    def close(self) -> None:
+        self.buffer.close()
+        if self.sharded and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    # numpy has no bfloat16: send such weights as float32; the engine casts on load.
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def _to(batch, device):
+    if device.type == "cpu":
+        return batch
+    return type(batch)(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()})
