@@ -103,20 +103,31 @@ class Learner:
         return t.tolist()
 
     def step(self) -> dict:
-        """One optimizer step; returns metrics of the whole global batch (same on every rank)."""
+        """Sample this rank's share of the batch, train on it, publish if due. Returns the
+        metrics of the whole global batch (the same on every rank)."""
         t0 = time.monotonic()
         groups, staleness, _ = self.buffer.sample(self.config.batch_groups // self.world_size,
                                                   timeout_s=self.config.sample_timeout_s)
         wait_s = time.monotonic() - t0
+        metrics = self.train_on(groups, staleness)
+        sync_s = self.publish() if self.step_count % self.config.sync_every == 0 else 0.0
+        metrics.update({"weights/version": self.version, "weights/sync_s": sync_s, "learner/wait_s": wait_s,
+                        "learner/step_s": time.monotonic() - t0})
+        return metrics
+
+    def train_on(self, groups: list, staleness: list) -> dict:
+        """One optimizer step on this rank's groups (every rank calls it together)."""
+        t0 = time.monotonic()
         batch = make_batch(groups, self.loss_config.scale_by_std)
         global_tokens, = self._all_reduce([float(batch.loss_mask.sum())])
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict = {}
         for micro in batch.split(self.config.micro_batch_rows):
             micro = _to(micro, self.device)
-            logprobs = token_logprobs(self.model, micro)
-            loss_sum, metric_sums = policy_loss(logprobs, logprobs.detach(), micro.behaviour_logprobs,
-                                                micro.advantages, micro.loss_mask, self.loss_config)
+            start, logprobs = token_logprobs(self.model, micro)                       # [b, T-1-start]
+            loss_sum, metric_sums = policy_loss(logprobs, logprobs.detach(), micro.behaviour_logprobs[:, start:],
+                                                micro.advantages[:, start:], micro.loss_mask[:, start:],
+                                                self.loss_config)
             # FSDP averages gradients over ranks; scale so the result is sum / global_tokens.
             (loss_sum * self.world_size / max(global_tokens, 1.0)).backward()
             metric_sums["loss/policy"] = loss_sum.detach()
@@ -126,25 +137,21 @@ class Learner:
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
         self.step_count += 1
-        train_s = time.monotonic() - t0 - wait_s
 
         rewards = np.concatenate([g.rewards for g in groups])
+        errors = sum(bool(e) for g in groups for e in g.errors)
         keys = sorted(sums)
         totals = self._all_reduce([float(rewards.sum()), len(rewards), float(sum(staleness)), len(staleness),
-                                   sum(g.num_policy_tokens for g in groups), float(sum(len(e) > 0 for g in groups
-                                                                                        for e in g.errors))]
-                                  + [sums[k] for k in keys])
-        stale_max, = self._all_reduce([float(max(staleness))], op=dist.ReduceOp.MAX if self.sharded else None)
-        reward_sum, rows, stale_sum, n_groups, tokens, errors = totals[:6]
-        sync_s = self.publish() if self.step_count % self.config.sync_every == 0 else 0.0
+                                   errors] + [sums[k] for k in keys])
+        stale_max, = self._all_reduce([float(max(staleness))], op=dist.ReduceOp.MAX)
+        reward_sum, rows, stale_sum, n_groups, errors = totals[:5]
         metrics = {
-            "step": self.step_count, "weights/version": self.version,
-            "reward/mean": reward_sum / rows, "staleness/mean": stale_sum / n_groups, "staleness/max": stale_max,
-            "learner/step_s": time.monotonic() - t0, "learner/train_s": train_s, "learner/wait_s": wait_s,
-            "learner/tokens": tokens, "learner/grad_norm": grad_norm, "weights/sync_s": sync_s,
-            "rollout/episode_errors": errors,
+            "step": self.step_count, "reward/mean": reward_sum / rows,
+            "staleness/mean": stale_sum / n_groups, "staleness/max": stale_max,
+            "learner/train_s": time.monotonic() - t0, "learner/tokens": global_tokens,
+            "learner/grad_norm": grad_norm, "rollout/episode_errors": errors,
         }
-        metrics.update({k: v / max(global_tokens, 1.0) for k, v in zip(keys, totals[6:])})
+        metrics.update({k: v / max(global_tokens, 1.0) for k, v in zip(keys, totals[5:])})
         return metrics
 
     def publish(self) -> float:

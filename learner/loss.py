@@ -9,7 +9,7 @@ Three policies meet here:
 objective=decoupled (default) is the decoupled PPO objective: clip pi_theta/pi_prox to a
 trust region around the learner's own weights, and correct for the actors being behind with
 an importance weight w = pi_prox/mu per token, either truncated at is_cap (truncated IS) or
-with tokens outside [1/is_cap, is_cap] masked out (is_correction=mask).
+zeroed outside [1/is_cap, is_cap] (masked IS, is_correction=mask).
 objective=behaviour is plain off-policy PPO: clip pi_theta/mu directly, no separate weight.
 
 The loss returned is a *sum* over tokens; the caller divides by the number of policy tokens
@@ -37,8 +37,8 @@ class LossConfig:
     """The ratio is clipped to [1 - clip_low, 1 + clip_high]."""
     clip_high: float = 0.28
     is_correction: str = "truncate"
-    """For objective=decoupled: truncate (w = min(w, is_cap)), mask (drop tokens with w outside
-    [1/is_cap, is_cap]) or none."""
+    """For objective=decoupled: truncate (w = min(w, is_cap)), mask (w, but 0 outside
+    [1/is_cap, is_cap]) or none (w = 1)."""
     is_cap: float = 2.0
     scale_by_std: bool = True
     """Divide group-centred rewards by the group's standard deviation (GRPO); False keeps
@@ -82,7 +82,7 @@ def policy_loss(logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, behavio
         is_weight = torch.clamp(behaviour_weight, max=config.is_cap)
     else:  # mask
         keep = (behaviour_weight <= config.is_cap) & (behaviour_weight >= 1.0 / config.is_cap)
-        is_weight = keep.float()
+        is_weight = behaviour_weight * keep.float()
     token_loss = is_weight * pg_loss
 
     with torch.no_grad():

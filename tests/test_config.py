@@ -1,0 +1,62 @@
+"""Config errors fail at start, naming the key; the CLI exits non-zero with the message."""
+import subprocess
+import sys
+
+import pytest
+
+from common.config import ConfigError
+from launch.config import Config, build_config
+
+
+def test_defaults_then_yaml_then_overrides():
+    config = build_config("async_grpo", "tiny", ["trainer.max_steps=7", "loss.is_cap=3"])
+    assert isinstance(config, Config)
+    assert config.model.name == "tiny" and config.env.name == "token_match"  # from tiny.yaml
+    assert config.trainer.max_steps == 7 and config.loss.is_cap == 3.0           # overrides win
+    assert config.run.dir.startswith("runs/async_grpo-")
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("trainer.max_stepz=3", "trainer.max_stepz", "not in"),
+    ("trainer.max_steps=many", "trainer.max_steps", "could not be converted"),
+    ("rollout.group_size=1", "rollout.group_size", "GRPO needs >= 2"),
+    ("buffer.table.selector=random", "buffer.table.selector", "must be one of"),
+    ("trainer.batch_groups=3", "trainer.batch_groups", "multiple"),
+    ("loss.objective=ppo2", "loss.objective", "must be one of"),
+    ("nonsense", "nonsense", "not of the form key=value"),
+])
+def test_bad_values_name_their_key(override, key, words):
+    overrides = [override] + (["trainer.cpu_workers=2"] if "batch_groups" in override else [])
+    with pytest.raises(ConfigError, match=words) as info:
+        build_config("async_grpo", "tiny", overrides)
+    assert info.value.key == key and repr(key) in str(info.value)
+
+
+def test_a_missing_config_file_is_named():
+    with pytest.raises(ConfigError, match="nope.yaml' does not exist"):
+        build_config("async_grpo", "nope")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "launch", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["async_grpo", "--actors", "0"], "--actors: must be >= 1, got 0"),
+    (["async_grpo", "--actors", "two"], "--actors: must be an integer, got 'two'"),
+    (["async_grpo", "--config", "tiny", "trainer.lr=fast"], "'trainer.lr'"),
+    (["async_grpo", "--config", "tiny", "model.name=/no/such/model"], "'model.name'"),
+    (["async_grpo", "--config", "tiny", "env.name=nowhere:Env"], "'env.name'"),
+    (["async_grpo", "--config", "tiny", "env.args.words=2"], "'env.args'"),
+    (["sync_everything"], "invalid choice"),
+])
+def test_cli_rejects_bad_input_before_starting_anything(args, message, tmp_path):
+    result = run_cli(*args, *([f"run.dir={tmp_path}/r"] if len(args) > 1 else []))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Ray" not in result.stdout + result.stderr  # nothing was started
+
+
+def test_help_explains_every_flag():
+    out = run_cli("--help").stdout
+    for flag in ("--actors", "--learner-gpus", "--config", "key=value", "async_grpo", "sync_grpo"):
+        assert flag in out

@@ -1,0 +1,76 @@
+"""The loss on hand-computed cases: its sign, the clipping, the importance weights, and the
+normalisation over the global batch."""
+import math
+
+import pytest
+import torch
+
+from learner.loss import LossConfig, group_advantages, policy_loss
+
+
+def one_token(logprob: float, proximal: float, behaviour: float, advantage: float, **config):
+    lp = torch.tensor([[logprob]], requires_grad=True)
+    loss, metrics = policy_loss(lp, torch.tensor([[proximal]]), torch.tensor([[behaviour]]),
+                                torch.tensor([[advantage]]), torch.ones(1, 1), LossConfig(**config))
+    loss.backward()
+    return loss.item(), lp.grad.item(), {k: float(v) for k, v in metrics.items()}
+
+
+def test_a_positive_advantage_pushes_the_token_up_and_a_negative_one_down():
+    # On-policy (all log-probs equal): loss = -A * exp(0) = -A, d loss / d logprob = -A.
+    loss, grad, _ = one_token(-1.0, -1.0, -1.0, advantage=2.0)
+    assert loss == pytest.approx(-2.0) and grad == pytest.approx(-2.0)  # descent raises the log-prob
+    loss, grad, _ = one_token(-1.0, -1.0, -1.0, advantage=-0.5)
+    assert loss == pytest.approx(0.5) and grad == pytest.approx(0.5)
+
+
+def test_ratio_beyond_the_clip_gives_no_gradient_in_the_advantage_direction():
+    # ratio pi/pi_prox = e^0.5 = 1.65 > 1 + 0.28 with A > 0: the clipped term wins, gradient 0.
+    loss, grad, m = one_token(-0.5, -1.0, -1.0, advantage=1.0)
+    assert loss == pytest.approx(-1.28) and grad == 0.0 and m["loss/clip_frac"] == 1.0
+    # Same ratio with A < 0 is not clipped (pessimistic max): loss = 1.65, gradient = ratio.
+    loss, grad, m = one_token(-0.5, -1.0, -1.0, advantage=-1.0)
+    assert loss == pytest.approx(math.exp(0.5)) and grad == pytest.approx(math.exp(0.5))
+    assert m["loss/clip_frac"] == 0.0
+    # Below 1 - clip_low with A < 0: clipped, gradient 0.
+    loss, grad, _ = one_token(-2.0, -1.0, -1.0, advantage=-1.0)
+    assert loss == pytest.approx(0.8) and grad == 0.0
+
+
+def test_truncated_importance_weight_is_capped():
+    # pi_prox / mu = e^(-1 - -3) = e^2 = 7.39 > cap 2: weight 2, so loss = -2 * A.
+    loss, grad, m = one_token(-1.0, -1.0, -3.0, advantage=1.5, is_cap=2.0)
+    assert loss == pytest.approx(-3.0) and grad == pytest.approx(-3.0)
+    assert m["loss/is_weight_mean"] == 2.0 and m["loss/is_truncated_frac"] == 1.0
+    # Below the cap the weight is the plain ratio: e^(-1 - -1.5) = e^0.5.
+    loss, _, m = one_token(-1.0, -1.0, -1.5, advantage=1.0, is_cap=2.0)
+    assert loss == pytest.approx(-math.exp(0.5)) and m["loss/is_weight_mean"] == pytest.approx(math.exp(0.5))
+
+
+def test_masking_drops_tokens_with_extreme_weights_either_way():
+    for behaviour in (-3.0, 0.0):  # weights e^2 (too high) and e^-1 (too low for cap 2)
+        loss, grad, m = one_token(-1.0, -1.0, behaviour, advantage=1.0, is_correction="mask", is_cap=2.0)
+        assert loss == 0.0 and grad == 0.0 and m["loss/is_masked_frac"] == 1.0
+    loss, _, _ = one_token(-1.0, -1.0, -1.2, advantage=1.0, is_correction="mask", is_cap=2.0)
+    assert loss == pytest.approx(-math.exp(0.2))  # e^0.2 lies inside [1/2, 2]: kept, weighted
+
+
+def test_behaviour_objective_clips_against_the_actor_policy():
+    # ratio pi/mu = e^1 = 2.72 with A > 0: clipped at 1.28, no gradient; no extra weight.
+    loss, grad, _ = one_token(-1.0, -1.0, -2.0, advantage=1.0, objective="behaviour")
+    assert loss == pytest.approx(-1.28) and grad == 0.0
+
+
+def test_masked_tokens_contribute_nothing():
+    lp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
+    loss, _ = policy_loss(lp, lp.detach(), torch.tensor([[-1.0, -1.0]]), torch.tensor([[1.0, 1.0]]),
+                          torch.tensor([[1.0, 0.0]]), LossConfig())
+    loss.backward()
+    assert loss.item() == pytest.approx(-1.0) and lp.grad.tolist() == [[-1.0, 0.0]]
+
+
+def test_group_advantages_are_centred_and_scaled_within_each_group():
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [5.0, 5.0, 5.0, 5.0]]))
+    assert adv[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # all-equal rewards carry no signal
+    assert group_advantages(torch.tensor([[2.0, 0.0]]), scale_by_std=False).tolist() == [[1.0, -1.0]]

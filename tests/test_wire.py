@@ -1,0 +1,57 @@
+import msgpack
+import numpy as np
+import pytest
+
+from common.rollout import RolloutGroup, SchemaError
+from common.wire import WireError, decode, encode
+from tests.conftest import make_group
+
+
+def test_rollout_group_survives_the_wire_unchanged():
+    group = make_group(version=3, prompt_id="p1", actor_id=2, temperature=0.7, timings={"generate_s": 1.5})
+    frames = [bytes(f) for f in encode(group.to_wire())]
+    back = RolloutGroup.from_wire(decode(frames))
+    for name in ("tokens", "loss_mask", "behaviour_logprobs", "lengths", "rewards", "version_first", "version_last"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(group, name))
+        assert getattr(back, name).dtype == getattr(group, name).dtype
+    assert (back.id, back.prompt_id, back.actor_id, back.temperature) == (group.id, "p1", 2, 0.7)
+    assert back.turn_rewards == group.turn_rewards and back.errors == group.errors
+    assert back.timings == {"generate_s": 1.5} and back.version == 3
+
+
+def test_arrays_travel_as_separate_raw_frames():
+    tokens = np.arange(1000, dtype=np.int32)
+    frames = encode({"x": tokens})
+    assert len(frames) == 2 and bytes(frames[1]) == tokens.tobytes()
+    assert len(frames[0]) < 100  # the header carries no array bytes
+
+
+@pytest.mark.parametrize("frames, message", [
+    ([], "empty message"),
+    ([b"\xc1garbage"], "not valid msgpack"),
+    ([msgpack.packb({"a": {"__nd__": [1, "<i4", [4]]}}), b"\x00" * 3], "needs 16"),
+    ([msgpack.packb({"a": {"__nd__": [2, "<i4", [1]]}}), b"\x00" * 4], "frame 2"),
+    ([msgpack.packb({"a": {"__nd__": [1, "|O", [1]]}}), b"\x00" * 8], "not allowed"),
+    ([msgpack.packb({"a": 1}), b"extra"], "not referenced"),
+])
+def test_malformed_messages_raise_wire_error_naming_the_part(frames, message):
+    with pytest.raises(WireError, match=message):
+        decode(frames)
+
+
+def test_object_arrays_are_refused_when_encoding():
+    with pytest.raises(WireError, match="dtype object"):
+        encode({"x": np.array([object()])})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("tokens", np.zeros((4, 6), dtype=np.int64), "tokens: dtype must be int32"),
+    ("rewards", np.zeros(3, dtype=np.float32), r"rewards: shape must be \(4,\)"),
+    ("behaviour_logprobs", np.ones((4, 6), dtype=np.float32), "behaviour_logprobs: must be finite and <= 0"),
+    ("errors", ["", ""], "errors: must be a list of 4 entries"),
+])
+def test_schema_violations_name_the_field(field, value, message):
+    data = make_group().to_wire()
+    data[field] = value
+    with pytest.raises(SchemaError, match=message):
+        RolloutGroup.from_wire(data)
