@@ -39,6 +39,11 @@ class ActorsConfig:
     """CPUs Ray reserves for each actor."""
     torch_threads: int = 1
     """Torch intra-op threads of each actor process (CPU engines)."""
+    batches_per_version: int = 0
+    """0: never wait for the learner (asynchronous). N > 0: after N batches on one weight
+    version, wait for the next version (the synchronous baseline sets this)."""
+    wait_timeout_s: float = 1800.0
+    """With batches_per_version > 0: how long an actor waits for new weights before failing."""
 
     def validate(self):
         check(self.count >= 1, "count", f"must be >= 1, got {self.count}")
@@ -46,6 +51,7 @@ class ActorsConfig:
         check(self.groups_per_batch >= 1, "groups_per_batch", "must be >= 1")
         check(self.gpus >= 0, "gpus", "must be >= 0")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
+        check(self.batches_per_version >= 0, "batches_per_version", "must be >= 0")
 
 
 class RolloutActor:
@@ -70,14 +76,31 @@ class RolloutActor:
 
     def run(self, max_batches: int | None = None) -> dict:
         """Generate and insert until stop() or max_batches; returns stats()."""
+        on_version = 0  # batches generated with the weights in hand
         while not self._stop.is_set() and (max_batches is None or self.batches < max_batches):
-            self.sync_weights()
+            if self.sync_weights():
+                on_version = 0
+            if self.config.batches_per_version and on_version >= self.config.batches_per_version:
+                self.wait_for_weights()
+                on_version = 0
+                continue
             tasks = [self.task_source.sample(self.rng) for _ in range(self.config.groups_per_batch)]
             for group in self.runner.run(tasks, actor_id=self.actor_id):
                 self.buffer.insert(group)
                 self.groups += 1
             self.batches += 1
+            on_version += 1
         return self.stats()
+
+    def wait_for_weights(self) -> None:
+        """Block until a newer version is published and loaded (or stop() is called)."""
+        deadline = time.monotonic() + self.config.wait_timeout_s
+        while not self._stop.wait(0.05):
+            if self.sync_weights():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor {self.actor_id} waited {self.config.wait_timeout_s}s for weights "
+                                   f"newer than version {self.engine.version}; is the learner alive?")
 
     def sync_weights(self) -> bool:
         update = self.weights.poll(self.engine.version)

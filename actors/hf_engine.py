@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from actors.engine import Engine, Sample
@@ -14,6 +15,7 @@ class HFEngine(Engine):
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
                  stop_token_ids: list = (), pad_token_id: int = 0, seed: int = 0):
         self.device = torch.device(device)
+        transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.stop_token_ids = list(stop_token_ids)

@@ -21,7 +21,7 @@ def given_answer(text: str, a: int, op: str, b: int) -> int | None:
 class ArithmeticEnv(Environment):
     def __init__(self, min_value: int = 1, max_value: int = 20, ops: str = "+",
                  template: str = "What is {a} {op} {b}? Reply with only the number.",
-                 system_prompt: str = ""):
+                 system_prompt: str = "Answer with only the number."):
         if not ops or any(op not in _OPS for op in ops):
             raise ValueError(f"ops must be a string of {''.join(_OPS)}, got {ops!r}")
         if min_value > max_value:

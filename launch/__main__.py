@@ -9,6 +9,7 @@ from common.config import ConfigError
 
 RECIPES = {
     "async_grpo": "actors generate continuously while the learner trains (off-policy, staleness-bounded)",
+    "sync_grpo": "the synchronous baseline: generate one batch, train on it, repeat",
 }
 
 EPILOG = """\
@@ -19,6 +20,7 @@ overrides:
 examples:
   python -m launch async_grpo                                # the default job: SmolLM2-135M on arithmetic
   python -m launch async_grpo --config tiny --actors 2       # a one-minute smoke run, no download
+  python -m launch sync_grpo --config tiny --actors 2        # the same, synchronous, for comparison
   python -m launch async_grpo --actors 4 --learner-gpus 16 model.name=Qwen/Qwen2.5-0.5B-Instruct
 """
 
@@ -57,14 +59,20 @@ def main(argv=None) -> int:
         overrides.append(f"actors.count={args.actors}")
     if args.learner_gpus is not None:
         overrides.append(f"trainer.gpus={args.learner_gpus}")
+    from buffer.client import BufferError
+    from common.weights import WeightSyncError
+    from launch.cluster import PeerError
     from launch.config import build_config
     recipe = importlib.import_module(f"launch.{args.recipe}")
     try:
-        config = build_config(args.recipe, args.config, overrides)
+        config = build_config(args.recipe, args.config, overrides, recipe.CONFIG_FILES)
         recipe.main(config)
     except ConfigError as e:
         print(f"python -m launch: error: {e}", file=sys.stderr)
         return 2
+    except (PeerError, BufferError, WeightSyncError) as e:
+        print(f"python -m launch: run failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

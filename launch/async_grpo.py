@@ -15,6 +15,8 @@ from envs import registry
 from launch import cluster, models
 from launch.config import Config
 
+CONFIG_FILES = ["async_grpo"]  # configs/*.yaml applied over the dataclass defaults, before --config
+
 
 def main(config: Config) -> Path:
     run_dir = Path(config.run.dir)

