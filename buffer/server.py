@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BufferConfig:
-    host: str = "127.0.0.1"
-    """Interface the server binds; clients connect to it (use the node's address on a cluster)."""
+    host: str = ""
+    """Address the server binds and clients connect to; empty: 127.0.0.1 with a local Ray,
+    this node's address when joining a Ray cluster."""
     port: int = 0
     """TCP port; 0 picks a free one."""
     timeout_s: float = 120.0
@@ -65,12 +66,13 @@ class BufferServer:
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        host = config.host or "127.0.0.1"
         if config.port:
-            self._socket.bind(f"tcp://{config.host}:{config.port}")
+            self._socket.bind(f"tcp://{host}:{config.port}")
             self.port = config.port
         else:
-            self.port = self._socket.bind_to_random_port(f"tcp://{config.host}")
-        self.address = f"tcp://{config.host}:{self.port}"
+            self.port = self._socket.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{self.port}"
         self._pending: list[_PendingSample] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

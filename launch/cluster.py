@@ -24,6 +24,8 @@ def start_ray(config: Config) -> None:
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, log_to_driver=True)
+        # Actors on other nodes must reach the buffer, which lives in this process.
+        config.buffer.host = config.buffer.host or ray.util.get_node_ip_address()
         return
     # A local Ray gets at least as many CPUs as the parts reserve, so a small machine still runs
     # every part (oversubscribed: the parts' torch threads are what really shares the cores).

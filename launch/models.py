@@ -10,6 +10,7 @@ loads with `from_pretrained`.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import sys
@@ -82,8 +83,12 @@ def convert_smollm2_gguf(target: Path) -> Path:
     print(f"asyncrl: converting {folder / SMOLLM2_GGUF[1]} to {target} (once; about 20 s)", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF[1])
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF[1], dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model; a plain one built from its config saves.
-    plain = AutoModelForCausalLM.from_config(gguf_model.config, dtype=torch.float32)
+    # transformers refuses save_pretrained on a GGUF-loaded model; a plain one built from its
+    # config, less the record of the quantization, saves (and reloads as an ordinary model).
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     partial = target.with_name(target.name + ".partial")
     plain.save_pretrained(partial)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from buffer.client import BufferClient
 from common.config import check
@@ -173,7 +173,7 @@ class Learner:
         state = fsdp.full_state_dict(self.model, self.sharded)
         if self.rank != 0:
             return
-        plain = AutoModelForCausalLM.from_pretrained(self.model_path)
+        plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_path))
         plain.load_state_dict(state)
         plain.save_pretrained(path)
         AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
