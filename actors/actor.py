@@ -42,6 +42,9 @@ class ActorsConfig:
     batches_per_version: int = 0
     """0: never wait for the learner (asynchronous). N > 0: after N batches on one weight
     version, wait for the next version (the synchronous baseline sets this)."""
+    max_buffered_groups: int = 0
+    """Back-pressure: when the buffer holds this many groups, wait for the learner to take some
+    before generating more (frees the CPU or GPU for the learner). 0: never wait."""
     wait_timeout_s: float = 1800.0
     """With batches_per_version > 0: how long an actor waits for new weights before failing."""
 
@@ -52,6 +55,7 @@ class ActorsConfig:
         check(self.gpus >= 0, "gpus", "must be >= 0")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         check(self.batches_per_version >= 0, "batches_per_version", "must be >= 0")
+        check(self.max_buffered_groups >= 0, "max_buffered_groups", "must be >= 0")
 
 
 class RolloutActor:
@@ -71,7 +75,7 @@ class RolloutActor:
         self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
         self._stop = threading.Event()
         self.groups = self.batches = 0
-        self.weight_load_s = 0.0
+        self.weight_load_s = self.backpressure_s = 0.0
         self.started = time.monotonic()
 
     def run(self, max_batches: int | None = None) -> dict:
@@ -85,12 +89,25 @@ class RolloutActor:
                 on_version = 0
                 continue
             tasks = [self.task_source.sample(self.rng) for _ in range(self.config.groups_per_batch)]
-            for group in self.runner.run(tasks, actor_id=self.actor_id):
-                self.buffer.insert(group)
-                self.groups += 1
+            groups = self.runner.run(tasks, actor_id=self.actor_id)
+            size = self.buffer.insert(*groups)["size"]
+            self.groups += len(groups)
+            if self.config.max_buffered_groups and size >= self.config.max_buffered_groups:
+                self.wait_for_room()
             self.batches += 1
             on_version += 1
         return self.stats()
+
+    def wait_for_room(self) -> None:
+        """Block until the buffer holds fewer than max_buffered_groups (or stop() is called)."""
+        t, deadline = time.monotonic(), time.monotonic() + self.config.wait_timeout_s
+        while not self._stop.wait(0.05):
+            if self.buffer.stats()["size"] < self.config.max_buffered_groups:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor {self.actor_id} waited {self.config.wait_timeout_s}s for the buffer "
+                                   f"to drain below {self.config.max_buffered_groups} groups; is the learner alive?")
+        self.backpressure_s += time.monotonic() - t
 
     def wait_for_weights(self) -> None:
         """Block until a newer version is published and loaded (or stop() is called)."""
@@ -118,4 +135,5 @@ class RolloutActor:
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
                 "generated_tokens": self.runner.generated_tokens, "generate_s": self.runner.generate_s,
                 "env_s": self.runner.env_s, "weight_load_s": self.weight_load_s,
+                "backpressure_s": self.backpressure_s,
                 "uptime_s": time.monotonic() - self.started}

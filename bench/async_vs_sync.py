@@ -17,14 +17,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.time_to_reward import table, time_to  # noqa: E402
 from common.metrics import read_metrics  # noqa: E402
-
-
-def time_to(metrics: list, target: float, window: int) -> float | None:
-    for i in range(window - 1, len(metrics)):
-        if sum(m["reward/mean"] for m in metrics[i - window + 1:i + 1]) / window >= target:
-            return metrics[i]["time_s"]
-    return None
 
 
 def main():
@@ -44,13 +38,9 @@ def main():
                        check=True, stdout=subprocess.DEVNULL)
         metrics = read_metrics(run_dir)
         rows.append((recipe, metrics, time.monotonic() - t))
-    print(f"{'recipe':<11} {'steps':>5} {'train s':>8} {'wall s':>7} " + " ".join(f"{'to ' + str(x):>8}" for x in args.targets)
-          + f" {'final':>6}")
-    for recipe, metrics, wall in rows:
-        reach = [time_to(metrics, x, args.window) for x in args.targets]
-        final = sum(m["reward/mean"] for m in metrics[-args.window:]) / args.window
-        print(f"{recipe:<11} {len(metrics):>5} {metrics[-1]['time_s']:>8.1f} {wall:>7.1f} "
-              + " ".join(f"{r:>8.1f}" if r is not None else f"{'never':>8}" for r in reach) + f" {final:>6.3f}")
+    print(table({recipe: metrics for recipe, metrics, _ in rows}, args.targets, args.window))
+    print("wall-clock of each whole run (start-up included): "
+          + ", ".join(f"{recipe} {wall:.0f}s" for recipe, _, wall in rows))
     (_, s_metrics, _), (_, a_metrics, _) = rows
     for x in args.targets:
         s, a = time_to(s_metrics, x, args.window), time_to(a_metrics, x, args.window)

@@ -1,16 +1,21 @@
 """Buffer throughput against raw pyzmq and Ray's queue, on loopback, in one run.
 
 For each payload size: a rollout group of G=8 rows and T tokens (tokens, mask, log-probs:
-9 bytes a token) goes from one client to the server and back out to another client:
-  raw pyzmq   DEALER -> ROUTER -> DEALER, the bytes alone, no schema and no table: the floor
-  asyncrl     BufferClient.insert (acknowledged, validated, deduplicated), then sample in batches
-  ray queue   ray.util.queue.Queue put / get_nowait_batch of the same RolloutGroup objects
+9 bytes a token) goes from one client to a server in another process and back out to another
+client, as in a run (the buffer lives in the launcher's process, actors and learner in others):
+  raw pyzmq     DEALER -> ROUTER -> DEALER, the bytes alone, pipelined, no reply, no schema and
+                no table: the floor
+  asyncrl       BufferClient.insert of one group per request (acknowledged, validated,
+                deduplicated), then sample(64)
+  asyncrl x8    the same with 8 groups per insert request (an actor inserts a batch at once)
+  ray queue     ray.util.queue.Queue put / get_nowait_batch(64) of the same RolloutGroup objects
 Prints one table row per (system, size): messages/s and GB/s of the round trip, and the ratio
 to raw pyzmq. Usage: python bench/buffer_throughput.py [--seconds 3]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import sys
 import threading
@@ -35,29 +40,32 @@ def group(tokens: int) -> RolloutGroup:
     return RolloutGroup.from_rows(rows)
 
 
-def raw_pyzmq(tokens: int, seconds: float) -> tuple:
-    """Round trip of the same frames through a ROUTER that forwards to a consumer."""
+def _forward(port_queue):
     ctx = zmq.Context.instance()
     router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    port_queue.put(router.bind_to_random_port("tcp://127.0.0.1"))
+    while True:
+        msg = router.recv_multipart(copy=False)
+        if len(msg) == 2 and msg[1].bytes == b"stop":
+            return
+        router.send_multipart([b"c", *msg[1:]], copy=False)
+
+
+def raw_pyzmq(tokens: int, seconds: float) -> tuple:
+    """Round trip of the same frames through a ROUTER (another process) to a consumer."""
+    ports = mp.get_context("spawn").Queue()
+    child = mp.get_context("spawn").Process(target=_forward, args=(ports,), daemon=True)
+    child.start()
+    port = ports.get(timeout=60)
+    ctx = zmq.Context.instance()
     producer, consumer = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
     producer.setsockopt(zmq.IDENTITY, b"p")
     consumer.setsockopt(zmq.IDENTITY, b"c")
-    for s in (producer, consumer):
-        s.connect(f"tcp://127.0.0.1:{port}")
+    for sock in (producer, consumer):
+        sock.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)
     frames = encode(group(tokens).to_wire())
     size = sum(len(f) for f in frames)
-    stop = threading.Event()
-
-    def forward():
-        while not stop.is_set():
-            if router.poll(100):
-                msg = router.recv_multipart(copy=False)
-                router.send_multipart([b"c", *msg[1:]], copy=False)
-
-    thread = threading.Thread(target=forward, daemon=True)
-    thread.start()
-    time.sleep(0.2)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         for _ in range(64):
@@ -66,28 +74,38 @@ def raw_pyzmq(tokens: int, seconds: float) -> tuple:
             consumer.recv_multipart(copy=False)
         n += 64
     dt = time.perf_counter() - t0
-    stop.set()
-    thread.join()
-    for s in (router, producer, consumer):
-        s.close(linger=0)
+    producer.send(b"stop")
+    child.join(10)
+    for sock in (producer, consumer):
+        sock.close(linger=0)
     return n / dt, n * size / dt / 1e9, size
 
 
-def asyncrl_buffer(tokens: int, seconds: float) -> tuple:
-    server = BufferServer(BufferConfig(table=TableConfig(max_size=100_000))).start()
-    actor, learner = BufferClient(server.address), BufferClient(server.address)
-    template = group(tokens)
-    size = sum(len(f) for f in encode(template.to_wire()))
+def _serve(port_queue):
+    server = BufferServer(BufferConfig(table=TableConfig(max_size=100_000)))
+    port_queue.put(server.address)
+    server.serve()
+
+
+def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1) -> tuple:
+    addresses = mp.get_context("spawn").Queue()
+    child = mp.get_context("spawn").Process(target=_serve, args=(addresses,), daemon=True)
+    child.start()
+    address = addresses.get(timeout=60)
+    actor, learner = BufferClient(address), BufferClient(address)
+    templates = [group(tokens) for _ in range(per_insert)]
+    size = sum(len(f) for f in encode(templates[0].to_wire()))
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for _ in range(64):
-            template.id = f"{n}"
-            actor.insert(template)
-            n += 1
+        for _ in range(64 // per_insert):
+            for t in templates:
+                t.id = f"{n}"
+                n += 1
+            actor.insert(*templates)
         got, _, _ = learner.sample(64)
         assert len(got) == 64
     dt = time.perf_counter() - t0
-    server.stop()
+    child.kill()
     return n / dt, n * size / dt / 1e9, size
 
 
@@ -121,7 +139,8 @@ def main():
     print(f"{'system':<12} {'tokens/row':>10} {'bytes/group':>12} {'groups/s':>10} {'GB/s':>7} {'vs raw':>7}")
     for tokens in args.tokens:
         base = raw_pyzmq(tokens, args.seconds)
-        rows = [("raw pyzmq", base), ("asyncrl", asyncrl_buffer(tokens, args.seconds))]
+        rows = [("raw pyzmq", base), ("asyncrl", asyncrl_buffer(tokens, args.seconds)),
+                ("asyncrl x8", asyncrl_buffer(tokens, args.seconds, per_insert=8))]
         if not args.no_ray:
             rows.append(("ray queue", ray_queue(tokens, args.seconds)))
         for name, (rate, gbps, size) in rows:

@@ -67,9 +67,10 @@ class BufferClient:
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
                             f"({attempts} attempt(s)); is the server running?")
 
-    def insert(self, group: RolloutGroup) -> dict:
-        """Store a group. Returns {stored, size, learner_version}."""
-        return self._call("insert", group=group.to_wire())
+    def insert(self, *groups: RolloutGroup) -> dict:
+        """Store groups in one request: all or, if any is malformed, none. Returns
+        {stored: [bool per group; False for an id stored before], size, learner_version}."""
+        return self._call("insert", groups=[g.to_wire() for g in groups])
 
     def sample(self, n: int, timeout_s: float | None = None) -> tuple[list[RolloutGroup], list[int], int]:
         """Wait up to timeout_s for n fresh groups; returns (groups, staleness, learner_version)."""

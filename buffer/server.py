@@ -2,7 +2,7 @@
 
 Requests and replies are wire messages (common/wire.py) whose header is a map with `op` and
 `rid` (the client's request id, echoed back). Ops:
-  insert      {group}            -> {stored, size, learner_version}
+  insert      {groups}           -> {stored: one bool per group, size, learner_version}
   sample      {n, timeout_s}     -> {groups, staleness, learner_version}; waits for n groups
   set_version {version}          -> {learner_version, dropped}
   stats       {}                 -> the table's summary
@@ -136,8 +136,15 @@ class BufferServer:
         self._socket.send_multipart([identity, *encode(reply)], copy=False)
 
     def _op_insert(self, identity, request):
-        group = RolloutGroup.from_wire(request["group"])
-        stored = self.table.insert(group)
+        if not isinstance(request["groups"], list):
+            raise RequestError("insert needs 'groups', a list of rollout groups")
+        groups = []
+        for i, data in enumerate(request["groups"]):  # all valid, or none stored
+            try:
+                groups.append(RolloutGroup.from_wire(data))
+            except SchemaError as e:
+                raise SchemaError(f"group {i}: {e}") from None
+        stored = [self.table.insert(g) for g in groups]
         return {"stored": stored, "size": len(self.table), "learner_version": self.table.learner_version}
 
     def _op_sample(self, identity, request):

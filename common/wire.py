@@ -7,6 +7,7 @@ instead of producing garbage.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import msgpack
@@ -60,7 +61,7 @@ def decode(frames: Sequence) -> Any:
             raise WireError(f"bad array shape {shape!r}")
         used.add(index)
         dt = np.dtype(dtype)
-        expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        expected = math.prod(shape) * dt.itemsize
         if buffers[index].nbytes != expected:
             raise WireError(f"frame {index} holds {buffers[index].nbytes} bytes, "
                             f"array {dtype}{shape} needs {expected}")

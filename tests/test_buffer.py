@@ -16,7 +16,7 @@ def test_inserted_groups_come_back_whole_and_in_fifo_order(buffer_server):
     client = BufferClient(server.address, timeout_s=5.0)
     sent = [make_group(seed=i) for i in range(3)]
     for g in sent:
-        assert client.insert(g)["stored"] is True
+        assert client.insert(g)["stored"] == [True]
     groups, staleness, version = client.sample(2)
     assert [g.id for g in groups] == [sent[0].id, sent[1].id]
     assert (groups[0].tokens == sent[0].tokens).all() and staleness == [0, 0] and version == 0
@@ -26,17 +26,16 @@ def test_inserted_groups_come_back_whole_and_in_fifo_order(buffer_server):
 def test_a_resent_insert_is_stored_once(buffer_server):
     client = BufferClient(buffer_server().address, timeout_s=5.0)
     group = make_group()
-    assert client.insert(group)["stored"] is True
-    assert client.insert(group)["stored"] is False
+    assert client.insert(group)["stored"] == [True]
+    assert client.insert(group, make_group(seed=5))["stored"] == [False, True]
     stats = client.stats()
-    assert stats["size"] == 1 and stats["inserts"] == 1 and stats["duplicates"] == 1
+    assert stats["size"] == 2 and stats["inserts"] == 2 and stats["duplicates"] == 1
 
 
 def test_groups_past_the_staleness_bound_are_dropped_and_never_sampled(buffer_server):
     client = BufferClient(buffer_server(max_staleness=2).address, timeout_s=5.0)
     old, fresh = make_group(version=0, seed=1), make_group(version=3, seed=2)
-    client.insert(old)
-    client.insert(fresh)
+    client.insert(old, fresh)
     assert client.set_learner_version(3)["dropped"] == 1  # 3 - 0 > 2
     groups, staleness, version = client.sample(1)
     assert groups[0].id == fresh.id and staleness == [0] and version == 3
@@ -53,7 +52,7 @@ def test_a_sample_waits_for_inserts_until_its_deadline(buffer_server):
     server = buffer_server()
     learner, actor = BufferClient(server.address, timeout_s=5.0), BufferClient(server.address, timeout_s=5.0)
     import threading
-    threading.Timer(0.3, lambda: [actor.insert(make_group(seed=i)) for i in range(2)]).start()
+    threading.Timer(0.3, lambda: actor.insert(make_group(seed=1), make_group(seed=2))).start()
     t = time.monotonic()
     groups, _, _ = learner.sample(2, timeout_s=5.0)
     assert len(groups) == 2 and 0.25 < time.monotonic() - t < 4.0
@@ -68,10 +67,10 @@ def test_malformed_and_oversize_requests_get_an_error_reply_and_the_server_keeps
     assert raw.poll(5000)
     reply = msgpack.unpackb(raw.recv_multipart()[0])
     assert reply["ok"] is False and "WireError" in reply["error"]
-    raw.send_multipart([msgpack.packb({"op": "insert", "rid": 7, "group": {"tokens": 1}})])
+    raw.send_multipart([msgpack.packb({"op": "insert", "rid": 7, "groups": [{"tokens": 1}]})])
     assert raw.poll(5000)
     reply = msgpack.unpackb(raw.recv_multipart()[0])
-    assert reply["ok"] is False and reply["rid"] == 7 and "SchemaError" in reply["error"]
+    assert reply["ok"] is False and reply["rid"] == 7 and "SchemaError: group 0" in reply["error"]
     raw.send_multipart([msgpack.packb({"op": "stats", "rid": 8}), b"x" * 2000])
     assert raw.poll(5000)
     reply = msgpack.unpackb(raw.recv_multipart()[0])
@@ -79,7 +78,17 @@ def test_malformed_and_oversize_requests_get_an_error_reply_and_the_server_keeps
     raw.close(linger=0)
     server.config.max_message_mb = 512
     client = BufferClient(server.address, timeout_s=5.0)
-    assert client.insert(make_group())["stored"] and server.errors == 3
+    assert client.insert(make_group())["stored"] == [True] and server.errors == 3
+
+
+def test_a_request_with_one_bad_group_stores_none_of_it(buffer_server):
+    client = BufferClient(buffer_server().address, timeout_s=5.0)
+    good, bad = make_group(seed=1), make_group(seed=2)
+    bad.rewards = bad.rewards.astype("float64")
+    with pytest.raises(BufferError, match="group 1: rewards: dtype must be float32"):
+        client.insert(good, bad)
+    assert client.stats()["size"] == 0
+    assert client.insert(good)["stored"] == [True]  # nothing of the refused request was kept
 
 
 def test_a_client_with_no_server_fails_loudly_naming_the_address():

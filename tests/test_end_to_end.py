@@ -72,3 +72,12 @@ def test_a_dead_actor_fails_the_run_loudly_and_names_it(tmp_path):
     assert result.returncode == 1
     assert "run failed: actor" in result.stderr and "failed" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - t < 200
+
+
+def test_back_pressure_keeps_actors_from_running_ahead(tmp_path):
+    result = launch("async_grpo", tmp_path, "trainer.max_steps=8", "actors.max_buffered_groups=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    # Each of the 2 actors may insert one more batch (2 groups) after the buffer reached 4.
+    assert max(m["buffer/size"] for m in metrics) <= 4 + 2 * 2
+    assert metrics[-1]["buffer/dropped_stale"] == 0 and metrics[-1]["buffer/evicted"] == 0
