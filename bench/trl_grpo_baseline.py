@@ -3,7 +3,8 @@
 Same model (the converted SmolLM2-135M-Instruct), same prompts and reward (envs/arithmetic.py),
 same batch (4 prompts x 8 completions), temperature 0.7, 24 new tokens, lr 3e-5 constant,
 clip 0.2/0.28, token-level loss, no KL term. Writes one JSON line per step (time since training
-began, reward mean) to --out and stops after --seconds of training.
+began, reward mean) to --out, stops after --seconds of training, and saves the model to --save
+(score it with python -m launch.evaluate).
 
 TRL pins its own versions, so run it in its own environment:
   python3 -m venv /tmp/trl && . /tmp/trl/bin/activate && pip install torch==2.13.0 trl datasets
@@ -28,6 +29,7 @@ def main():
     parser.add_argument("--model", required=True)
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--out", default="trl.jsonl")
+    parser.add_argument("--save", default="", help="folder to save the final model in")
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -67,8 +69,12 @@ def main():
         max_completion_length=24, temperature=0.7, top_k=0, top_p=1.0, beta=0.0, epsilon=0.2, epsilon_high=0.28,
         loss_type="dapo", max_grad_norm=1.0, max_steps=1000, logging_steps=1, report_to="none", use_cpu=True,
         save_strategy="no", seed=0)
-    GRPOTrainer(model=args.model, reward_funcs=reward, args=config, train_dataset=dataset,
-                callbacks=[Record()]).train()
+    trainer = GRPOTrainer(model=args.model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          callbacks=[Record()])
+    trainer.train()
+    if args.save:
+        trainer.save_model(args.save)
+        trainer.processing_class.save_pretrained(args.save)
 
 
 if __name__ == "__main__":

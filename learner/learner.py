@@ -124,9 +124,15 @@ class Learner:
         t0 = time.monotonic()
         batch = make_batch(groups, self.loss_config.scale_by_std)
         global_tokens, = self._all_reduce([float(batch.loss_mask.sum())])
+        micro_batches = batch.split(self.config.micro_batch_rows)
+        if self.sharded:  # FSDP's backward is a collective: unequal counts would hang, not fail
+            neg_fewest, most = self._all_reduce([-len(micro_batches), len(micro_batches)], op=dist.ReduceOp.MAX)
+            if -neg_fewest != most:  # every rank sees it and raises
+                raise RuntimeError(f"learner ranks hold between {int(-neg_fewest)} and {int(most)} micro-batches; "
+                                   "every rank needs the same number of rows (equal rollout.group_size)")
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict = {}
-        for micro in batch.split(self.config.micro_batch_rows):
+        for micro in micro_batches:
             micro = _to(micro, self.device)
             start, logprobs = token_logprobs(self.model, micro)                       # [b, T-1-start]
             loss_sum, metric_sums = policy_loss(logprobs, logprobs.detach(), micro.behaviour_logprobs[:, start:],
