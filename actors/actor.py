@@ -5,7 +5,6 @@ there are any, and goes on. Plain Python; launch/ runs it as a Ray actor.
 """
 from __future__ import annotations
 
-import logging
 import random
 import threading
 import time
@@ -21,7 +20,6 @@ from common.config import check
 from common.weights import WeightChannel
 from envs import registry
 
-log = logging.getLogger(__name__)
 ENGINES = ("hf",)
 
 

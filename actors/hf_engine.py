@@ -22,7 +22,6 @@ class HFEngine(Engine):
         self.pad_token_id = pad_token_id
         self.version = 0
         self._params = dict(self.model.named_parameters())
-        self._generator_seed = seed
         torch.manual_seed(seed)
 
     @torch.no_grad()

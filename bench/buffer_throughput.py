@@ -18,7 +18,6 @@ import argparse
 import multiprocessing as mp
 import os
 import sys
-import threading
 import time
 
 import numpy as np
@@ -110,7 +109,6 @@ def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1) -> tuple:
 
 
 def ray_queue(tokens: int, seconds: float) -> tuple:
-    import ray
     from ray.util.queue import Queue
     queue = Queue(maxsize=100_000)
     template = group(tokens)

@@ -79,7 +79,3 @@ def validate(config: Any, prefix: str = "") -> None:
 
 def to_yaml(config: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
-
-
-def to_dict(config: Any) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(config))

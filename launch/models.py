@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

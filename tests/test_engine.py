@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.hf_engine import HFEngine
 from learner.batch import make_batch, token_logprobs
-from tests.conftest import make_group  # noqa: F401  (fixtures)
 from common.rollout import RolloutGroup
 
 
