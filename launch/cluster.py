@@ -7,10 +7,12 @@ import socket
 import time
 
 import ray
+import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.actor import RolloutActor
+from common.config import ConfigError
 from launch.config import Config
 from launch.weights import RayWeightChannel, WeightStore
 from learner.learner import Learner
@@ -27,6 +29,13 @@ def start_ray(config: Config) -> None:
         # Actors on other nodes must reach the buffer, which lives in this process.
         config.buffer.host = config.buffer.host or ray.util.get_node_ip_address()
         return
+    # A local Ray can never place more GPUs than this machine has: say so now, not after a wait.
+    gpus, wanted_gpus = torch.cuda.device_count(), config.trainer.gpus + config.actors.count * config.actors.gpus
+    if wanted_gpus > gpus:
+        key = "trainer.gpus" if config.trainer.gpus > gpus else "actors.gpus"
+        raise ConfigError(key, f"the run asks for {wanted_gpus:g} GPU(s) (trainer.gpus={config.trainer.gpus}, "
+                          f"actors.count x actors.gpus={config.actors.count * config.actors.gpus:g}); "
+                          f"this machine has {gpus}")
     # A local Ray gets at least as many CPUs as the parts reserve, so a small machine still runs
     # every part (oversubscribed: the parts' torch threads are what really shares the cores).
     wanted = (config.actors.count * config.actors.num_cpus

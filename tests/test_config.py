@@ -56,6 +56,12 @@ def test_cli_rejects_bad_input_before_starting_anything(args, message, tmp_path)
     assert "Ray" not in result.stdout + result.stderr  # nothing was started
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_asking_for_gpus_a_machine_lacks_fails_at_start(tmp_path):
+    result = run_cli("async_grpo", "--config", "tiny", "--learner-gpus", "2", f"run.dir={tmp_path}/r")
+    assert result.returncode == 2 and "'trainer.gpus'" in result.stderr and "this machine has 0" in result.stderr
+
+
 def test_help_explains_every_flag():
     out = run_cli("--help").stdout
     for flag in ("--actors", "--learner-gpus", "--config", "key=value", "async_grpo:", "sync_grpo:"):
