@@ -74,8 +74,11 @@ class Table:
         self._seen[group.id] = None
         if len(self._seen) > self._remember_ids:
             self._seen.popitem(last=False)
-        self._items[group.id] = _Entry(group)
         self.stats.inserts += 1
+        if self.staleness(group) > self.config.max_staleness:  # arrived too late to be used
+            self.stats.dropped_stale += 1
+            return True
+        self._items[group.id] = _Entry(group)
         while len(self._items) > self.config.max_size:
             self._items.popitem(last=False)
             self.stats.evicted += 1
@@ -96,7 +99,8 @@ class Table:
         return len(stale)
 
     def can_sample(self, n: int) -> bool:
-        self.drop_stale()
+        # Staleness only grows when the version moves (drop_stale) or a group arrives (insert),
+        # so every held group is fresh here without a scan.
         return len(self._items) >= max(n, self.config.min_size_to_sample)
 
     def sample(self, n: int) -> list[RolloutGroup] | None:

@@ -50,17 +50,19 @@ def main(config: Config) -> Path:
 def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer_stats) -> None:
     logger = MetricsLogger(run_dir, config.trainer.max_steps)
     tokens_before, time_before = 0, time.monotonic()
-    for _ in range(config.trainer.max_steps):
-        metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s)
-        actor_stats = cluster.get([a.stats.remote() for a in actors], config.run.actor_timeout_s, "actor stats")
-        tokens, now = sum(s["generated_tokens"] for s in actor_stats), time.monotonic()
-        table = buffer_stats.stats()
-        metrics.update({
-            "buffer/size": table["size"], "buffer/inserts": table["inserts"],
-            "buffer/dropped_stale": table["dropped_stale"], "buffer/evicted": table["evicted"],
-            "actor/tokens_per_s": (tokens - tokens_before) / max(now - time_before, 1e-9),
-            "actor/versions": [s["version"] for s in actor_stats],
-        })
-        tokens_before, time_before = tokens, now
-        logger.log(metrics)
-    logger.close()
+    try:
+        for _ in range(config.trainer.max_steps):
+            metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s)
+            actor_stats = cluster.get([a.stats.remote() for a in actors], config.run.actor_timeout_s, "actor stats")
+            tokens, now = sum(s["generated_tokens"] for s in actor_stats), time.monotonic()
+            table = buffer_stats.stats()
+            metrics.update({
+                "buffer/size": table["size"], "buffer/inserts": table["inserts"],
+                "buffer/dropped_stale": table["dropped_stale"], "buffer/evicted": table["evicted"],
+                "actor/tokens_per_s": (tokens - tokens_before) / max(now - time_before, 1e-9),
+                "actor/versions": [s["version"] for s in actor_stats],
+            })
+            tokens_before, time_before = tokens, now
+            logger.log(metrics)
+    finally:
+        logger.close()

@@ -70,7 +70,7 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     t = config.trainer
     bundle = {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
     group = placement_group([dict(bundle) for _ in range(t.world_size)], strategy="PACK")
-    get(group.ready(), config.run.step_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
+    get(group.ready(), config.run.startup_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
     in_bundle = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
     master_addr, master_port = get(_rendezvous_address.options(scheduling_strategy=in_bundle[0]).remote(),
                                    config.run.actor_timeout_s, "learner rendezvous")
@@ -79,7 +79,7 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed)
              for i in range(t.world_size)]
-    get([r.__ray_ready__.remote() for r in ranks], t.dist_timeout_s + 120, "learner start-up")
+    get([r.__ray_ready__.remote() for r in ranks], config.run.startup_timeout_s, "learner start-up")
     return ranks, group
 
 
@@ -89,7 +89,7 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights) 
     actors = [remote.remote(i, model_path, config.model.dtype, config.actors, config.rollout, config.env,
                             buffer_address, config.buffer.timeout_s, weights, config.run.seed)
               for i in range(config.actors.count)]
-    get([a.__ray_ready__.remote() for a in actors], 600, "actor start-up")
+    get([a.__ray_ready__.remote() for a in actors], config.run.startup_timeout_s, "actor start-up")
     return actors
 
 

@@ -30,9 +30,11 @@ class RunConfig:
     """Deadline of each control call to an actor (stats, stop)."""
     step_timeout_s: float = 1800.0
     """Deadline of one learner step, seen from the launcher."""
+    startup_timeout_s: float = 600.0
+    """Deadline for placing and starting the learner ranks, and for starting the actors."""
 
     def validate(self):
-        for key in ("weights_timeout_s", "actor_timeout_s", "step_timeout_s"):
+        for key in ("weights_timeout_s", "actor_timeout_s", "step_timeout_s", "startup_timeout_s"):
             check(getattr(self, key) > 0, key, "must be > 0")
 
 
