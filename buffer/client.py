@@ -3,22 +3,25 @@
 Each call has a deadline. A call that gets no reply in time closes its socket (dropping
 anything queued), reconnects and, if the call is idempotent (insert: ids are unique, so a
 re-sent insert is stored once; set_version; stats), sends again, up to `retries` times.
-A sample is never re-sent: it could take groups twice. Failures raise BufferError naming the
-server's address and the cause.
+A sample is never re-sent: it could take groups twice; and since its socket is closed, the
+server sees the client gone and the abandoned sample takes nothing. An error reply (the
+server's reason, for any request, even one it could not decode) raises at once. Failures
+raise BufferError naming the server's address and the cause.
 """
 from __future__ import annotations
 
 import itertools
+import math
 import time
 
 import zmq
 
 from common.rollout import RolloutGroup
-from common.wire import decode, encode
+from common.wire import WireError, decode, encode, split_rid, with_rid
 
 
 class BufferError(RuntimeError):
-    """The buffer server refused a request or did not answer in time."""
+    """The buffer server refused a request, did not answer in time, or stopped serving."""
 
 
 class BufferTimeout(BufferError):
@@ -49,19 +52,27 @@ class BufferClient:
 
     def _call(self, op: str, deadline_s: float | None = None, idempotent: bool = True, **fields) -> dict:
         timeout_s = self.timeout_s if deadline_s is None else deadline_s
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(f"buffer {op}: timeout_s must be a finite number of seconds > 0, got {timeout_s}")
+        message = encode({"op": op, **fields})
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
             rid = next(self._rids)
-            self._socket.send_multipart(encode({"op": op, "rid": rid, **fields}), copy=False)
+            self._socket.send_multipart(with_rid(rid, message), copy=False)
             deadline = time.monotonic() + timeout_s
             while (left := deadline - time.monotonic()) > 0:
                 if not self._socket.poll(int(left * 1000) + 1):
                     continue
-                reply = decode(self._socket.recv_multipart(copy=False))
-                if not isinstance(reply, dict) or reply.get("rid") != rid:
-                    continue  # a late reply to an abandoned attempt
-                if not reply.get("ok"):
-                    raise BufferError(f"buffer at {self.address} refused {op}: {reply.get('error')}")
+                try:
+                    reply_rid, body = split_rid(self._socket.recv_multipart(copy=False))
+                    if reply_rid != rid:
+                        continue  # a late reply to an abandoned attempt
+                    reply = decode(body)
+                except WireError as e:
+                    raise BufferError(f"buffer at {self.address} sent a malformed reply to {op}: {e}") from None
+                if not isinstance(reply, dict) or not reply.get("ok"):
+                    error = reply.get("error") if isinstance(reply, dict) else reply
+                    raise BufferError(f"buffer at {self.address} refused {op}: {error}")
                 return reply
             self._connect()  # drop whatever is queued on the dead connection
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "

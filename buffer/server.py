@@ -1,28 +1,35 @@
 """The buffer server: one Table behind a ZeroMQ ROUTER socket.
 
-Requests and replies are wire messages (common/wire.py) whose header is a map with `op` and
-`rid` (the client's request id, echoed back). Ops:
+A request or reply is [rid, header, *array frames] (common/wire.py): the rid frame (the client's
+request id) leads, and every reply echoes it, even to a request that is oversize or cannot be
+decoded (a request without a valid rid frame gets rid 0, which no client uses). The header is
+a map with `op`. Ops:
   insert      {groups}           -> {stored: one bool per group, size, learner_version}
   sample      {n, timeout_s}     -> {groups, staleness, learner_version}; waits for n groups
   set_version {version}          -> {learner_version, dropped}
   stats       {}                 -> the table's summary
 Every reply has `ok`; a failed request gets ok=false and `error` naming the problem, and the
-server keeps serving. A sample that cannot be met before its deadline gets an error reply.
-The loop is single-threaded: the socket and the table are touched only by it.
+server keeps serving. A sample that cannot be met before its deadline gets an error reply; a
+sample takes its groups only when its reply goes to a connected client, so a sample past its
+deadline, or whose client is gone (closed, killed, or gave up and reconnected), takes nothing.
+The loop is single-threaded: the socket and the table are touched only by it. If the loop dies
+anyway, check() and stop() raise the cause.
 """
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
 
 import zmq
 
+from buffer.client import BufferError
 from buffer.table import Table, TableConfig
-from common.config import check
+from common.config import ConfigError, check
 from common.rollout import RolloutGroup, SchemaError
-from common.wire import WireError, decode, encode
+from common.wire import WireError, decode, encode, split_rid, with_rid
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,15 @@ class RequestError(ValueError):
     pass
 
 
+def _number(request: dict, key: str, kind: type = float, default=None):
+    """request[key] as a finite int (kind=int) or number; RequestError naming the key if not."""
+    value = request.get(key, default)
+    wanted = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, wanted) or not math.isfinite(value):
+        raise RequestError(f"{key!r} must be a finite {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
 @dataclass
 class _PendingSample:
     identity: bytes
@@ -65,17 +81,24 @@ class BufferServer:
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a gone client fails instead of vanishing
         host = config.host or "127.0.0.1"
-        if config.port:
-            self._socket.bind(f"tcp://{host}:{config.port}")
-            self.port = config.port
-        else:
-            self.port = self._socket.bind_to_random_port(f"tcp://{host}")
+        address = f"tcp://{host}:{config.port or '*'}"
+        try:
+            if config.port:
+                self._socket.bind(address)
+                self.port = config.port
+            else:
+                self.port = self._socket.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as e:
+            self._socket.close(linger=0)
+            key = "buffer.port" if e.errno == zmq.EADDRINUSE else "buffer.host"
+            raise ConfigError(key, f"cannot bind {address}: {zmq.strerror(e.errno)}") from None
         self.address = f"tcp://{host}:{self.port}"
         self._pending: list[_PendingSample] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
         self.errors = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -85,14 +108,30 @@ class BufferServer:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop serving; raise BufferError if the loop does not stop in time or had died."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
-                raise TimeoutError(f"buffer server at {self.address} did not stop within {timeout_s}s")
+                raise BufferError(f"buffer server at {self.address} did not stop within {timeout_s}s")
         self._socket.close(linger=0)
+        self.check()
+
+    def check(self) -> None:
+        """Raise BufferError, naming the cause, if the serving loop has died."""
+        if self._failure is not None:
+            raise BufferError(f"buffer server at {self.address} stopped serving: "
+                              f"{type(self._failure).__name__}: {self._failure}") from self._failure
 
     def serve(self) -> None:
+        """Serve until stop(). An exception that ends the loop is kept for check() and stop()."""
+        try:
+            self._serve()
+        except BaseException as e:
+            self._failure = e
+            log.error("buffer server at %s stopped serving", self.address, exc_info=True)
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
@@ -108,9 +147,9 @@ class BufferServer:
 
     # -- requests --------------------------------------------------------------------------
     def _handle(self, frames) -> None:
-        identity, body = frames[0].bytes, frames[1:]
-        rid = None
+        identity, rid = frames[0].bytes, 0
         try:
+            rid, body = split_rid(frames[1:])
             size = sum(len(f) for f in body)
             if size > self.config.max_message_mb * 1e6:
                 raise RequestError(f"message of {size / 1e6:.1f} MB exceeds "
@@ -118,24 +157,34 @@ class BufferServer:
             request = decode(body)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise RequestError("request must be a map with a string 'op'")
-            rid = request.get("rid")
             handler = getattr(self, f"_op_{request['op']}", None)
             if handler is None:
                 raise RequestError(f"unknown op {request['op']!r}")
-            reply = handler(identity, request)
+            reply = handler(identity, rid, request)
         except (WireError, SchemaError, RequestError, KeyError, TypeError, ValueError) as e:
             self.errors += 1
-            log.warning("buffer: rejected a request: %s", e)
+            log.warning("buffer: rejected request %d: %s", rid, e)
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        except Exception as e:  # a bug met by one request fails that request, not the server
+            self.errors += 1
+            log.error("buffer: request %d failed", rid, exc_info=True)
+            reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
         if reply is not None:
             self._reply(identity, rid, reply)
 
-    def _reply(self, identity: bytes, rid, reply: dict) -> None:
+    def _reply(self, identity: bytes, rid: int, reply: dict) -> bool:
+        """Send a reply; False if its client is gone or not reading, so it was not delivered."""
         reply.setdefault("ok", True)
-        reply["rid"] = rid
-        self._socket.send_multipart([identity, *encode(reply)], copy=False)
+        try:
+            self._socket.send_multipart([identity, *with_rid(rid, encode(reply))], copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            log.info("buffer: reply to request %d not delivered: %s", rid, e.strerror)
+            return False
 
-    def _op_insert(self, identity, request):
+    def _op_insert(self, identity, rid, request):
         if not isinstance(request["groups"], list):
             raise RequestError("insert needs 'groups', a list of rollout groups")
         groups = []
@@ -144,39 +193,48 @@ class BufferServer:
                 groups.append(RolloutGroup.from_wire(data))
             except SchemaError as e:
                 raise SchemaError(f"group {i}: {e}") from None
+        first = {}
+        for i, g in enumerate(groups):
+            if first.setdefault(g.id, i) != i:
+                raise RequestError(f"group {i}: id {g.id!r} repeats group {first[g.id]}'s")
         stored = [self.table.insert(g) for g in groups]
         return {"stored": stored, "size": len(self.table), "learner_version": self.table.learner_version}
 
-    def _op_sample(self, identity, request):
-        n, timeout_s = int(request["n"]), float(request.get("timeout_s", self.config.timeout_s))
+    def _op_sample(self, identity, rid, request):
+        n = _number(request, "n", int)
+        timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
         if not 1 <= n <= self.table.config.max_size:
             raise RequestError(f"sample of n={n} can never be met by a table of max_size "
                                f"{self.table.config.max_size}")
-        self._pending.append(_PendingSample(identity, request.get("rid"), n, time.monotonic() + timeout_s))
+        self._pending.append(_PendingSample(identity, rid, n, time.monotonic() + timeout_s))
         return None  # answered by _serve_pending
 
-    def _op_set_version(self, identity, request):
+    def _op_set_version(self, identity, rid, request):
         before = self.table.stats.dropped_stale
-        self.table.set_learner_version(int(request["version"]))
+        self.table.set_learner_version(_number(request, "version", int))
         return {"learner_version": self.table.learner_version,
                 "dropped": self.table.stats.dropped_stale - before}
 
-    def _op_stats(self, identity, request):
+    def _op_stats(self, identity, rid, request):
         return self.table.summary()
 
     def _serve_pending(self) -> None:
+        """Answer, first come first served, the samples that can be met and those past their
+        deadline. Groups are marked sampled only once their reply is on its way to a connected
+        client; a sample whose client is gone takes nothing and is forgotten. (ZeroMQ learns of
+        a disconnect within milliseconds on loopback; a client lost in that window, or after
+        its reply was sent, loses the groups: there is no delivery receipt.)"""
         now, still = time.monotonic(), []
-        for p in self._pending:  # first come, first served
-            groups = self.table.sample(p.n)
-            if groups is not None:
-                self._reply(p.identity, p.rid, {
-                    "groups": [g.to_wire() for g in groups],
-                    "staleness": [self.table.staleness(g) for g in groups],
-                    "learner_version": self.table.learner_version})
-            elif now >= p.deadline:
+        for p in self._pending:
+            if now >= p.deadline:
                 self._reply(p.identity, p.rid, {
                     "ok": False, "error": f"timeout: fewer than {p.n} fresh groups arrived in time "
                     f"(size {len(self.table)}, dropped_stale {self.table.stats.dropped_stale})"})
-            else:
+            elif (groups := self.table.select(p.n)) is None:
                 still.append(p)
+            elif self._reply(p.identity, p.rid, {
+                    "groups": [g.to_wire() for g in groups],
+                    "staleness": [self.table.staleness(g) for g in groups],
+                    "learner_version": self.table.learner_version}):
+                self.table.mark_sampled(groups)
         self._pending = still

@@ -24,7 +24,8 @@ class TableConfig:
     selector: str = "fifo"
     """Which groups a sample takes: fifo (oldest first), lifo (newest first) or uniform."""
     max_times_sampled: int = 1
-    """A group is removed after this many samples; 0 keeps it until evicted or stale."""
+    """A group is removed after this many samples (counted in `consumed`); 0 keeps it until
+    evicted or stale."""
     min_size_to_sample: int = 1
     """A sample waits until the table holds at least this many groups (and enough for it)."""
 
@@ -45,12 +46,15 @@ class _Entry:
 
 @dataclass
 class TableStats:
-    inserts: int = 0
-    duplicates: int = 0
-    samples: int = 0          # groups handed out
-    dropped_stale: int = 0
-    evicted: int = 0          # removed unsampled because the table was full
-    staleness: Counter = field(default_factory=Counter)  # staleness at sampling -> groups
+    """Counts since the table was made. Every inserted group is held or has left exactly one
+    way, so inserts == size + consumed + dropped_stale + evicted, whatever max_times_sampled."""
+    inserts: int = 0          # groups stored (re-sent ids not counted)
+    duplicates: int = 0       # inserts refused because the id was stored before
+    samples: int = 0          # hand-outs: a group sampled k times counts k
+    consumed: int = 0         # groups removed because they were sampled max_times_sampled times
+    dropped_stale: int = 0    # groups removed (or refused on arrival) as too stale, sampled or not
+    evicted: int = 0          # groups removed, sampled or not, because the table was full
+    staleness: Counter = field(default_factory=Counter)  # staleness at sampling -> hand-outs
 
 
 class Table:
@@ -105,6 +109,14 @@ class Table:
 
     def sample(self, n: int) -> list[RolloutGroup] | None:
         """n distinct groups chosen by the selector, or None if too few are held."""
+        groups = self.select(n)
+        if groups is not None:
+            self.mark_sampled(groups)
+        return groups
+
+    def select(self, n: int) -> list[RolloutGroup] | None:
+        """The n groups a sample would take, or None if too few are held; changes nothing
+        until mark_sampled, so a sample whose reply cannot be delivered takes nothing."""
         if not self.can_sample(n):
             return None
         keys = list(self._items)
@@ -114,22 +126,26 @@ class Table:
             chosen = keys[-n:][::-1]
         else:
             chosen = self._rng.sample(keys, n)
-        out = []
-        for k in chosen:
-            entry = self._items[k]
+        return [self._items[k].group for k in chosen]
+
+    def mark_sampled(self, groups: list[RolloutGroup]) -> None:
+        """Count the hand-out of groups from select(); remove those sampled max_times_sampled times."""
+        for group in groups:
+            entry = self._items[group.id]
             entry.times_sampled += 1
             if self.config.max_times_sampled and entry.times_sampled >= self.config.max_times_sampled:
-                del self._items[k]
-            self.stats.staleness[self.staleness(entry.group)] += 1
-            out.append(entry.group)
-        self.stats.samples += len(out)
-        return out
+                del self._items[group.id]
+                self.stats.consumed += 1
+            self.stats.staleness[self.staleness(group)] += 1
+        self.stats.samples += len(groups)
 
     def summary(self) -> dict:
+        """size (groups held), learner_version and the counters of TableStats, whose meanings
+        it documents; inserts == size + consumed + dropped_stale + evicted."""
         s = self.stats
         return {
             "size": len(self._items), "learner_version": self.learner_version,
             "inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
-            "dropped_stale": s.dropped_stale, "evicted": s.evicted,
+            "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
             "staleness_histogram": {str(k): v for k, v in sorted(s.staleness.items())},
         }

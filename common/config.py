@@ -6,6 +6,7 @@ Every error names the key (and the file it came from), and is raised before anyt
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,9 +66,12 @@ def load_config(schema: type[T], yaml_paths: list[Path] = (), overrides: list[st
 
 
 def validate(config: Any, prefix: str = "") -> None:
-    """Call `validate()` on every nested dataclass, naming failures by their full key."""
+    """Call `validate()` on every nested dataclass, naming failures by their full key. A float
+    that is nan or inf is refused first, everywhere: no deadline, rate or bound means that."""
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(prefix + f.name, f"must be a finite number, got {value}")
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{f.name}.")
     if hasattr(config, "validate"):

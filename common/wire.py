@@ -4,6 +4,11 @@ A message is a list of frames: frame 0 is the msgpack header, frames 1..n are ar
 Arrays anywhere in the payload are replaced in the header by {"__nd__": [frame, dtype, shape]}.
 Decoding checks every reference, dtype and size, so a malformed message raises WireError
 instead of producing garbage.
+
+Between a buffer client and server, every request and reply leads with one more frame: the
+request id, RID_BYTES bytes, big-endian unsigned (`with_rid`, `split_rid`). It is readable
+without decoding the rest, so a server can echo it in its reply to a message it cannot decode
+or will not read (oversize), and a client can skip a reply to an attempt it abandoned.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any, Sequence
 import msgpack
 import numpy as np
 
+RID_BYTES = 8
 ALLOWED_DTYPES = {"|u1", "|i1", "|b1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"}
 
 
@@ -39,11 +45,27 @@ def encode(payload: Any) -> list:
     return frames
 
 
+def with_rid(rid: int, frames: list) -> list:
+    """[rid, *frames]: a message led by its request id."""
+    return [rid.to_bytes(RID_BYTES, "big"), *frames]
+
+
+def split_rid(frames: Sequence) -> tuple[int, list]:
+    """(rid, the other frames) of a message led by its request id; WireError if it is not."""
+    if not frames or _view(frames[0]).nbytes != RID_BYTES:
+        raise WireError(f"a message must lead with its request id, a frame of {RID_BYTES} bytes")
+    return int.from_bytes(_view(frames[0]), "big"), list(frames[1:])
+
+
+def _view(frame) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
 def decode(frames: Sequence) -> Any:
     """Decode [header, *array_frames]. Arrays are read-only views of the frames."""
     if not frames:
         raise WireError("empty message")
-    buffers = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+    buffers = [_view(f) for f in frames]
     used = set()
 
     def hook(obj):

@@ -1,11 +1,16 @@
 """The buffer server and client over real ZeroMQ sockets on loopback."""
+import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
 from buffer.client import BufferClient, BufferError, BufferTimeout
+from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, validate
 from tests.conftest import make_group
@@ -58,27 +63,31 @@ def test_a_sample_waits_for_inserts_until_its_deadline(buffer_server):
     assert len(groups) == 2 and 0.25 < time.monotonic() - t < 4.0
 
 
-def test_malformed_and_oversize_requests_get_an_error_reply_and_the_server_keeps_serving(buffer_server):
+def test_malformed_and_oversize_requests_get_an_error_reply_echoing_their_rid_and_the_server_keeps_serving(
+        buffer_server):
     server = buffer_server()
     server.config.max_message_mb = 0.001
     raw = zmq.Context.instance().socket(zmq.DEALER)
     raw.connect(server.address)
-    raw.send_multipart([b"\xc1not msgpack"])
-    assert raw.poll(5000)
-    reply = msgpack.unpackb(raw.recv_multipart()[0])
-    assert reply["ok"] is False and "WireError" in reply["error"]
-    raw.send_multipart([msgpack.packb({"op": "insert", "rid": 7, "groups": [{"tokens": 1}]})])
-    assert raw.poll(5000)
-    reply = msgpack.unpackb(raw.recv_multipart()[0])
-    assert reply["ok"] is False and reply["rid"] == 7 and "SchemaError: group 0" in reply["error"]
-    raw.send_multipart([msgpack.packb({"op": "stats", "rid": 8}), b"x" * 2000])
-    assert raw.poll(5000)
-    reply = msgpack.unpackb(raw.recv_multipart()[0])
-    assert reply["ok"] is False and "exceeds max_message_mb" in reply["error"]
+
+    def ask(*frames):
+        raw.send_multipart(list(frames))
+        assert raw.poll(5000)
+        rid, header = raw.recv_multipart()
+        return int.from_bytes(rid, "big"), msgpack.unpackb(header)
+
+    rid, reply = ask((6).to_bytes(8, "big"), b"\xc1not msgpack")
+    assert rid == 6 and reply["ok"] is False and "WireError: header is not valid msgpack" in reply["error"]
+    rid, reply = ask((7).to_bytes(8, "big"), msgpack.packb({"op": "insert", "groups": [{"tokens": 1}]}))
+    assert rid == 7 and reply["ok"] is False and "SchemaError: group 0" in reply["error"]
+    rid, reply = ask((8).to_bytes(8, "big"), msgpack.packb({"op": "stats"}), b"x" * 2000)
+    assert rid == 8 and reply["ok"] is False and "exceeds max_message_mb" in reply["error"]
+    rid, reply = ask(msgpack.packb({"op": "stats"}))  # no request id frame: answered with rid 0
+    assert rid == 0 and reply["ok"] is False and "request id, a frame of 8 bytes" in reply["error"]
     raw.close(linger=0)
     server.config.max_message_mb = 512
     client = BufferClient(server.address, timeout_s=5.0)
-    assert client.insert(make_group())["stored"] == [True] and server.errors == 3
+    assert client.insert(make_group())["stored"] == [True] and server.errors == 4
 
 
 def test_a_request_with_one_bad_group_stores_none_of_it(buffer_server):
@@ -132,3 +141,126 @@ def test_impossible_table_settings_are_refused_naming_the_key():
         validate(TableConfig(max_size=4, min_size_to_sample=8))
     with pytest.raises(ConfigError, match="'selector'"):
         validate(TableConfig(selector="random"))
+
+
+# -- review, issue 18 --------------------------------------------------------------------------
+
+def test_an_oversize_request_fails_at_once_with_the_servers_reason(buffer_server):
+    server = buffer_server()
+    server.config.max_message_mb = 0.001
+    client = BufferClient(server.address, timeout_s=2.0, retries=3)
+    t = time.monotonic()
+    with pytest.raises(BufferError, match="refused insert: RequestError: message of .* exceeds max_message_mb"):
+        client.insert(make_group(length=200))
+    assert time.monotonic() - t < 1.0 and server.errors == 1  # answered at once, never re-sent
+
+
+@pytest.mark.parametrize("op, fields, key", [
+    ("set_version", {"version": float("inf")}, "version"),
+    ("sample", {"n": 1, "timeout_s": float("inf")}, "timeout_s"),
+    ("sample", {"n": 1, "timeout_s": float("nan")}, "timeout_s"),
+    ("sample", {"n": float("inf")}, "n"),
+])
+def test_non_finite_numbers_are_refused_naming_the_field_and_the_server_keeps_serving(buffer_server, op, fields, key):
+    server = buffer_server()
+    client = BufferClient(server.address, timeout_s=1.0, retries=0)
+    with pytest.raises(BufferError, match=f"'{key}' must be a finite"):
+        client._call(op, idempotent=False, **fields)
+    assert client.insert(make_group())["stored"] == [True]
+    server.check()  # the serving thread is alive
+
+
+class _TableWithABug(Table):
+    def can_sample(self, n):
+        raise RuntimeError("injected fault")
+
+
+def test_a_dead_server_thread_fails_check_and_stop_naming_the_cause():
+    server = BufferServer(BufferConfig(timeout_s=5.0))
+    server.table = _TableWithABug(server.table.config)
+    server.start()
+    client = BufferClient(server.address, timeout_s=5.0)
+    with pytest.raises(BufferTimeout):  # a pending sample reaches the bug, outside any one request
+        client._call("sample", deadline_s=0.5, idempotent=False, n=1, timeout_s=5.0)
+    with pytest.raises(BufferError, match="stopped serving: RuntimeError: injected fault"):
+        server.check()
+    with pytest.raises(BufferError, match="stopped serving: RuntimeError: injected fault"):
+        server.stop()
+
+
+def test_a_sample_whose_client_gave_up_takes_no_groups(buffer_server):
+    server = buffer_server()
+    quitter, actor = BufferClient(server.address, timeout_s=5.0), BufferClient(server.address, timeout_s=5.0)
+    # The client gives up after 0.3s while the server would wait 30s, as when a busy server reads
+    # the request late: its reply would come to nobody.
+    with pytest.raises(BufferTimeout):
+        quitter._call("sample", deadline_s=0.3, idempotent=False, n=2, timeout_s=30.0)
+    time.sleep(0.2)
+    sent = [make_group(seed=1), make_group(seed=2)]
+    actor.insert(*sent)
+    assert actor.stats()["size"] == 2
+    groups, _, _ = BufferClient(server.address, timeout_s=5.0).sample(2)
+    assert [g.id for g in groups] == [g.id for g in sent]
+
+
+def test_a_sample_whose_client_was_killed_takes_no_groups(buffer_server):
+    server = buffer_server()
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from buffer.client import BufferClient; "
+         f"c = BufferClient({server.address!r}); print('sampling', flush=True); c.sample(2, timeout_s=60)"],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "sampling"
+        time.sleep(0.5)  # the sample is pending in the server
+    finally:
+        child.kill()
+        child.wait(10)
+    time.sleep(0.2)
+    actor = BufferClient(server.address, timeout_s=5.0)
+    sent = [make_group(seed=1), make_group(seed=2)]
+    actor.insert(*sent)
+    assert actor.stats()["size"] == 2
+    groups, _, _ = actor.sample(2)
+    assert [g.id for g in groups] == [g.id for g in sent]
+
+
+def test_a_request_with_an_unhashable_id_stores_none_of_it(buffer_server):
+    client = BufferClient(buffer_server().address, timeout_s=5.0)
+    good, bad = make_group(seed=1), make_group(seed=2)
+    bad.id = ["not", "a", "string"]
+    with pytest.raises(BufferError, match="group 1: id: must be a non-empty string"):
+        client.insert(good, bad)
+    assert client.stats()["size"] == 0
+    assert client.insert(good)["stored"] == [True]
+
+
+def test_a_request_that_repeats_an_id_is_refused_whole(buffer_server):
+    client = BufferClient(buffer_server().address, timeout_s=5.0)
+    group = make_group()
+    with pytest.raises(BufferError, match=f"group 2: id {group.id!r} repeats group 0's"):
+        client.insert(group, make_group(seed=1), group)
+    assert client.stats()["size"] == 0
+
+
+@pytest.mark.parametrize("max_times_sampled", [0, 1, 2])
+def test_the_counters_add_up_for_every_max_times_sampled(max_times_sampled):
+    table = Table(TableConfig(max_size=6, max_staleness=1, max_times_sampled=max_times_sampled))
+    rng = random.Random(max_times_sampled)
+    for i in range(300):
+        action = rng.random()
+        if action < 0.6:  # some arrive already too stale, some fill the table past max_size
+            table.insert(make_group(version=max(0, table.learner_version - rng.randint(0, 2)), seed=i))
+        elif action < 0.9:
+            table.sample(rng.randint(1, 3))
+        else:
+            table.set_learner_version(table.learner_version + 1)
+        s = table.summary()
+        assert s["inserts"] == s["size"] + s["consumed"] + s["dropped_stale"] + s["evicted"], s
+    assert s["evicted"] > 0 and s["dropped_stale"] > 0 and s["samples"] > 0
+    assert (s["consumed"] > 0) == (max_times_sampled > 0)
+
+
+def test_a_port_in_use_is_refused_naming_the_address_and_the_key(buffer_server):
+    taken = buffer_server()
+    with pytest.raises(ConfigError, match=rf"'buffer.port'.*tcp://127.0.0.1:{taken.port}.*in use"):
+        BufferServer(BufferConfig(port=taken.port))

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import zmq
 
 from common.config import ConfigError
 from launch.config import Config, build_config
@@ -66,3 +67,40 @@ def test_help_explains_every_flag():
     out = run_cli("--help").stdout
     for flag in ("--actors", "--learner-gpus", "--config", "key=value", "async_grpo:", "sync_grpo:"):
         assert flag in out
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.sample_timeout_s=inf", "trainer.sample_timeout_s"),
+    ("loss.is_cap=nan", "loss.is_cap"),
+    ("buffer.timeout_s=-inf", "buffer.timeout_s"),
+])
+def test_a_float_that_is_nan_or_inf_is_refused_naming_its_key(override, key):
+    with pytest.raises(ConfigError, match="must be a finite number") as info:
+        build_config("async_grpo", "tiny", [override])
+    assert info.value.key == key
+
+
+def test_a_buffer_port_in_use_fails_at_start_naming_the_key(tmp_path):
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    port = taken.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        result = run_cli("async_grpo", "--config", "tiny", f"buffer.port={port}", f"run.dir={tmp_path}/r")
+    finally:
+        taken.close(linger=0)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"'buffer.port': cannot bind tcp://127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stopping_a_run_takes_every_step_even_after_one_fails_and_raises_nothing(caplog):
+    from launch.async_grpo import shut_down
+    done = []
+
+    def stop_buffer():
+        done.append("buffer")
+        raise TimeoutError("buffer server did not stop within 5s")
+
+    failure = shut_down(("actors", lambda: done.append("actors")), ("buffer server", stop_buffer),
+                        ("ray", lambda: done.append("ray")))
+    assert done == ["actors", "buffer", "ray"]  # Ray is shut down although the buffer failed to stop
+    assert isinstance(failure, TimeoutError)  # for a run that succeeded, the caller raises it
+    assert "buffer server" in caplog.text and "did not stop within 5s" in caplog.text
