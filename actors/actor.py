@@ -1,10 +1,14 @@
-"""A rollout actor: one engine, generating groups continuously into the buffer.
+"""A rollout actor group: one engine, episodes generated continuously into the buffer.
 
-It never waits for the learner: between batches it takes the newest published weights if
-there are any, and goes on. Plain Python; launch/ runs it as a Ray actor.
+It keeps up to `max_inflight_episodes` episodes in flight (whole groups of G), starts a new
+group whenever one ends, and inserts each group as soon as its G episodes end: no barrier
+spans groups. It never waits for the learner: the engine swaps each new weight version in
+between two of its steps. Plain Python; launch/ runs it as a Ray actor.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as futures
 import random
 import threading
 import time
@@ -17,7 +21,6 @@ from actors.hf_engine import HFEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from buffer.client import BufferClient
 from common.config import check
-from common.weights import WeightChannel
 from envs import registry
 
 ENGINES = ("hf",)
@@ -29,109 +32,151 @@ class ActorsConfig:
     """Actor groups, each with its own engine (--actors)."""
     engine: str = "hf"
     """Inference engine: hf (transformers, CPU or GPU)."""
-    groups_per_batch: int = 2
-    """Tasks generated together in one engine call (each with group_size completions)."""
+    max_inflight_episodes: int = 16
+    """Episodes in flight per actor group (whole groups of rollout.group_size); the engine
+    batches their pending requests."""
     gpus: float = 0.0
     """GPUs per actor; 0 runs the engine on CPU."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for each actor."""
     torch_threads: int = 1
     """Torch intra-op threads of each actor process (CPU engines)."""
-    batches_per_version: int = 0
-    """0: never wait for the learner (asynchronous). N > 0: after N batches on one weight
-    version, wait for the next version (the synchronous baseline sets this)."""
+    groups_per_version: int = 0
+    """0: never wait for the learner (asynchronous). N > 0: start N groups on one weight
+    version, then wait for the next version (the synchronous baseline sets this)."""
     max_buffered_groups: int = 0
-    """Back-pressure: when the buffer holds this many groups, wait for the learner to take some
-    before generating more (frees the CPU or GPU for the learner). 0: never wait."""
+    """Back-pressure: when the buffer holds this many groups, start no new group until the
+    learner has taken some (frees the CPU or GPU for the learner). 0: never wait."""
     wait_timeout_s: float = 1800.0
-    """With batches_per_version > 0: how long an actor waits for new weights before failing."""
+    """How long an actor waits for new weights (groups_per_version > 0) or for room in the
+    buffer (max_buffered_groups > 0) before failing."""
 
     def validate(self):
         check(self.count >= 1, "count", f"must be >= 1, got {self.count}")
         check(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
-        check(self.groups_per_batch >= 1, "groups_per_batch", "must be >= 1")
+        check(self.max_inflight_episodes >= 1, "max_inflight_episodes", "must be >= 1")
         check(self.gpus >= 0, "gpus", "must be >= 0")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
-        check(self.batches_per_version >= 0, "batches_per_version", "must be >= 0")
+        check(self.groups_per_version >= 0, "groups_per_version", "must be >= 0")
         check(self.max_buffered_groups >= 0, "max_buffered_groups", "must be >= 0")
+        check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
 
 
 class RolloutActor:
     def __init__(self, actor_id: int, model_path: str, dtype: str, actors: ActorsConfig,
                  rollout: RolloutConfig, env: registry.EnvConfig, buffer_address: str,
-                 buffer_timeout_s: float, weights: WeightChannel, seed: int = 0):
+                 buffer_timeout_s: float, weights, seed: int = 0):
         torch.set_num_threads(actors.torch_threads)
-        self.actor_id, self.config, self.weights = actor_id, actors, weights
+        self.actor_id, self.config, self.rollout = actor_id, actors, rollout
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         device = "cuda" if actors.gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.engine = HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=[tokenizer.eos_token_id],
+        stop_token_ids = [tokenizer.eos_token_id]
+        self.engine = HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                                seed=seed * 1000 + actor_id)
-        self.runner = EpisodeRunner(self.engine, tokenizer, lambda: registry.make(env), rollout)
+        self.engine.start_weight_updates(weights.receiver(actor_id))  # a channel spec (common/weights.py)
+        self.runner = EpisodeRunner(self.engine, tokenizer, lambda: registry.make(env), rollout, stop_token_ids)
         self.task_source = registry.make(env)
         self.rng = random.Random(seed * 1000 + actor_id)
         self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
+        self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe
         self._stop = threading.Event()
-        self.groups = self.batches = 0
-        self.weight_load_s = self.backpressure_s = 0.0
+        self.groups = 0
+        self.buffered = 0  # the buffer's size as of the last insert or check
+        self.backpressure_s = 0.0
         self.started = time.monotonic()
 
-    def run(self, max_batches: int | None = None) -> dict:
-        """Generate and insert until stop() or max_batches; returns stats()."""
-        on_version = 0  # batches generated with the weights in hand
-        while not self._stop.is_set() and (max_batches is None or self.batches < max_batches):
-            if self.sync_weights():
-                on_version = 0
-            if self.config.batches_per_version and on_version >= self.config.batches_per_version:
-                self.wait_for_weights()
-                on_version = 0
-                continue
-            tasks = [self.task_source.sample(self.rng) for _ in range(self.config.groups_per_batch)]
-            groups = self.runner.run(tasks, actor_id=self.actor_id)
-            size = self.buffer.insert(*groups)["size"]
-            self.groups += len(groups)
-            if self.config.max_buffered_groups and size >= self.config.max_buffered_groups:
-                self.wait_for_room()
-            self.batches += 1
-            on_version += 1
-        return self.stats()
-
-    def wait_for_room(self) -> None:
-        """Block until the buffer holds fewer than max_buffered_groups (or stop() is called)."""
-        t, deadline = time.monotonic(), time.monotonic() + self.config.wait_timeout_s
-        while not self._stop.wait(0.05):
-            if self.buffer.stats()["size"] < self.config.max_buffered_groups:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"actor {self.actor_id} waited {self.config.wait_timeout_s}s for the buffer "
-                                   f"to drain below {self.config.max_buffered_groups} groups; is the learner alive?")
-        self.backpressure_s += time.monotonic() - t
-
-    def wait_for_weights(self) -> None:
-        """Block until a newer version is published and loaded (or stop() is called)."""
-        deadline = time.monotonic() + self.config.wait_timeout_s
-        while not self._stop.wait(0.05):
-            if self.sync_weights():
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"actor {self.actor_id} waited {self.config.wait_timeout_s}s for weights "
-                                   f"newer than version {self.engine.version}; is the learner alive?")
-
-    def sync_weights(self) -> bool:
-        update = self.weights.poll(self.engine.version)
-        if update is None:
-            return False
-        t = time.monotonic()
-        self.engine.load_weights(update[1], update[0])
-        self.weight_load_s += time.monotonic() - t
-        return True
+    def run(self, max_groups: int | None = None) -> dict:
+        """Generate and insert until stop() (or max_groups groups); returns stats()."""
+        # The coroutines live outside the class: Ray would otherwise run this actor's methods
+        # on an event loop of its own, and stats() and stop() must answer while run() runs.
+        return asyncio.run(_generate(self, max_groups))
 
     def stop(self) -> None:
         self._stop.set()
 
     def stats(self) -> dict:
+        r = self.runner
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
-                "generated_tokens": self.runner.generated_tokens, "generate_s": self.runner.generate_s,
-                "env_s": self.runner.env_s, "weight_load_s": self.weight_load_s,
-                "backpressure_s": self.backpressure_s,
+                "generated_tokens": r.generated_tokens, "engine_busy_s": getattr(self.engine, "busy_s", 0.0),
+                "env_s": r.env_s, "episodes": r.episodes, "episodes_timed_out": r.episodes_timed_out,
+                "groups_unusable": r.groups_unusable, "hung_env_calls": r.hung_env_calls,
+                "weight_swaps": self.engine.staged.swaps, "backpressure_s": self.backpressure_s,
                 "uptime_s": time.monotonic() - self.started}
+
+
+async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
+    inflight: set = set()
+    gate = _StartGate(a)
+    try:
+        while not a._stop.is_set() and (max_groups is None or a.groups < max_groups):
+            a.engine.check()
+            while await gate.may_start(len(inflight), max_groups):
+                task = a.task_source.sample(a.rng)
+                inflight.add(asyncio.ensure_future(a.runner.group(task, a.actor_id)))
+                gate.started()
+            if not inflight:
+                await asyncio.sleep(0.02)
+                continue
+            done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
+            for finished in done:
+                group = finished.result()
+                if group is not None:
+                    a.buffered = (await _buffer_call(a, a.buffer.insert, group))["size"]
+                    a.groups += 1
+    finally:
+        for task in inflight:
+            task.cancel()
+        await asyncio.gather(*inflight, return_exceptions=True)
+    return a.stats()
+
+
+async def _buffer_call(a: RolloutActor, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(a._io, fn, *args)
+
+
+class _StartGate:
+    """Whether the actor may start another group: room among the in-flight episodes, room
+    in the buffer (back-pressure), and, for the synchronous baseline, groups left on the
+    version being served. Waiting longer than actors.wait_timeout_s fails the actor."""
+
+    def __init__(self, actor: RolloutActor):
+        self.actor = actor
+        self.version, self.on_version = actor.engine.version, 0
+        self.waiting_since: float | None = None
+        self.next_check = 0.0
+
+    def started(self) -> None:
+        self.on_version += 1
+
+    async def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
+        a, group_size = self.actor, self.actor.rollout.group_size
+        if max_groups is not None and a.groups + inflight_groups >= max_groups:
+            return False
+        if inflight_groups and (inflight_groups + 1) * group_size > a.config.max_inflight_episodes:
+            return False
+        if a.engine.version != self.version:
+            self.version, self.on_version = a.engine.version, 0
+        blocked = ""
+        if a.config.groups_per_version and self.on_version >= a.config.groups_per_version:
+            blocked = f"weights newer than version {self.version}; is the learner alive?"
+        elif a.config.max_buffered_groups and a.buffered >= a.config.max_buffered_groups:
+            blocked = (f"the buffer to drain below actors.max_buffered_groups={a.config.max_buffered_groups} "
+                       "groups; is the learner alive?")
+            if time.monotonic() >= self.next_check:  # ask the buffer again, at most every 50 ms
+                self.next_check = time.monotonic() + 0.05
+                a.buffered = (await _buffer_call(a, a.buffer.stats))["size"]
+                if a.buffered < a.config.max_buffered_groups:
+                    blocked = ""
+        if not blocked:
+            if self.waiting_since is not None:
+                a.backpressure_s += time.monotonic() - self.waiting_since
+            self.waiting_since = None
+            return True
+        if inflight_groups:
+            return False  # still busy; the wait only counts once nothing is in flight
+        now = time.monotonic()
+        self.waiting_since = self.waiting_since or now
+        if now - self.waiting_since > a.config.wait_timeout_s:
+            raise TimeoutError(f"actor {a.actor_id} waited {a.config.wait_timeout_s}s for {blocked}")
+        return False

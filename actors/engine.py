@@ -1,32 +1,132 @@
 """The inference engine interface: the rollout loop drives any engine through it.
 
 Tokens in, tokens out: prompts and samples are token ids, so the rollout loop owns the
-tokenizer and the engine never re-tokenizes. `version` is the policy version of the weights
-the engine serves (0 = the initial weights; +1 per learner publication).
+tokenizer and the engine never re-tokenizes. One `generate` call is one request; every
+episode awaits its own, many are pending at once, and the engine batches whatever is pending
+(continuous batching in vLLM; pending requests gathered into one batch by the HF engine).
+Cancelling the task that awaits a request abandons it.
+
+Weights: `version` is the policy version the engine serves (0 = the initial weights; +1 per
+learner publication). A new version is received beside the served weights (StagedWeights)
+and swapped in between two engine steps, so no request is aborted and generation stalls
+only for the in-place copy; each sampled token records the version that produced it.
 """
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass
 class Sample:
     tokens: list          # generated token ids, the stop token included when one was sampled
-    logprobs: list        # log-prob of each generated token under the sampling distribution
+    logprobs: list        # log-prob of each token under the sampling distribution (logits / T)
+    versions: list        # policy version of the weights that sampled each token
     finish_reason: str    # "stop" (a stop token) or "length" (max_new_tokens reached)
 
 
 class Engine(ABC):
-    version: int = 0
+    @property
+    @abstractmethod
+    def version(self) -> int:
+        """The policy version being served now."""
 
     @abstractmethod
-    def generate(self, prompts: list, max_new_tokens: int, temperature: float) -> list:
-        """Sample one continuation per prompt (a list of token ids) at `temperature`, with no
-        top-k/top-p truncation, so that the log-probs are those of the behaviour policy.
-        Returns one Sample per prompt, in order."""
+    async def generate(self, prompt: list, max_new_tokens: int, temperature: float) -> Sample:
+        """Sample one continuation of `prompt` (token ids) at `temperature`, with no top-k/top-p
+        truncation or penalties, so that the log-probs are exactly those of the behaviour policy."""
 
     @abstractmethod
-    def load_weights(self, weights: dict, version: int) -> None:
-        """Replace the weights with `weights` (parameter name -> array, Hugging Face names)
-        and serve them as `version` from the next generate call on."""
+    def start_weight_updates(self, receiver) -> None:
+        """Receive every new version from `receiver` (common/weights.py) in the background and
+        swap each in between two engine steps. A failed transfer leaves the served version as
+        it was; `check()` then raises its error."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise the error of a background part (batching loop, weight receiver) that failed."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop background work; pending requests fail."""
+
+
+class WeightUpdateError(RuntimeError):
+    """A received version does not fit the engine's parameters; the text names the tensor."""
+
+
+class StagedWeights:
+    """The next policy version, received beside the served parameters and swapped in between
+    two engine steps.
+
+    It owns one staging tensor per served parameter: the one full copy an update costs. A
+    weight receiver (common/weights.py) calls begin(version), write(name, tensor) for every
+    tensor (Hugging Face names; `route` maps one to the staging views it fills, so engines with
+    fused parameters such as vLLM's qkv_proj map q/k/v into row slices), then commit(version)
+    or, if the transfer failed, abort(). The engine calls swap_if_ready() at each step
+    boundary: if a committed version waits and no transfer is under way, it is copied into the
+    served parameters in place (CUDA graphs and other pointers to them stay valid).
+    """
+
+    def __init__(self, params: dict, route=None, expected: set | None = None):
+        self.params = params                                            # served, in engine layout
+        self.staging = {n: torch.empty_like(p) for n, p in params.items()}
+        self.route = route or (lambda name, tensor: [(self.staging[name], tensor)] if name in self.staging else [])
+        self.expected = set(params) if expected is None else set(expected)  # HF names a version must hold
+        self._lock = threading.Lock()      # held for a whole transfer and for a swap
+        self._received: set = set()
+        self._pending: int | None = None   # a committed version not yet swapped in
+        self.swaps = 0
+        self.last_swap_s = 0.0
+
+    def begin(self, version: int) -> None:
+        self._lock.acquire()
+        self._pending, self._received = None, set()  # staging is overwritten from here on
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        targets = self.route(name, tensor)
+        if not targets:
+            raise WeightUpdateError(f"received weight {name!r} is not a parameter of the engine's model")
+        for staging, source in targets:
+            if tuple(staging.shape) != tuple(source.shape):
+                raise WeightUpdateError(f"received weight {name!r} has shape {tuple(source.shape)}, "
+                                        f"the engine's needs {tuple(staging.shape)}")
+            staging.copy_(source, non_blocking=True)
+        self._received.add(name)
+
+    def commit(self, version: int) -> None:
+        try:
+            missing = sorted(self.expected - self._received)
+            if missing:
+                raise WeightUpdateError(f"version {version} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
+            if any(t.is_cuda for t in self.staging.values()):
+                torch.cuda.current_stream().synchronize()  # the staging copies have landed
+            self._pending = version
+        finally:
+            self._lock.release()
+
+    def abort(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    @torch.no_grad()
+    def swap_if_ready(self) -> int | None:
+        """At a step boundary: swap in a committed version; returns it, or None."""
+        if self._pending is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if self._pending is None:
+                return None
+            t = time.perf_counter()
+            names = list(self.params)
+            torch._foreach_copy_([self.params[n] for n in names], [self.staging[n] for n in names])
+            version, self._pending = self._pending, None
+            self.swaps += 1
+            self.last_swap_s = time.perf_counter() - t
+            return version
+        finally:
+            self._lock.release()

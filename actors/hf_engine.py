@@ -1,68 +1,189 @@
-"""A Hugging Face transformers engine (CPU or one GPU): `generate` with sampled log-probs."""
+"""A Hugging Face transformers engine (CPU or one GPU).
+
+A batching thread takes every pending request (up to `max_batch`, those with the same
+settings), swaps in a staged weight version if one is ready, and samples the batch with its
+own decoding loop: softmax(logits / T) over the whole vocabulary, nothing else. The model's
+generation_config.json (repetition penalty, top-k, ...) is never consulted, so the behaviour
+log-probs reported are exactly those of the distribution sampled from.
+"""
 from __future__ import annotations
 
-import warnings
+import asyncio
+import inspect
+import queue
+import threading
+import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
-from actors.engine import Engine, Sample
+from actors.engine import Engine, Sample, StagedWeights
+
+
+@dataclass
+class _Request:
+    prompt: list
+    max_new_tokens: int
+    temperature: float
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
+    if future.done():  # its episode was cancelled: nobody waits for this request
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 class HFEngine(Engine):
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 stop_token_ids: list = (), pad_token_id: int = 0, seed: int = 0):
+                 stop_token_ids: list = (), pad_token_id: int = 0, seed: int = 0, max_batch: int = 64):
         self.device = torch.device(device)
         transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.model.to(self.device).eval()
         self.stop_token_ids = list(stop_token_ids)
         self.pad_token_id = pad_token_id
-        self.version = 0
-        self._params = dict(self.model.named_parameters())
-        torch.manual_seed(seed)
+        self.max_batch = max_batch
+        # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.2x; take either
+        self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.staged = StagedWeights(dict(self.model.named_parameters()))
+        self._version = 0
+        self._generator = torch.Generator(self.device).manual_seed(seed)
+        self._requests: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._error: BaseException | None = None
+        self.busy_s = 0.0  # seconds spent sampling batches
+        self.batches = 0
+        self._thread = threading.Thread(target=self._serve, name="hf-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    async def generate(self, prompt: list, max_new_tokens: int, temperature: float) -> Sample:
+        self.check()
+        loop = asyncio.get_running_loop()
+        request = _Request(list(prompt), max_new_tokens, temperature, loop.create_future(), loop)
+        self._requests.put(request)
+        return await request.future
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"HF engine failed: {type(self._error).__name__}: {self._error}") from self._error
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(10.0)
+
+    # -- weights ----------------------------------------------------------------------------
+    def start_weight_updates(self, receiver) -> None:
+        threading.Thread(target=self._receive_weights, args=(receiver,), name="hf-weights", daemon=True).start()
+
+    def _receive_weights(self, receiver) -> None:
+        try:
+            while not self._closed.is_set():
+                receiver.receive(self.staged, timeout_s=0.5)
+        except BaseException as e:  # reported by check(); the served version stays as it was
+            self._error = e
+
+    def load_weights(self, weights: dict, version: int) -> None:
+        """Stage `weights` (Hugging Face names -> tensors or arrays) as `version`; served from
+        the next batch on. Raises WeightUpdateError naming a tensor that does not fit."""
+        self.staged.begin(version)
+        try:
+            for name, value in weights.items():
+                self.staged.write(name, torch.as_tensor(value))
+        except BaseException:
+            self.staged.abort()
+            raise
+        self.staged.commit(version)
+
+    # -- the batching loop ------------------------------------------------------------------
+    def _serve(self) -> None:
+        held: list = []  # taken from the queue but of other settings than the batch being run
+        while not self._closed.is_set():
+            try:
+                first = held.pop(0) if held else self._requests.get(timeout=0.05)
+            except queue.Empty:
+                self._swap()  # idle is a step boundary too
+                continue
+            batch, rest = [first], []
+            for r in held + self._drain():
+                same = (r.max_new_tokens, r.temperature) == (first.max_new_tokens, first.temperature)
+                (batch if same and len(batch) < self.max_batch else rest).append(r)
+            held = rest
+            batch = [r for r in batch if not r.future.done()]
+            if not batch:
+                continue
+            self._swap()
+            t = time.monotonic()
+            try:
+                samples = self._sample([r.prompt for r in batch], first.max_new_tokens, first.temperature)
+            except Exception as e:  # every request of the batch fails with it; the loop goes on
+                for r in batch:
+                    r.loop.call_soon_threadsafe(_resolve, r.future, None, e)
+                continue
+            self.busy_s += time.monotonic() - t
+            self.batches += 1
+            for r, s in zip(batch, samples):
+                try:
+                    r.loop.call_soon_threadsafe(_resolve, r.future, s)
+                except RuntimeError:  # that episode's event loop has closed
+                    pass
+
+    def _swap(self) -> None:
+        swapped = self.staged.swap_if_ready()
+        if swapped is not None:
+            self._version = swapped
+
+    def _drain(self) -> list:
+        out = []
+        while True:
+            try:
+                out.append(self._requests.get_nowait())
+            except queue.Empty:
+                return out
 
     @torch.no_grad()
-    def generate(self, prompts: list, max_new_tokens: int, temperature: float) -> list:
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: generation continues every row at the end
+    def _sample(self, prompts: list, max_new_tokens: int, temperature: float) -> list:
+        rows, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((rows, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row continues at the end
             input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             attention_mask[i, width - len(p):] = 1
-        config = GenerationConfig(
-            do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-            eos_token_id=self.stop_token_ids or None, pad_token_id=self.pad_token_id,
-            output_logits=True, return_dict_in_generate=True)
-        out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                  generation_config=config)
-        new_tokens = out.sequences[:, width:]                                   # [B, N]
-        logprobs = torch.stack([
-            torch.log_softmax(step_logits.float() / temperature, dim=-1).gather(1, new_tokens[:, i:i + 1])[:, 0]
-            for i, step_logits in enumerate(out.logits)], dim=1)                # [B, N]
-        samples = []
-        stops = set(self.stop_token_ids)
-        for row, row_logprobs in zip(new_tokens.tolist(), logprobs.tolist()):
-            end = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         use_cache=True, logits_to_keep=1)
+        stops = torch.tensor(self.stop_token_ids or [-1], device=self.device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        next_position = positions[:, -1:] + 1
+        tokens, logprobs = [], []
+        for step in range(max_new_tokens):
+            step_logprobs = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)   # [B, V]
+            token = torch.multinomial(step_logprobs.exp(), 1, generator=self._generator)        # [B, 1]
+            tokens.append(token[:, 0])
+            logprobs.append(step_logprobs.gather(1, token)[:, 0])
+            finished |= torch.isin(token[:, 0], stops)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+            out = self.model(input_ids=token, attention_mask=attention_mask, position_ids=next_position,
+                             use_cache=True, **{self._cache_arg: getattr(out, self._cache_arg)})
+            next_position = next_position + 1
+        new_tokens, new_logprobs = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()   # [B, N]
+        stop_set, samples = set(self.stop_token_ids), []
+        for row, row_logprobs in zip(new_tokens, new_logprobs):
+            end = next((i + 1 for i, t in enumerate(row) if t in stop_set), None)
             n = end if end is not None else len(row)
-            samples.append(Sample(row[:n], row_logprobs[:n], "stop" if end is not None else "length"))
+            samples.append(Sample(row[:n], row_logprobs[:n], [self._version] * n,
+                                  "stop" if end is not None else "length"))
         return samples
-
-    @torch.no_grad()
-    def load_weights(self, weights: dict, version: int) -> None:
-        missing = sorted(set(self._params) - set(weights))
-        unknown = sorted(set(weights) - set(self._params))
-        if missing or unknown:
-            raise ValueError(f"weights for version {version} do not match the model: "
-                             f"missing {missing[:5]}, unknown {unknown[:5]}")
-        for name, value in weights.items():
-            param = self._params[name]
-            with warnings.catch_warnings():  # arrays from the object store are read-only; copy_ only reads
-                warnings.simplefilter("ignore", UserWarning)
-                tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)} != model's {tuple(param.shape)}")
-            param.copy_(tensor)
-        self.version = version

@@ -1,17 +1,26 @@
-"""The rollout loop: runs G episodes per task against an engine and environments, and packs
-each task's episodes into a RolloutGroup.
+"""The rollout loop: every episode is its own coroutine; a task's G episodes make one group.
 
-Every episode's token row is built as it happens: the prompt (loss mask 0), each policy turn
-(mask 1, with the behaviour log-probs the engine reported) and each environment reply
-(mask 0). A crashing or hanging environment ends that episode with `error` set and no further
-reward; the other episodes, and the run, go on.
+An episode renders its opening messages with the chat template, then alternates policy turns
+(one engine request each, awaited while every other episode goes on) and environment steps
+(each on a thread of its own with a deadline, so a slow one never stops the engine). Its
+token row is built as it happens: prompt and environment tokens with loss mask 0, policy
+tokens with mask 1, their behaviour log-probs and the version of the weights that sampled
+each. At every turn boundary the row equals the chat template's rendering of the
+conversation, with the policy's tokens kept exactly as sampled (ChatRenderer).
+
+An environment that crashes, hangs or answers malformed ends its episode with `error` set;
+an episode past `max_episode_s` is ended and counted; the other episodes, and the run, go
+on. Environment calls abandoned at their deadline keep their thread until they return; when
+more than `max_hung_env_calls` are hung at once the loop raises EnvironmentsExhausted.
 """
 from __future__ import annotations
 
-import concurrent.futures as futures
+import asyncio
 import math
+import threading
 import time
 from dataclasses import dataclass, field
+from numbers import Real
 
 from actors.engine import Engine
 from common.config import check
@@ -33,6 +42,10 @@ class RolloutConfig:
     """An episode whose row grows past this many tokens is ended with an error."""
     env_timeout_s: float = 30.0
     """Deadline of one reset or step of an environment."""
+    max_episode_s: float = 600.0
+    """An episode still running after this many seconds is ended (error set) and counted."""
+    max_hung_env_calls: int = 16
+    """Environment calls that may be hung past their deadline at once before the actor fails."""
 
     def validate(self):
         check(self.group_size >= 2, "group_size", f"GRPO needs >= 2 completions per prompt, got {self.group_size}")
@@ -40,20 +53,37 @@ class RolloutConfig:
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(self.max_turns >= 1, "max_turns", f"must be >= 1, got {self.max_turns}")
         check(self.env_timeout_s > 0, "env_timeout_s", "must be > 0")
+        check(self.max_episode_s > 0, "max_episode_s", "must be > 0")
+        check(self.max_hung_env_calls >= 0, "max_hung_env_calls", "must be >= 0")
+
+
+class EnvironmentsExhausted(RuntimeError):
+    """Too many environment calls are hung past their deadline; the actor cannot go on."""
+
+
+_SENTINEL = "\u2063asyncrl-policy-turn\u2063"
 
 
 class ChatRenderer:
-    """Turns messages into token ids with the tokenizer's chat template, or plain lines when
-    the tokenizer has none (tiny test tokenizers)."""
+    """Token rows that agree with the tokenizer's chat template (plain lines when the tokenizer
+    has none, as the tiny test tokenizers).
 
-    def __init__(self, tokenizer):
+    After a policy turn, the environment's tokens are the template's text from the end of the
+    policy's content to the next generation prompt: the end-of-turn markup the template puts
+    after an assistant message (less the stop token when the policy sampled it), then the
+    observation. So a turn that stopped on its stop token still gets the newline the template
+    puts after it, and a turn cut at max_new_tokens gets its end-of-turn marker.
+    """
+
+    def __init__(self, tokenizer, stop_token_ids: list = ()):
         self.tokenizer = tokenizer
+        self.stop_texts = {t: tokenizer.decode([t], skip_special_tokens=False) for t in stop_token_ids}
 
     def text(self, messages: list, add_generation_prompt: bool) -> str:
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                       tokenize=False)
-        return "".join(m["content"] + "\n" for m in messages)
+        return "".join(m["content"] + "\n" for m in messages) if messages else ""
 
     def encode(self, text: str) -> list:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -61,118 +91,179 @@ class ChatRenderer:
     def prompt(self, messages: list) -> list:
         return self.encode(self.text(messages, add_generation_prompt=True))
 
-    def reply(self, history: list, observation: list) -> list:
-        """Tokens of an environment reply appended to `history`, up to the next policy turn.
-        The sampled tokens stay as sampled; only the new text is encoded (template markup
-        that follows a policy turn's stop token, such as a newline, is part of this text)."""
-        before = self.text(history, add_generation_prompt=False)
-        after = self.text(history + observation, add_generation_prompt=True)
-        new = after[len(before):] if after.startswith(before) else self.text(observation, True)
-        return self.encode(new)
+    def after_turn(self, history: list, sampled: list, observation: list) -> list:
+        """Tokens that follow a policy turn's sampled tokens up to the next generation prompt.
+        `history` holds the messages before the policy's turn."""
+        rendered = self.text(history + [{"role": "assistant", "content": _SENTINEL}] + observation, True)
+        after = rendered.split(_SENTINEL, 1)[1]
+        stop_text = self.stop_texts.get(sampled[-1]) if sampled else None
+        if stop_text and after.startswith(stop_text):  # the policy sampled the end-of-turn marker itself
+            after = after[len(stop_text):]
+        return self.encode(after)
 
     def decode(self, tokens: list) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
 @dataclass
-class _Episode:
-    task_index: int
+class Episode:
     env: Environment
-    messages: list
-    tokens: list
-    loss_mask: list
-    logprobs: list
+    messages: list = field(default_factory=list)
+    tokens: list = field(default_factory=list)
+    loss_mask: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    versions: list = field(default_factory=list)   # -1 off policy
     turn_rewards: list = field(default_factory=list)
     error: str = ""
-    version_first: int = -1
-    version_last: int = -1
-    done: bool = False
+    timed_out: bool = False
+
+    def extend(self, tokens: list, logprobs=None, versions=None) -> None:
+        policy = logprobs is not None
+        self.tokens += tokens
+        self.loss_mask += [int(policy)] * len(tokens)
+        self.logprobs += list(logprobs) if policy else [0.0] * len(tokens)
+        self.versions += list(versions) if policy else [-1] * len(tokens)
+
+    def row(self) -> dict:
+        return {"tokens": self.tokens, "loss_mask": self.loss_mask, "behaviour_logprobs": self.logprobs,
+                "token_versions": self.versions, "reward": sum(self.turn_rewards),
+                "turn_rewards": self.turn_rewards, "error": self.error}
+
+
+def _messages_error(value, what: str) -> str:
+    """'' if value is a list of chat messages, else what is wrong with it."""
+    if not isinstance(value, list):
+        return f"{what} returned {type(value).__name__}, not a list of messages"
+    for m in value:
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            return f"{what} returned {m!r}, not a message {{'role': str, 'content': str}}"
+    return ""
+
+
+def _step_error(result) -> str:
+    """'' if an environment step's result is well formed, else what is wrong with it."""
+    if not isinstance(result, StepResult):
+        return f"environment step returned {type(result).__name__}, not StepResult"
+    if not isinstance(result.reward, Real) or not math.isfinite(result.reward):
+        return f"environment step returned the reward {result.reward!r}, not a finite number"
+    return "" if result.done else _messages_error(result.observation, "environment step")
 
 
 class EpisodeRunner:
-    def __init__(self, engine: Engine, tokenizer, make_env, config: RolloutConfig):
+    def __init__(self, engine: Engine, tokenizer, make_env, config: RolloutConfig, stop_token_ids: list = ()):
         self.engine, self.make_env, self.config = engine, make_env, config
-        self.renderer = ChatRenderer(tokenizer)
-        # Environments run in threads so a hanging one can be abandoned at its deadline.
-        self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="env")
-        self.generate_s = self.env_s = 0.0
+        stop_token_ids = list(stop_token_ids) or [tokenizer.eos_token_id]
+        self.renderer = ChatRenderer(tokenizer, stop_token_ids)
         self.generated_tokens = 0
+        self.env_s = 0.0
+        self.episodes = self.episodes_timed_out = self.groups_unusable = 0
+        self.hung_env_calls = 0
+        self._hung_lock = threading.Lock()
 
-    def _guarded(self, fn, *args):
-        """Run an environment call with a deadline; returns (result, error)."""
-        future = self._pool.submit(fn, *args)
+    # -- groups and episodes ----------------------------------------------------------------
+    async def group(self, task: dict, actor_id: int = 0) -> RolloutGroup | None:
+        """G episodes of `task`, concurrently; None if none of them generated a token."""
+        t = time.monotonic()
+        episodes = await asyncio.gather(*(self.episode(task) for _ in range(self.config.group_size)))
+        rows = [e.row() for e in episodes]
+        if not any(any(r["loss_mask"]) for r in rows):
+            self.groups_unusable += 1
+            return None
+        return RolloutGroup.from_rows(rows, prompt_id=str(task.get("id", "")), actor_id=actor_id,
+                                      temperature=self.config.temperature,
+                                      timings={"episode_s": time.monotonic() - t})
+
+    async def episode(self, task: dict) -> Episode:
+        episode = Episode(env=self.make_env())
+        self.episodes += 1
         try:
-            return future.result(timeout=self.config.env_timeout_s), ""
-        except futures.TimeoutError:
-            return None, f"environment {fn.__qualname__} timed out after {self.config.env_timeout_s}s"
-        except Exception as e:  # the environment's own failure ends its episode, not the run
-            return None, f"environment {fn.__qualname__} raised {type(e).__name__}: {e}"
+            await asyncio.wait_for(self._play(episode, task), self.config.max_episode_s)
+        except asyncio.TimeoutError:
+            episode.error, episode.timed_out = f"episode exceeded rollout.max_episode_s={self.config.max_episode_s}", True
+            self.episodes_timed_out += 1
+        return episode
 
-    def _open(self, task_index: int, task: dict) -> _Episode:
-        env = self.make_env()
-        messages, error = self._guarded(env.reset, task)
-        if not error and not (isinstance(messages, list) and messages):
-            error = f"environment reset returned {messages!r}, not a non-empty list of messages"
-        tokens = self.renderer.prompt(messages) if not error else []
-        return _Episode(task_index, env, list(messages or []), tokens, [0] * len(tokens),
-                        [0.0] * len(tokens), error=error, done=bool(error))
+    async def _play(self, e: Episode, task: dict) -> None:
+        messages, e.error = await self._env_call(e.env.reset, task)
+        if not e.error:
+            e.error = _messages_error(messages, "environment reset") or ("" if messages else
+                                                                          "environment reset returned no messages")
+        if e.error:
+            return
+        e.messages = list(messages)
+        e.extend(self.renderer.prompt(e.messages))
+        for turn in range(self.config.max_turns):
+            sample = await self.engine.generate(e.tokens, self.config.max_new_tokens, self.config.temperature)
+            e.extend(sample.tokens, sample.logprobs, sample.versions)
+            self.generated_tokens += len(sample.tokens)
+            history = list(e.messages)
+            e.messages.append({"role": "assistant", "content": self.renderer.decode(sample.tokens)})
+            result, e.error = await self._env_call(e.env.step, e.messages)
+            e.error = e.error or _step_error(result)
+            if e.error:
+                return
+            e.turn_rewards.append(float(result.reward))
+            if result.done or turn == self.config.max_turns - 1:
+                return
+            e.extend(self.renderer.after_turn(history, sample.tokens, list(result.observation)))
+            e.messages += list(result.observation)
+            if len(e.tokens) > self.config.max_seq_len:
+                e.error = f"episode exceeded rollout.max_seq_len={self.config.max_seq_len}"
+                return
 
     def run(self, tasks: list, actor_id: int = 0) -> list:
-        """Run G episodes for each task; returns one RolloutGroup per task, in order."""
-        t0 = time.monotonic()
-        episodes = [self._open(i, task) for i, task in enumerate(tasks) for _ in range(self.config.group_size)]
-        env_s, generate_s = time.monotonic() - t0, 0.0
-        for turn in range(self.config.max_turns):
-            active = [e for e in episodes if not e.done]
-            if not active:
-                break
-            t = time.monotonic()
-            samples = self.engine.generate([e.tokens for e in active], self.config.max_new_tokens,
-                                           self.config.temperature)
-            version = self.engine.version
-            generate_s += time.monotonic() - t
-            t = time.monotonic()
-            for e, s in zip(active, samples):
-                self._advance(e, s, version, last_turn=turn == self.config.max_turns - 1)
-            env_s += time.monotonic() - t
-        self.generate_s += generate_s
-        self.env_s += env_s
-        groups = []
-        for i, task in enumerate(tasks):
-            mine = [e for e in episodes if e.task_index == i]
-            rows = [{"tokens": e.tokens, "loss_mask": e.loss_mask, "behaviour_logprobs": e.logprobs,
-                     "reward": sum(e.turn_rewards), "turn_rewards": e.turn_rewards, "error": e.error,
-                     "version_first": max(e.version_first, 0), "version_last": max(e.version_last, 0)}
-                    for e in mine]
-            groups.append(RolloutGroup.from_rows(
-                rows, prompt_id=str(task.get("id", "")), actor_id=actor_id,
-                temperature=self.config.temperature,
-                timings={"generate_s": generate_s, "env_s": env_s}))
-        return groups
+        """Run one group per task, all concurrently, and return them in order (for evaluation
+        and tests; the actor drives group() itself). Unusable groups come back as None."""
+        async def all_groups():
+            return await asyncio.gather(*(self.group(t, actor_id) for t in tasks))
+        return asyncio.run(all_groups())
 
-    def _advance(self, e: _Episode, sample, version: int, last_turn: bool) -> None:
-        e.tokens += sample.tokens
-        e.loss_mask += [1] * len(sample.tokens)
-        e.logprobs += sample.logprobs
-        self.generated_tokens += len(sample.tokens)
-        e.version_first = version if e.version_first < 0 else e.version_first
-        e.version_last = version
-        e.messages.append({"role": "assistant", "content": self.renderer.decode(sample.tokens)})
-        result, e.error = self._guarded(e.env.step, e.messages)
-        if not e.error and not isinstance(result, StepResult):
-            e.error = f"environment step returned {type(result).__name__}, not StepResult"
-        elif not e.error and not math.isfinite(float(result.reward)):
-            e.error = f"environment step returned a non-finite reward {result.reward!r}"
-        if e.error:
-            e.done = True
-            return
-        e.turn_rewards.append(float(result.reward))
-        e.done = result.done or last_turn
-        if not e.done:
-            reply = self.renderer.reply(e.messages, list(result.observation))
-            e.messages += list(result.observation)
-            e.tokens += reply
-            e.loss_mask += [0] * len(reply)
-            e.logprobs += [0.0] * len(reply)
-            if len(e.tokens) > self.config.max_seq_len:
-                e.error, e.done = f"episode exceeded max_seq_len={self.config.max_seq_len}", True
+    # -- environment calls ------------------------------------------------------------------
+    async def _env_call(self, fn, *args):
+        """Run an environment call on a thread of its own with a deadline; (result, error)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        state = {"abandoned": False}
+
+        def target():
+            t, result, error = time.monotonic(), None, None
+            try:
+                result = fn(*args)
+            except Exception as e:  # the environment's own failure ends its episode, not the run
+                error = e
+            with self._hung_lock:
+                self.env_s += time.monotonic() - t
+                if state["abandoned"]:
+                    self.hung_env_calls -= 1
+                    return
+            try:
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        threading.Thread(target=target, name=f"env-{fn.__qualname__}", daemon=True).start()
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), self.config.env_timeout_s)
+        except asyncio.TimeoutError:
+            with self._hung_lock:
+                state["abandoned"] = True
+                self.hung_env_calls += 1
+                hung = self.hung_env_calls
+            if hung > self.config.max_hung_env_calls:
+                raise EnvironmentsExhausted(
+                    f"{hung} environment calls are hung past rollout.env_timeout_s={self.config.env_timeout_s}s "
+                    f"(rollout.max_hung_env_calls={self.config.max_hung_env_calls}); the environment "
+                    f"({fn.__qualname__}) has stopped answering") from None
+            return None, f"environment {fn.__qualname__} timed out after {self.config.env_timeout_s}s"
+        except Exception as e:
+            return None, f"environment {fn.__qualname__} raised {type(e).__name__}: {e}"
+        return result, ""
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

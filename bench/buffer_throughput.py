@@ -35,7 +35,7 @@ G = 8
 
 def group(tokens: int) -> RolloutGroup:
     rows = [{"tokens": np.arange(tokens) % 1000, "loss_mask": np.ones(tokens), "behaviour_logprobs": -np.ones(tokens),
-             "reward": 1.0, "turn_rewards": [1.0], "error": "", "version_first": 0, "version_last": 0}] * G
+             "reward": 1.0, "turn_rewards": [1.0], "error": "", "token_versions": np.zeros(tokens)}] * G
     return RolloutGroup.from_rows(rows)
 
 

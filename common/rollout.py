@@ -6,9 +6,11 @@ rows right-padded by zeros. A row holds the whole episode: prompt tokens, then f
 the policy's tokens and (multi-turn) the environment's reply tokens.
 
 Versions: a policy version counts the learner's weight publications (0 = initial weights).
-`version_first`/`version_last` are the versions that produced the first and the last policy
-token of a row; the group's `version` is the oldest of them, and staleness is measured
-against it.
+`token_versions` holds, for every policy token, the version of the weights that sampled it
+(-1 on prompt, environment and padding tokens): weights can change in the middle of a turn.
+A row's `version_first`/`version_last` follow from it (-1 for a row that never generated,
+such as an episode whose reset failed); the group's `version` is the oldest version of any
+row that generated, and staleness is measured against it.
 """
 from __future__ import annotations
 
@@ -26,8 +28,7 @@ ARRAY_FIELDS = {
     "behaviour_logprobs": (np.float32, ("G", "T")),  # log mu(token) on policy tokens, else 0
     "lengths": (np.int32, ("G",)),                # valid tokens in each row
     "rewards": (np.float32, ("G",)),              # total reward of each completion
-    "version_first": (np.int32, ("G",)),          # policy version at the first policy token
-    "version_last": (np.int32, ("G",)),           # policy version at the last policy token
+    "token_versions": (np.int32, ("G", "T")),     # policy version that sampled each token; -1 off policy
 }
 
 
@@ -42,8 +43,7 @@ class RolloutGroup:
     behaviour_logprobs: np.ndarray
     lengths: np.ndarray
     rewards: np.ndarray
-    version_first: np.ndarray
-    version_last: np.ndarray
+    token_versions: np.ndarray
     turn_rewards: list          # G lists of floats, one per turn
     errors: list                # G strings; "" where the episode ended cleanly
     prompt_id: str = ""
@@ -58,9 +58,29 @@ class RolloutGroup:
         return int(self.tokens.shape[0])
 
     @property
+    def version_first(self) -> np.ndarray:
+        """[G] the version of each row's first policy token; -1 where a row never generated."""
+        masked = np.where(self.loss_mask == 1, self.token_versions, np.iinfo(np.int32).max)
+        first = masked.min(axis=1) if masked.size else np.full(self.group_size, -1)
+        return np.where(self.generated, first, -1).astype(np.int32)
+
+    @property
+    def version_last(self) -> np.ndarray:
+        """[G] the version of each row's last policy token; -1 where a row never generated."""
+        last = self.token_versions.max(axis=1) if self.token_versions.size else np.full(self.group_size, -1)
+        return np.where(self.generated, last, -1).astype(np.int32)
+
+    @property
+    def generated(self) -> np.ndarray:
+        """[G] bool: the row holds at least one policy token."""
+        return self.loss_mask.any(axis=1)
+
+    @property
     def version(self) -> int:
-        """The oldest policy version that generated any token of the group."""
-        return int(self.version_first.min())
+        """The oldest policy version that generated any token of the group; rows that never
+        generated do not count. -1 if no row generated."""
+        first = self.version_first[self.generated]
+        return int(first.min()) if first.size else -1
 
     @property
     def num_policy_tokens(self) -> int:
@@ -93,10 +113,36 @@ class RolloutGroup:
             raise SchemaError("rewards: must be finite")
         if not np.isfinite(self.behaviour_logprobs).all() or (self.behaviour_logprobs > 1e-4).any():
             raise SchemaError("behaviour_logprobs: must be finite and <= 0")
-        if (self.version_last < self.version_first).any():
-            raise SchemaError("version_last: must be >= version_first")
-        if not self.temperature > 0:
-            raise SchemaError("temperature: must be > 0")
+        on_policy = self.loss_mask == 1
+        if (self.token_versions[on_policy] < 0).any() or (self.token_versions[~on_policy] != -1).any():
+            raise SchemaError("token_versions: must be >= 0 on policy tokens and -1 elsewhere")
+        # The metadata is checked whole too: a bad id (unhashable, say) must fail here, before
+        # a buffer stores any group of the request.
+        def finite(x) -> bool:
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
+
+        def got(x) -> str:
+            return f"got {type(x).__name__} {x!r:.40}"
+
+        if not (isinstance(self.id, str) and self.id):
+            raise SchemaError(f"id: must be a non-empty string, {got(self.id)}")
+        if not isinstance(self.prompt_id, str):
+            raise SchemaError(f"prompt_id: must be a string, {got(self.prompt_id)}")
+        if not isinstance(self.actor_id, (int, np.integer)) or isinstance(self.actor_id, bool):
+            raise SchemaError(f"actor_id: must be an integer, {got(self.actor_id)}")
+        if not (finite(self.temperature) and self.temperature > 0):
+            raise SchemaError(f"temperature: must be a finite number > 0, {got(self.temperature)}")
+        if not (isinstance(self.timings, dict)
+                and all(isinstance(k, str) and finite(v) for k, v in self.timings.items())):
+            raise SchemaError(f"timings: must map names to finite numbers (seconds), {got(self.timings)}")
+        for i, row in enumerate(self.turn_rewards):
+            if not (isinstance(row, list) and all(finite(r) for r in row)):
+                raise SchemaError(f"turn_rewards: row {i} must be a list of finite numbers, {got(row)}")
+        for i, error in enumerate(self.errors):
+            if not isinstance(error, str):
+                raise SchemaError(f"errors: row {i} must be a string, {got(error)}")
+        if not finite(self.created_at):
+            raise SchemaError(f"created_at: must be a finite number (seconds), {got(self.created_at)}")
         return self
 
     def to_wire(self) -> dict:
@@ -119,12 +165,12 @@ class RolloutGroup:
     @classmethod
     def from_rows(cls, rows: list, **meta) -> "RolloutGroup":
         """Build a group from G rows, each a dict with 1-D `tokens`, `loss_mask`,
-        `behaviour_logprobs` and scalars `reward`, `version_first`, `version_last`,
-        plus `turn_rewards` (list) and `error` (str)."""
+        `behaviour_logprobs`, `token_versions` (-1 off policy), the scalar `reward`, plus
+        `turn_rewards` (list) and `error` (str)."""
         width = max(len(r["tokens"]) for r in rows)
 
-        def pad(key, dtype):
-            out = np.zeros((len(rows), width), dtype=dtype)
+        def pad(key, dtype, fill=0):
+            out = np.full((len(rows), width), fill, dtype=dtype)
             for i, r in enumerate(rows):
                 out[i, : len(r[key])] = r[key]
             return out
@@ -135,8 +181,7 @@ class RolloutGroup:
             behaviour_logprobs=pad("behaviour_logprobs", np.float32),
             lengths=np.array([len(r["tokens"]) for r in rows], dtype=np.int32),
             rewards=np.array([r["reward"] for r in rows], dtype=np.float32),
-            version_first=np.array([r["version_first"] for r in rows], dtype=np.int32),
-            version_last=np.array([r["version_last"] for r in rows], dtype=np.int32),
+            token_versions=pad("token_versions", np.int32, fill=-1),
             turn_rewards=[list(map(float, r["turn_rewards"])) for r in rows],
             errors=[str(r["error"]) for r in rows],
             **meta,

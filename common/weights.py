@@ -1,41 +1,112 @@
-"""The weight channel: how the learner's weights reach the actors.
+"""The weight channel: how the learner's weights reach the actors, version by version.
 
-`publish(version, weights)` makes a new version available; `poll(have)` returns the newest
-(version, weights) if it is newer than `have`, else None. Weights are a map of Hugging Face
-parameter names to numpy arrays (CPU) and are read-only for receivers. Versions only grow.
-Implementations: LocalWeightChannel (one process, tests) here; the Ray object-store channel
-in launch/weights.py; NCCL broadcast for GPU actors comes with the vLLM engine.
+Two ends. The learner's `WeightSender.send(version, tensors)` (tensors: Hugging Face parameter
+name -> torch tensor, in the learner's dtype, no numpy round trip) makes a version available;
+the actor's `WeightReceiver.receive(sink, timeout_s)` delivers the next one into the engine's
+staging copy (actors/engine.py StagedWeights). Versions only grow.
+
+Transports, chosen by placement (launch/ wires them):
+  LocalWeightChannel   one process (tests, evaluation), polled
+  RayWeightChannel     Ray's object store (launch/weights.py), polled; CPU actors
+  broadcast            a torch.distributed group: gloo between CPU processes, NCCL between GPUs
+                       (common/weights_broadcast.py)
+  CUDA IPC             the learner and an actor group on one GPU (common/weights_ipc.py)
 """
 from __future__ import annotations
 
 import threading
+import time
+import warnings
 from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
 
 
 class WeightSyncError(RuntimeError):
-    """Weights could not be published or fetched in time; the text names the peer."""
+    """Weights could not be sent or received in time; the text names the peer."""
 
 
-class WeightChannel(ABC):
+class WeightSender(ABC):
     @abstractmethod
-    def publish(self, version: int, weights: dict) -> None: ...
+    def send(self, version: int, tensors: dict) -> None:
+        """Make `tensors` available as `version` (newer than any sent before); returns when the
+        sender may change its tensors again."""
+
+
+class PolledChannel(WeightSender):
+    """A sender whose receivers ask for the newest version (PollingReceiver). The object is
+    also its own channel spec: `sender()` in the learner, `receiver(i)` in actor group i."""
+
+    def sender(self) -> "PolledChannel":
+        return self
+
+    def receiver(self, index: int) -> "PollingReceiver":
+        return PollingReceiver(self)
 
     @abstractmethod
     def poll(self, have: int):
-        """(version, weights) if a version newer than `have` is published, else None."""
+        """(version, tensors) if a version newer than `have` was sent, else None."""
 
 
-class LocalWeightChannel(WeightChannel):
+class LocalWeightChannel(PolledChannel):
+    """One process: the sender and every receiver share this object."""
+
     def __init__(self):
         self._lock = threading.Lock()
         self._version, self._weights = 0, None
 
-    def publish(self, version: int, weights: dict) -> None:
+    def send(self, version: int, tensors: dict) -> None:
         with self._lock:
             if version <= self._version:
-                raise WeightSyncError(f"version {version} is not newer than published {self._version}")
-            self._version, self._weights = version, weights
+                raise WeightSyncError(f"version {version} is not newer than the sent {self._version}")
+            self._version, self._weights = version, tensors
 
     def poll(self, have: int):
         with self._lock:
             return (self._version, self._weights) if self._version > have else None
+
+
+class WeightReceiver(ABC):
+    """The actor's end of a weight channel. It delivers each new version into a sink (an
+    engine's StagedWeights: begin(version), write(name, tensor) per tensor, commit(version),
+    or abort() if the transfer failed), so the served weights change only by the engine's swap."""
+
+    @abstractmethod
+    def receive(self, sink, timeout_s: float) -> int | None:
+        """Wait up to timeout_s for a version newer than the last one received; deliver it and
+        return its version, or None if none came. Raises WeightSyncError naming the sender
+        when a transfer that began does not finish."""
+
+
+class PollingReceiver(WeightReceiver):
+    """Receives from a channel that is polled (LocalWeightChannel, the Ray object store)."""
+
+    def __init__(self, channel: PolledChannel, poll_s: float = 0.05):
+        self.channel, self.poll_s, self.version = channel, poll_s, 0
+
+    def receive(self, sink, timeout_s: float) -> int | None:
+        deadline = time.monotonic() + timeout_s
+        while (update := self.channel.poll(self.version)) is None:
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(self.poll_s)
+        version, weights = update
+        sink.begin(version)
+        try:
+            for name, value in weights.items():
+                sink.write(name, _as_tensor(value))
+        except BaseException:
+            sink.abort()
+            raise
+        sink.commit(version)
+        self.version = version
+        return version
+
+
+def _as_tensor(value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    with warnings.catch_warnings():  # arrays from the object store are read-only; receivers only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(value))

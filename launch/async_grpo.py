@@ -2,7 +2,9 @@
 holds, publishing weights every `trainer.sync_every` steps. Reads top to bottom."""
 from __future__ import annotations
 
+import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -13,7 +15,10 @@ from common.config import to_yaml
 from common.metrics import MetricsLogger
 from envs import registry
 from launch import cluster, models
+from launch.cluster import PeerError
 from launch.config import Config
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILES = ["async_grpo"]  # configs/*.yaml applied over the dataclass defaults, before --config
 
@@ -26,33 +31,59 @@ def main(config: Config) -> Path:
     model_path = models.resolve(config.model, run_dir, config.run.seed)
 
     cluster.start_ray(config)
-    buffer = BufferServer(config.buffer, seed=config.run.seed).start()
-    buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s)
+    buffer = buffer_stats = None
     actors, actor_runs, ranks, group = [], {}, [], None
     try:
-        weights = cluster.start_weight_channel(config)
-        ranks, group = cluster.start_learners(config, model_path, buffer.address, weights)
+        buffer = BufferServer(config.buffer, seed=config.run.seed).start()
+        buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s)
+        group, in_bundle = cluster.place_learners(config)
+        weights = cluster.start_weight_channel(config, in_bundle[0])
+        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle)
         actors = cluster.start_actors(config, model_path, buffer.address, weights)
         actor_runs = {a.run.remote(): i for i, a in enumerate(actors)}
-        train(config, run_dir, ranks, actors, actor_runs, buffer_stats)
+        train(config, run_dir, ranks, actors, actor_runs, buffer, buffer_stats)
         if config.trainer.export_final:
             cluster.get([r.export.remote(str(run_dir / "final")) for r in ranks], config.run.step_timeout_s,
                         "learner export")
     finally:
-        cluster.stop_all(actors, actor_runs, ranks, group, config.run.actor_timeout_s)
-        buffer_stats.close()
-        buffer.stop()
-        ray.shutdown()
+        failure = shut_down(
+            ("actors and learner ranks",
+             partial(cluster.stop_all, actors, actor_runs, ranks, group, config.run.actor_timeout_s)),
+            ("buffer client", buffer_stats.close if buffer_stats else None),
+            ("buffer server", buffer.stop if buffer else None),
+            ("Ray", ray.shutdown))
+    if failure is not None:  # reached only by a run that succeeded: no error of the run is hidden
+        raise failure
     print(f"asyncrl: run finished; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
     return run_dir
 
 
-def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer_stats) -> None:
+def shut_down(*steps) -> Exception | None:
+    """Take every (name, step) in order, even after one fails (a step of None is skipped).
+    Failures are logged, never raised, so they cannot hide the error that ended the run;
+    returns the first, for the caller to raise if the run itself succeeded."""
+    first = None
+    for name, step in steps:
+        try:
+            if step is not None:
+                step()
+        except Exception as e:
+            log.error("asyncrl: stopping the %s failed: %s: %s", name, type(e).__name__, e)
+            first = first or e
+    return first
+
+
+def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferServer, buffer_stats) -> None:
     logger = MetricsLogger(run_dir, config.trainer.max_steps)
     tokens_before, time_before = 0, time.monotonic()
     try:
         for _ in range(config.trainer.max_steps):
-            metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s)
+            buffer.check()  # a dead buffer thread fails the run now, naming its cause
+            try:
+                metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s)
+            except PeerError:
+                buffer.check()  # a learner that failed waiting on a dead buffer: name the buffer's cause
+                raise
             actor_stats = cluster.get([a.stats.remote() for a in actors], config.run.actor_timeout_s, "actor stats")
             tokens, now = sum(s["generated_tokens"] for s in actor_stats), time.monotonic()
             table = buffer_stats.stats()

@@ -14,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.actor import RolloutActor
 from common.config import ConfigError
 from launch.config import Config
+from common.weights_broadcast import BroadcastChannelSpec
 from launch.weights import RayWeightChannel, WeightStore
 from learner.learner import Learner
 
@@ -60,27 +61,45 @@ def _rendezvous_address():
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def start_weight_channel(config: Config) -> RayWeightChannel:
-    store = ray.remote(WeightStore).options(num_cpus=0).remote()
-    return RayWeightChannel(store, timeout_s=config.run.weights_timeout_s)
-
-
-def start_learners(config: Config, model_path: str, buffer_address: str, weights) -> tuple:
-    """One Ray actor per learner rank, packed with a placement group; returns (ranks, group)."""
+def place_learners(config: Config) -> tuple:
+    """Reserve the learner ranks' resources; returns (placement group, one scheduling strategy
+    per rank)."""
     t = config.trainer
     bundle = {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
     group = placement_group([dict(bundle) for _ in range(t.world_size)], strategy="PACK")
     get(group.ready(), config.run.startup_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
-    in_bundle = [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
-    master_addr, master_port = get(_rendezvous_address.options(scheduling_strategy=in_bundle[0]).remote(),
-                                   config.run.actor_timeout_s, "learner rendezvous")
+    return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
+
+
+def free_address(strategy, timeout_s: float, what: str) -> tuple:
+    """(node address, a free port) on the node of a learner rank's bundle."""
+    return get(_rendezvous_address.options(scheduling_strategy=strategy).remote(), timeout_s, what)
+
+
+def start_weight_channel(config: Config, rank0) -> object:
+    """The channel spec every part builds its end from (common/weights.py), by
+    run.weight_transport: Ray's object store, or a broadcast group hosted by learner rank 0."""
+    if config.run.weight_transport == "broadcast":
+        host, port = free_address(rank0, config.run.actor_timeout_s, "weight channel address")
+        backend = "nccl" if config.trainer.gpus and config.actors.gpus else "gloo"
+        return BroadcastChannelSpec(host, port, receivers=config.actors.count, backend=backend,
+                                    timeout_s=config.run.weights_timeout_s)
+    store = ray.remote(WeightStore).options(num_cpus=0).remote()
+    return RayWeightChannel(store, timeout_s=config.run.weights_timeout_s)
+
+
+def start_learners(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list) -> list:
+    """One Ray actor per learner rank, each in its bundle of the learners' placement group."""
+    t = config.trainer
+    master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
     remote = ray.remote(Learner)
-    ranks = [remote.options(num_gpus=bundle.get("GPU", 0), num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
+    gpus, cpus = (1, 1) if t.gpus else (0, t.torch_threads)
+    ranks = [remote.options(num_gpus=gpus, num_cpus=cpus, scheduling_strategy=in_bundle[i])
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed)
              for i in range(t.world_size)]
     get([r.__ray_ready__.remote() for r in ranks], config.run.startup_timeout_s, "learner start-up")
-    return ranks, group
+    return ranks
 
 
 def start_actors(config: Config, model_path: str, buffer_address: str, weights) -> list:
@@ -94,16 +113,20 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights) 
 
 
 def learner_step(ranks: list, actor_runs: dict, timeout_s: float) -> dict:
-    """Run one step on every rank; fail at once, naming the part, if an actor dies meanwhile."""
-    refs = [r.step.remote() for r in ranks]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=1.0)
-        if len(done) == len(refs):
-            return get(refs, 1.0, "learner step")[0]
+    """Run one step on every rank; returns rank 0's metrics. Fails at once, naming the rank or
+    actor, when one fails: the other ranks would only report their collective's timeout, later."""
+    pending = {r.step.remote(): i for i, r in enumerate(ranks)}
+    metrics, deadline = {}, time.monotonic() + timeout_s
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+        for ref in done:
+            rank = pending.pop(ref)
+            metrics[rank] = get(ref, 1.0, f"learner rank {rank}")
         check_actors(actor_runs)
-        if time.monotonic() > deadline:
-            raise PeerError(f"learner step did not finish within {timeout_s:.0f}s")
+        if pending and time.monotonic() > deadline:
+            raise PeerError(f"learner step did not finish within {timeout_s:.0f}s "
+                            f"(rank(s) {sorted(pending.values())} still running)")
+    return metrics[0]
 
 
 def check_actors(actor_runs: dict) -> None:

@@ -14,6 +14,7 @@ from launch.models import ModelConfig
 from learner.learner import TrainerConfig
 from learner.loss import LossConfig
 
+WEIGHT_TRANSPORTS = ("object_store", "broadcast")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -30,12 +31,17 @@ class RunConfig:
     """Deadline of each control call to an actor (stats, stop)."""
     step_timeout_s: float = 1800.0
     """Deadline of one learner step, seen from the launcher."""
+    weight_transport: str = "object_store"
+    """How weights reach the actors: object_store (Ray's) or broadcast (a gloo group on CPU,
+    NCCL when learner and actors are on GPUs)."""
     startup_timeout_s: float = 600.0
     """Deadline for placing and starting the learner ranks, and for starting the actors."""
 
     def validate(self):
         for key in ("weights_timeout_s", "actor_timeout_s", "step_timeout_s", "startup_timeout_s"):
             check(getattr(self, key) > 0, key, "must be > 0")
+        check(self.weight_transport in WEIGHT_TRANSPORTS, "weight_transport",
+              f"must be one of {WEIGHT_TRANSPORTS}, got {self.weight_transport!r}")
 
 
 @dataclass
@@ -48,6 +54,24 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+
+    def validate(self):
+        """Checks across parts, run after each part's own (keys are full paths here)."""
+        t = self.trainer
+        check(self.run.step_timeout_s > t.sample_timeout_s, "run.step_timeout_s",
+              f"must be larger than trainer.sample_timeout_s ({t.sample_timeout_s:g}s), got "
+              f"{self.run.step_timeout_s:g}s: a step may wait that long for its batch")
+        check(self.actors.max_inflight_episodes >= self.rollout.group_size, "actors.max_inflight_episodes",
+              f"must be >= rollout.group_size={self.rollout.group_size} (a group's episodes run together), "
+              f"got {self.actors.max_inflight_episodes}")
+        # Actors stop generating once the buffer holds max_buffered_groups; a learner rank's sample
+        # waits for max(its share of the batch, min_size_to_sample) groups. Fewer: both wait forever.
+        held, share = self.actors.max_buffered_groups, t.batch_groups // t.world_size
+        needed = max(share, self.buffer.table.min_size_to_sample)
+        check(held == 0 or held >= needed, "actors.max_buffered_groups",
+              f"must be 0 or >= {needed}, got {held}: actors stop at {held} buffered groups, but each learner "
+              f"rank waits for trainer.batch_groups / {t.world_size} rank(s) = {share} groups (and for at least "
+              f"buffer.table.min_size_to_sample = {self.buffer.table.min_size_to_sample})")
 
 
 def build_config(recipe: str, name: str | None = None, overrides: list = (), recipe_files: list = ()) -> Config:

@@ -33,7 +33,8 @@ def evaluate(model_path: str, env: registry.EnvConfig, samples: int = 256, tempe
     tasks = [source.sample(rng) for _ in range(samples)]
     t, rewards = time.monotonic(), []
     for i in range(0, samples, batch):
-        rewards += [float(g.rewards[0]) for g in runner.run(tasks[i:i + batch])]
+        rewards += [float(g.rewards[0]) if g is not None else 0.0 for g in runner.run(tasks[i:i + batch])]
+    engine.close()
     return {"model": model_path, "env": env.name, "samples": samples, "temperature": temperature,
             "reward/mean": sum(rewards) / len(rewards), "seconds": round(time.monotonic() - t, 1)}
 

@@ -1,8 +1,8 @@
 """sync_grpo: the synchronous baseline, for comparison with async_grpo on the same hardware.
 
-The same parts and config, run in lock-step: the actors generate exactly one batch per
-weight version and then wait; the learner trains on it and publishes every step; the buffer
-accepts no staleness. Generation and training alternate instead of overlapping.
+The same parts and config, run in lock-step: each actor generates its share of one step's
+groups per weight version, all at once, and then waits; the learner trains on them and
+publishes every step; the buffer accepts no staleness. Generation and training alternate instead of overlapping.
 """
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ CONFIG_FILES = async_grpo.CONFIG_FILES  # the same defaults as the asynchronous 
 
 
 def main(config: Config) -> Path:
-    per_batch = config.actors.count * config.actors.groups_per_batch
-    if config.trainer.batch_groups % per_batch:
-        raise ConfigError("trainer.batch_groups", f"must be a multiple of actors.count x actors.groups_per_batch "
-                          f"= {per_batch} in sync_grpo, got {config.trainer.batch_groups}")
-    config.actors.batches_per_version = config.trainer.batch_groups // per_batch
+    actors, batch = config.actors.count, config.trainer.batch_groups
+    if batch % actors:
+        raise ConfigError("trainer.batch_groups", f"must be a multiple of actors.count={actors} in sync_grpo, "
+                          f"got {batch}")
+    config.actors.groups_per_version = batch // actors  # each actor's share of one step, then wait
+    config.actors.max_inflight_episodes = max(config.actors.max_inflight_episodes,
+                                              config.actors.groups_per_version * config.rollout.group_size)
     config.trainer.sync_every = 1
     config.buffer.table.max_staleness = 0
     return async_grpo.main(config)

@@ -1,14 +1,14 @@
 """The weight channel over Ray's object store (CPU actors, or any actors without NCCL).
 
-The learner puts the weights into the object store once per version; a small store actor
-holds the reference to the newest; actors ask it for the version (cheap) and fetch the
-weights only when they are newer. Every Ray call has a deadline.
+The learner puts the tensors (torch, in the learner's dtype) into the object store once per
+version; a small store actor holds the reference to the newest; actors ask it for the version
+(cheap) and fetch the tensors only when they are newer. Every Ray call has a deadline.
 """
 from __future__ import annotations
 
 import ray
 
-from common.weights import WeightChannel, WeightSyncError
+from common.weights import PolledChannel, WeightSyncError
 
 
 class WeightStore:
@@ -27,7 +27,7 @@ class WeightStore:
         return (self.version, self.refs) if self.version > have else None
 
 
-class RayWeightChannel(WeightChannel):
+class RayWeightChannel(PolledChannel):
     def __init__(self, store, timeout_s: float = 120.0):
         self.store, self.timeout_s = store, timeout_s
 
@@ -39,8 +39,8 @@ class RayWeightChannel(WeightChannel):
         except ray.exceptions.RayError as e:
             raise WeightSyncError(f"weight store failed on {what}: {e}") from None
 
-    def publish(self, version: int, weights: dict) -> None:
-        ref = ray.put(weights)
+    def send(self, version: int, tensors: dict) -> None:
+        ref = ray.put(tensors)
         self._get(self.store.publish.remote(version, [ref]), f"publish of version {version}")
 
     def poll(self, have: int):

@@ -37,7 +37,8 @@ class Batch:
 
 
 def make_batch(groups: list[RolloutGroup], scale_by_std: bool = True) -> Batch:
-    """Concatenate the groups' rows. Advantages are normalised within each group."""
+    """Concatenate the groups' rows. Advantages are normalised within each group, over the
+    rows that generated (a row whose episode failed before its first turn has none)."""
     temperatures = {g.temperature for g in groups}
     if len(temperatures) != 1:
         raise ValueError(f"groups sampled at different temperatures {sorted(temperatures)} in one batch")
@@ -56,7 +57,8 @@ def make_batch(groups: list[RolloutGroup], scale_by_std: bool = True) -> Batch:
     lengths = torch.from_numpy(np.concatenate([g.lengths for g in groups]).astype(np.int64))
     attention_mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
     advantages = torch.cat([
-        group_advantages(torch.from_numpy(np.asarray(g.rewards, dtype=np.float32))[None, :], scale_by_std)[0]
+        group_advantages(torch.from_numpy(np.asarray(g.rewards, dtype=np.float32))[None, :], scale_by_std,
+                         valid=torch.from_numpy(g.generated)[None, :])[0]
         for g in groups])                                                           # [B]
     return Batch(
         tokens=tokens, attention_mask=attention_mask,

@@ -21,7 +21,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from buffer.client import BufferClient
 from common.config import check
-from common.weights import WeightChannel
 from learner import fsdp
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss
@@ -48,8 +47,9 @@ class TrainerConfig:
     """Torch intra-op threads of each CPU learner rank."""
     sample_timeout_s: float = 600.0
     """How long one step waits for the buffer to hold enough fresh groups."""
-    dist_timeout_s: float = 300.0
-    """Deadline of every collective between learner ranks."""
+    dist_timeout_s: float = 900.0
+    """Deadline of every collective between learner ranks; longer than sample_timeout_s, since
+    the other ranks wait in a collective while one waits for its batch."""
     export_final: bool = True
     """Save the final weights in Hugging Face format under <run.dir>/final."""
 
@@ -68,15 +68,18 @@ class TrainerConfig:
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         check(self.sample_timeout_s > 0, "sample_timeout_s", "must be > 0")
+        check(self.dist_timeout_s > self.sample_timeout_s, "dist_timeout_s",
+              f"must be larger than sample_timeout_s ({self.sample_timeout_s:g}s), got {self.dist_timeout_s:g}s: "
+              "ranks wait in a collective while one rank waits that long for its batch")
 
 
 class Learner:
     def __init__(self, rank: int, model_path: str, dtype: str, trainer: TrainerConfig, loss: LossConfig,
-                 buffer_address: str, buffer_timeout_s: float, weights: WeightChannel,
+                 buffer_address: str, buffer_timeout_s: float, weights,
                  master_addr: str = "127.0.0.1", master_port: int = 0, seed: int = 0):
         self.rank, self.world_size, self.config, self.loss_config = rank, trainer.world_size, trainer, loss
         transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
-        self.weights = weights
+        self.weights = weights.sender() if rank == 0 else None  # a channel spec (common/weights.py)
         torch.manual_seed(seed + rank)
         torch.set_num_threads(trainer.torch_threads)
         if trainer.gpus:
@@ -89,7 +92,9 @@ class Learner:
                                     timeout=datetime.timedelta(seconds=trainer.dist_timeout_s))
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
-        model.to(self.device).train()
+        # Eval mode (dropout off) while training, as RL fine-tuning of LMs does: the log-probs
+        # that enter the importance weights must be the policy's, not one dropout draw of it.
+        model.to(self.device).eval()
         if self.sharded:
             fsdp.shard(model, self.device.type, self.world_size)
         self.model = model
@@ -170,7 +175,7 @@ class Learner:
         state = fsdp.full_state_dict(self.model, self.sharded)
         self.version += 1
         if self.rank == 0:
-            self.weights.publish(self.version, {n: _numpy(state[n]) for n in self.param_names})
+            self.weights.send(self.version, {n: state[n] for n in self.param_names})
             self.buffer.set_learner_version(self.version)
         return time.monotonic() - t
 
@@ -188,11 +193,6 @@ class Learner:
         self.buffer.close()
         if self.sharded and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    # numpy has no bfloat16: send such weights as float32; the engine casts on load.
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _to(batch, device):

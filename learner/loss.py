@@ -53,13 +53,21 @@ class LossConfig:
         check(self.is_cap > 1, "is_cap", f"must be > 1, got {self.is_cap}")
 
 
-def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, scale_by_std: bool = True, valid: torch.Tensor | None = None,
+                     eps: float = 1e-6) -> torch.Tensor:
     """rewards [N, G] -> advantages [N, G]: each reward minus its group's mean, divided by the
-    group's standard deviation if scale_by_std. A group whose rewards are all equal gets 0."""
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    group's standard deviation if scale_by_std. Only `valid` completions ([N, G] bool; rows that
+    generated) enter the mean and deviation, and the others get 0, as does a group whose
+    rewards are all equal."""
+    valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
+    weight = valid.float()
+    count = weight.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (rewards * weight).sum(dim=1, keepdim=True) / count
+    centred = (rewards - mean) * weight
     if not scale_by_std:
         return centred
-    return centred / (rewards.std(dim=1, keepdim=True, unbiased=False) + eps)
+    std = ((centred ** 2).sum(dim=1, keepdim=True) / count).sqrt()
+    return centred / (std + eps)
 
 
 def policy_loss(logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor,

@@ -81,3 +81,13 @@ def test_back_pressure_keeps_actors_from_running_ahead(tmp_path):
     # Each of the 2 actors may insert one more batch (2 groups) after the buffer reached 4.
     assert max(m["buffer/size"] for m in metrics) <= 4 + 2 * 2
     assert metrics[-1]["buffer/dropped_stale"] == 0 and metrics[-1]["buffer/evicted"] == 0
+
+
+def test_weights_broadcast_over_gloo_reach_every_actor(tmp_path):
+    result = launch("async_grpo", tmp_path, "trainer.max_steps=12", "run.weight_transport=broadcast")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert [m["weights/version"] for m in metrics] == list(range(1, 13))
+    bound = yaml.safe_load((tmp_path / "config.yaml").read_text())["buffer"]["table"]["max_staleness"]
+    assert all(m["staleness/max"] <= bound for m in metrics)
+    assert min(metrics[-1]["actor/versions"]) >= 12 - bound - 1  # both actors received new versions

@@ -4,9 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from actors.engine import WeightUpdateError
 from actors.hf_engine import HFEngine
 from learner.batch import make_batch, token_logprobs
 from common.rollout import RolloutGroup
+from tests.conftest import generate
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +20,11 @@ def engine(tiny_model_path):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_behaviour_logprobs_match_the_learners_logprobs(engine, tiny_model_path, temperature):
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]  # different lengths: left padding in the engine
-    samples = engine.generate(prompts, max_new_tokens=6, temperature=temperature)
+    samples = generate(engine, prompts, max_new_tokens=6, temperature=temperature)
     assert [len(s.tokens) == len(s.logprobs) for s in samples] == [True] * 3
     rows = [{"tokens": p + s.tokens, "loss_mask": [0] * len(p) + [1] * len(s.tokens),
              "behaviour_logprobs": [0.0] * len(p) + s.logprobs, "reward": 0.0, "turn_rewards": [0.0],
-             "error": "", "version_first": 0, "version_last": 0} for p, s in zip(prompts, samples)]
+             "error": "", "token_versions": [-1] * len(p) + s.versions} for p, s in zip(prompts, samples)]
     batch = make_batch([RolloutGroup.from_rows(rows, temperature=temperature)])
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     with torch.no_grad():
@@ -32,7 +34,7 @@ def test_behaviour_logprobs_match_the_learners_logprobs(engine, tiny_model_path,
 
 
 def test_stop_token_ends_a_sample_and_is_kept(engine):
-    for s in engine.generate([[3, 4]] * 16, max_new_tokens=12, temperature=1.0):
+    for s in generate(engine, [[3, 4]] * 16, max_new_tokens=12, temperature=1.0):
         stop = [i for i, t in enumerate(s.tokens) if t == 2]
         assert (s.finish_reason == "stop") == bool(stop)
         assert not stop or stop == [len(s.tokens) - 1]
@@ -43,13 +45,36 @@ def test_loading_weights_changes_the_policy_and_its_version(engine, tiny_model_p
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     weights = {n: p.detach().numpy() * 0 for n, p in model.named_parameters()}  # all-zero: uniform policy
     engine.load_weights(weights, version=5)
-    s = engine.generate([[3, 4]], max_new_tokens=4, temperature=1.0)[0]
+    s = generate(engine, [[3, 4]], max_new_tokens=4, temperature=1.0)[0]
     assert engine.version == 5
     np.testing.assert_allclose(s.logprobs, [-np.log(19)] * len(s.tokens), atol=1e-5)
     engine.load_weights({n: p.detach().numpy() for n, p in model.named_parameters()}, version=6)
 
 
 def test_mismatched_weights_are_refused_naming_them(engine):
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(WeightUpdateError, match="'lm_head.bogus' is not a parameter"):
         engine.load_weights({"lm_head.bogus": np.zeros(3, dtype=np.float32)}, version=9)
+    with pytest.raises(WeightUpdateError, match="version 9 lacks"):
+        engine.load_weights({"model.norm.weight": np.ones(64, dtype=np.float32)}, version=9)
+    generate(engine, [[3]], max_new_tokens=1, temperature=1.0)
     assert engine.version != 9
+
+
+def test_the_models_generation_config_does_not_change_what_is_sampled(tiny_model_path, tmp_path):
+    """A generation_config.json with a repetition penalty and top-k must not reshape the
+    sampling distribution behind the engine's back: the reported log-probs would be wrong."""
+    import shutil
+    from transformers import GenerationConfig
+    path = tmp_path / "penalised"
+    shutil.copytree(tiny_model_path, path)
+    GenerationConfig(repetition_penalty=1e4, top_k=2, no_repeat_ngram_size=1, do_sample=True).save_pretrained(path)
+    engine = HFEngine(str(path), stop_token_ids=[], pad_token_id=0, seed=3)
+    prompt = list(range(3, 11))  # half of the words
+    samples = generate(engine, [prompt] * 32, max_new_tokens=8, temperature=1.0)
+    tokens = [t for s in samples for t in s.tokens]
+    # Near-uniform tiny model: about 8/19 of sampled tokens repeat a prompt word, and most of
+    # the 19 tokens show up; the penalty or top-k would make both (almost) never happen.
+    assert sum(t in prompt for t in tokens) / len(tokens) > 0.25
+    assert len(set(tokens)) >= 15
+    assert any(len(set(s.tokens)) < len(s.tokens) for s in samples)  # repeats within a sample occur
+    engine.close()

@@ -32,12 +32,13 @@ def trainer(world: int, micro_rows: int) -> TrainerConfig:
 
 
 def _rank(rank, model_path, port, out_path, buffer_address):
+    channel = LocalWeightChannel()
     learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3), LossConfig(), buffer_address,
-                      5.0, LocalWeightChannel(), master_port=port)
+                      5.0, channel, master_port=port)
     mine = groups()[rank * 2:(rank + 1) * 2]
     metrics = learner.train_on(mine, staleness=[rank, rank])
     grads = gradients(learner)
-    weights = learner.publish() is not None and learner.weights.poll(0)
+    weights = learner.publish() is not None and channel.poll(0)  # rank 0 sends the full weights
     if rank == 0:
         np.savez(out_path, **grads)
         torch.save({"metrics": metrics, "version": weights[0],

@@ -11,7 +11,7 @@ def test_rollout_group_survives_the_wire_unchanged():
     group = make_group(version=3, prompt_id="p1", actor_id=2, temperature=0.7, timings={"generate_s": 1.5})
     frames = [bytes(f) for f in encode(group.to_wire())]
     back = RolloutGroup.from_wire(decode(frames))
-    for name in ("tokens", "loss_mask", "behaviour_logprobs", "lengths", "rewards", "version_first", "version_last"):
+    for name in ("tokens", "loss_mask", "behaviour_logprobs", "lengths", "rewards", "token_versions"):
         np.testing.assert_array_equal(getattr(back, name), getattr(group, name))
         assert getattr(back, name).dtype == getattr(group, name).dtype
     assert (back.id, back.prompt_id, back.actor_id, back.temperature) == (group.id, "p1", 2, 0.7)
@@ -51,6 +51,27 @@ def test_object_arrays_are_refused_when_encoding():
     ("errors", ["", ""], "errors: must be a list of 4 entries"),
 ])
 def test_schema_violations_name_the_field(field, value, message):
+    data = make_group().to_wire()
+    data[field] = value
+    with pytest.raises(SchemaError, match=message):
+        RolloutGroup.from_wire(data)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("id", "", "id: must be a non-empty string"),
+    ("id", ["a"], "id: must be a non-empty string, got list"),
+    ("prompt_id", 3, "prompt_id: must be a string"),
+    ("actor_id", "one", "actor_id: must be an integer"),
+    ("actor_id", True, "actor_id: must be an integer"),
+    ("temperature", float("inf"), "temperature: must be a finite number > 0"),
+    ("timings", {"generate_s": float("nan")}, "timings: must map names to finite numbers"),
+    ("timings", {1: 1.0}, "timings: must map names to finite numbers"),
+    ("turn_rewards", [[1.0], [float("inf")], [0.0], [0.0]], "turn_rewards: row 1 must be a list of finite numbers"),
+    ("turn_rewards", [1.0, 1.0, 1.0, 1.0], "turn_rewards: row 0 must be a list of finite numbers"),
+    ("errors", ["", 3, "", ""], "errors: row 1 must be a string"),
+    ("created_at", float("nan"), "created_at: must be a finite number"),
+])
+def test_malformed_metadata_is_refused_naming_the_field(field, value, message):
     data = make_group().to_wire()
     data[field] = value
     with pytest.raises(SchemaError, match=message):

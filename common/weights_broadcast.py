@@ -1,0 +1,205 @@
+"""The weight channel over a torch.distributed broadcast group: gloo between CPU processes,
+NCCL between GPUs.
+
+The group belongs to the channel alone (a ProcessGroupGloo or ProcessGroupNCCL over a
+TCPStore that the sender hosts), so it never touches the learner's own FSDP group. Rank 0
+sends (learner rank 0); ranks 1..N receive (one per actor group, or engine worker). Tensors
+travel packed into byte buckets of about `bucket_mb`, so the receiving side holds one bucket
+beside its staging copy, never a second full copy. The store is the control plane; transfer
+k goes:
+
+  sender    sets meta/k: {version, tensors: [name, dtype, shape, bucket, offset], buckets}
+  receivers set ready/k/<rank> once they wait in receive()
+  sender    waits for every ready (deadline; the error names the receivers missing), then
+            broadcasts the buckets
+  receivers write each tensor into the sink (StagedWeights) and commit
+
+Every wait has a deadline. A sender that dies takes the store and the group with it: the
+receiver raises WeightSyncError naming the sender, and the sink is aborted, so the engine
+keeps serving its old version.
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from common.weights import WeightReceiver, WeightSyncError
+
+_POLL_S = 0.005
+
+
+@dataclass
+class BroadcastChannelSpec:
+    """Where the group meets; picklable, so launch/ hands it to every part."""
+    host: str
+    port: int
+    receivers: int
+    backend: str = "gloo"       # gloo (CPU tensors) or nccl (CUDA tensors)
+    timeout_s: float = 300.0    # deadline of joining the group and of each transfer
+    bucket_mb: float = 256.0
+
+    @property
+    def world_size(self) -> int:
+        return self.receivers + 1
+
+    @property
+    def sender_name(self) -> str:
+        return f"the weight sender (learner rank 0) at {self.host}:{self.port}"
+
+    def sender(self) -> "BroadcastWeightSender":
+        return BroadcastWeightSender(self)
+
+    def receiver(self, index: int) -> "BroadcastWeightReceiver":
+        return BroadcastWeightReceiver(self, rank=index + 1)
+
+
+def _group(spec: BroadcastChannelSpec, store, rank: int):
+    timeout = datetime.timedelta(seconds=spec.timeout_s)
+    prefixed = dist.PrefixStore("asyncrl-weights/", store)
+    if spec.backend == "gloo":
+        return dist.ProcessGroupGloo(prefixed, rank, spec.world_size, timeout)
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(prefixed, rank, spec.world_size, options)
+
+
+def _broadcast(group, tensor: torch.Tensor, timeout_s: float) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait(datetime.timedelta(seconds=timeout_s))
+
+
+class BroadcastWeightSender:
+    """Learner rank 0's end. The group is joined in the background from construction on, so
+    building a sender never waits for the actors; the first send waits for the join."""
+
+    def __init__(self, spec: BroadcastChannelSpec):
+        self.spec = spec
+        self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
+        self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True,
+                                   timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+        self.transfers = 0
+        self._group = None
+        self._join_error: BaseException | None = None
+        self._joined = threading.Thread(target=self._join, name="weights-join", daemon=True)
+        self._joined.start()
+
+    def _join(self) -> None:
+        try:
+            self._group = _group(self.spec, self.store, 0)
+        except BaseException as e:
+            self._join_error = e
+
+    def send(self, version: int, tensors: dict) -> None:
+        """Broadcast `tensors` (name -> tensor) as `version` to every receiver."""
+        deadline = time.monotonic() + self.spec.timeout_s
+        self._joined.join(self.spec.timeout_s)
+        if self._group is None:
+            raise WeightSyncError(f"weight receivers did not join the broadcast group at {self.spec.host}:"
+                                  f"{self.spec.port} within {self.spec.timeout_s}s: {self._join_error}")
+        layout, buckets = _pack_layout(tensors, int(self.spec.bucket_mb * 2 ** 20))
+        k = self.transfers
+        self.store.set(f"meta/{k}", msgpack.packb({"version": version, "tensors": layout, "buckets": buckets}))
+        waiting = set(range(1, self.spec.world_size))
+        while waiting:
+            waiting = {r for r in waiting if not self.store.check([f"ready/{k}/{r}"])}
+            if waiting and time.monotonic() > deadline:
+                raise WeightSyncError(f"weight receiver(s) {sorted(waiting)} did not get ready for version "
+                                      f"{version} within {self.spec.timeout_s}s")
+            time.sleep(_POLL_S if waiting else 0)
+        for index, size in enumerate(buckets):
+            bucket = torch.empty(size, dtype=torch.uint8, device=self.device)
+            for name, _, _, b, offset in layout:
+                if b == index:
+                    source = tensors[name].detach().contiguous().reshape(-1).view(torch.uint8)
+                    bucket[offset:offset + source.numel()].copy_(source)
+            try:
+                _broadcast(self._group, bucket, max(deadline - time.monotonic(), 0.001))
+            except Exception as e:
+                raise WeightSyncError(f"broadcast of version {version} (bucket {index + 1}/{len(buckets)}) to the "
+                                      f"weight receivers failed: {e}") from None
+        self.transfers += 1
+
+
+class BroadcastWeightReceiver(WeightReceiver):
+    """An actor group's end; runs on the engine's weight thread."""
+
+    def __init__(self, spec: BroadcastChannelSpec, rank: int):
+        self.spec, self.rank = spec, rank
+        self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
+        self.transfers = 0
+        self._store = self._group = None
+        self._bucket = torch.empty(0, dtype=torch.uint8, device=self.device)
+
+    def _connect(self) -> None:
+        try:
+            self._store = dist.TCPStore(self.spec.host, self.spec.port, self.spec.world_size, is_master=False,
+                                        timeout=datetime.timedelta(seconds=self.spec.timeout_s))
+            self._group = _group(self.spec, self._store, self.rank)
+        except Exception as e:
+            raise WeightSyncError(f"could not join {self.spec.sender_name}: {e}") from None
+
+    def receive(self, sink, timeout_s: float) -> int | None:
+        if self._group is None:
+            self._connect()
+        k, deadline = self.transfers, time.monotonic() + timeout_s
+        try:
+            while not self._store.check([f"meta/{k}"]):
+                if time.monotonic() >= deadline:
+                    return None
+                time.sleep(_POLL_S)
+            meta = msgpack.unpackb(self._store.get(f"meta/{k}"))
+        except Exception as e:  # the store lives in the sender's process
+            raise WeightSyncError(f"lost {self.spec.sender_name}: {e}") from None
+        version = meta["version"]
+        sink.begin(version)
+        try:
+            self._store.set(f"ready/{k}/{self.rank}", b"1")
+            transfer_deadline = time.monotonic() + self.spec.timeout_s
+            for index, size in enumerate(meta["buckets"]):
+                if self._bucket.numel() < size:
+                    self._bucket = torch.empty(size, dtype=torch.uint8, device=self.device)
+                bucket = self._bucket[:size]
+                _broadcast(self._group, bucket, max(transfer_deadline - time.monotonic(), 0.001))
+                for name, dtype, shape, b, offset in meta["tensors"]:
+                    if b == index:
+                        dt = getattr(torch, dtype)
+                        nbytes = _numel(shape) * torch.empty(0, dtype=dt).element_size()
+                        sink.write(name, bucket[offset:offset + nbytes].view(dt).view(shape))
+            sink.commit(version)
+        except WeightSyncError:
+            sink.abort()
+            raise
+        except Exception as e:
+            sink.abort()
+            raise WeightSyncError(f"version {version} from {self.spec.sender_name} did not arrive: "
+                                  f"{type(e).__name__}: {e}") from None
+        self.transfers += 1
+        return version
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _pack_layout(tensors: dict, bucket_bytes: int) -> tuple[list, list]:
+    """[name, dtype, shape, bucket, byte offset] per tensor, and each bucket's size in bytes.
+    A tensor larger than a bucket gets a bucket of its own."""
+    layout, buckets = [], [0]
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if buckets[-1] and buckets[-1] + nbytes > bucket_bytes:
+            buckets.append(0)
+        offset = (buckets[-1] + 15) // 16 * 16  # aligned, so every dtype view is valid
+        layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), len(buckets) - 1, offset])
+        buckets[-1] = offset + nbytes
+    return layout, buckets
