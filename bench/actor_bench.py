@@ -1,0 +1,581 @@
+"""The vLLM actor group on one GPU: throughput against vLLM alone, in-flight weight updates
+against a device copy of the same bytes and against vLLM's own pause/update/resume path,
+greedy tokens after updates against a cold start, and behaviour log-probs against HF.
+
+Per model (Qwen2-0.5B / -1.5B shapes, vocabulary 151936, random bf16 weights; the engine
+starts with load_format="dummy" and gets the learner's weights through the channel):
+  1. a learner process (spawned; the bench's own process never touches CUDA, vLLM starts
+     first) builds the HF model on the GPU and an IpcWeightSender; a buffer server process
+  2. VLLMEngine; bare: AsyncLLM alone on the workload (P prompts of 64 random tokens, 256 new
+     tokens, T=1, FINAL_ONLY, logprobs=0), output tokens/s
+  3. weight updates started (one collective_rpc); asyncrl: EpisodeRunner (one-turn
+     environment, word tokenizer over token ids) + inserts into the buffer over ZeroMQ, while
+     the learner perturbs its weights and sends a version every second; per version: learner
+     has v (just before send) -> the worker swapped v in (time.time(), one host)
+  4. 0.5B: greedy check (batch 1, after updates, against a cold-started engine on the saved
+     weights, same CUDA-graph setting) and the log-prob gap (learner's HF forward, bf16)
+  5. 1.5B: vLLM's native path under load: pause_generation(keep), IPC weight-transfer
+     update, resume; and the floor: a device-to-device copy of the weights' bytes
+Writes $OUT/actor_bench_<models>.json; prints a table, then one JSON line.
+Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import torch.multiprocessing as tmp
+
+MODELS = {  # Qwen2-0.5B and Qwen2-1.5B (tied embeddings, q/k/v biases)
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2),
+}
+VOCAB = 151936
+PROMPT_TOKENS, NEW_TOKENS, GROUP = 64, 256, 8
+
+
+def write_config(path: str, shape: str, vocab: int = VOCAB) -> str:
+    os.makedirs(path, exist_ok=True)
+    cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab, hidden_act="silu",
+               max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+               use_sliding_window=False, sliding_window=None, max_window_layers=MODELS[shape]["num_hidden_layers"],
+               attention_dropout=0.0, initializer_range=0.02, bos_token_id=0, eos_token_id=1, dtype="bfloat16",
+               torch_dtype="bfloat16", **MODELS[shape])
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    return path
+
+
+# -- the learner process: HF model on the GPU, IpcWeightSender --------------------------------
+def learner_main(conn, model_dir: str, seed: int) -> None:
+    try:
+        _learner(conn, model_dir, seed)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+def _learner(conn, model_dir: str, seed: int) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from common.weights_ipc import IpcWeightSender
+
+    torch.cuda.set_device(0)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)).to(torch.bfloat16)
+    model.eval().requires_grad_(False)
+    named = {n: p.detach() for n, p in model.named_parameters()}  # tied: one embedding
+    nbytes = sum(p.numel() * p.element_size() for p in named.values())
+    sender = IpcWeightSender(timeout_s=120.0)
+    state = {"version": 0, "log": [], "stop": threading.Event(), "thread": None}
+
+    def publish() -> dict:
+        for p in named.values():  # a new version: every tensor changes
+            p.add_(torch.randn_like(p), alpha=2e-3)
+        torch.cuda.synchronize()
+        state["version"] += 1
+        t_has = time.time()
+        send_s = sender.send(state["version"], named)
+        record = {"version": state["version"], "t_has": t_has, "send_ms": send_s * 1e3}
+        state["log"].append(record)
+        return record
+
+    def publish_every(period_s: float) -> None:
+        while not state["stop"].is_set():
+            t = time.monotonic()
+            publish()
+            state["stop"].wait(max(0.0, period_s - (time.monotonic() - t)))
+
+    conn.send(("ready", sender.spec(), nbytes, len(named), torch.cuda.get_device_name(0)))
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "wait_receivers":
+            sender.wait_for_receivers(*args)
+            conn.send(("ok",))
+        elif cmd == "publish_once":
+            conn.send(("ok", publish()))
+        elif cmd == "publish_start":
+            state["stop"].clear()
+            state["thread"] = threading.Thread(target=publish_every, args=args, daemon=True)
+            state["thread"].start()
+            conn.send(("ok",))
+        elif cmd == "publish_stop":
+            state["stop"].set()
+            state["thread"].join()
+            conn.send(("ok", list(state["log"])))
+        elif cmd == "perturb":  # a new version for vLLM's own path (no send)
+            for p in named.values():
+                p.add_(torch.randn_like(p), alpha=2e-3)
+            torch.cuda.synchronize()
+            conn.send(("ok", time.time()))
+        elif cmd == "native_handles":
+            from torch.multiprocessing.reductions import reduce_tensor
+            uuid = str(torch.cuda.get_device_properties(0).uuid)
+            conn.send(("ok", dict(names=list(named), dtype_names=[str(p.dtype).split(".")[-1] for p in named.values()],
+                                  shapes=[list(p.shape) for p in named.values()],
+                                  ipc_handles=[{uuid: reduce_tensor(p)[1]} for p in named.values()], packed=False)))
+        elif cmd == "floor":
+            src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            times = []
+            for i in range(13):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                dst.copy_(src)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            del src, dst
+            torch.cuda.empty_cache()
+            conn.send(("ok", statistics.median(times[3:])))
+        elif cmd == "save":
+            model.save_pretrained(args[0])
+            conn.send(("ok",))
+        elif cmd == "score":
+            conn.send(("ok", _score(model, *args)))
+        elif cmd == "exit":
+            sender.close()
+            conn.send(("ok",))
+            return
+
+
+def _score(model, samples: list, temperature: float) -> dict:
+    """|vLLM behaviour log-prob - HF log_softmax(logits / T)| of the same tokens, same weights."""
+    import torch
+
+    gaps = []
+    with torch.no_grad():
+        for i in range(0, len(samples), 8):
+            chunk = samples[i:i + 8]
+            width = max(len(p) + len(t) for p, t, _ in chunk)
+            ids = torch.zeros((len(chunk), width), dtype=torch.long, device="cuda")
+            mask = torch.zeros_like(ids)
+            for row, (p, t, _) in enumerate(chunk):
+                ids[row, :len(p) + len(t)] = torch.tensor(p + t)
+                mask[row, :len(p) + len(t)] = 1
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float() / temperature, -1)
+            for row, (p, t, lp) in enumerate(chunk):
+                pos = torch.arange(len(p) - 1, len(p) - 1 + len(t), device="cuda")
+                hf = logprobs[row, pos, torch.tensor(t, device="cuda")]
+                gaps.append((hf - torch.tensor(lp, device="cuda")).abs())
+            del logprobs
+    gaps = torch.cat(gaps)
+    return {"mean": float(gaps.mean()), "max": float(gaps.max()), "tokens": int(gaps.numel())}
+
+
+class Learner:
+    def __init__(self, model_dir: str, seed: int = 0):
+        ctx = tmp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=learner_main, args=(child, model_dir, seed), daemon=True)
+        self.proc.start()
+        _, self.spec, self.nbytes, self.ntensors, self.device = self._recv(300)
+
+    def ask(self, *cmd, timeout_s: float = 300):
+        self.conn.send(cmd)
+        reply = self._recv(timeout_s)
+        return reply[1] if len(reply) > 1 else None
+
+    def _recv(self, timeout_s: float):
+        if not self.conn.poll(timeout_s):
+            raise TimeoutError(f"the learner process did not answer within {timeout_s}s")
+        reply = self.conn.recv()
+        if reply[0] == "error":
+            raise RuntimeError(f"learner process failed:\n{reply[1]}")
+        return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ask("exit", timeout_s=20)
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.terminate()
+
+
+def buffer_main(conn) -> None:
+    from buffer.server import BufferConfig, BufferServer
+    from buffer.table import TableConfig
+
+    server = BufferServer(BufferConfig(table=TableConfig(max_size=100_000, max_staleness=1_000_000))).start()
+    conn.send(server.address)
+    conn.recv()
+    server.stop()
+
+
+# -- the actor group's parts: a word tokenizer over ids and a one-turn environment -------------
+class IdTokenizer:
+    """Text "t12 t7 ..." <-> token ids [12, 7, ...]: the rollout loop's renderer on raw ids."""
+    chat_template = None
+    eos_token_id = 1
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
+
+    def decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return " ".join(f"t{t}" for t in tokens)
+
+
+def make_env():
+    from envs.base import Environment, StepResult, last_reply
+
+    class CountEnv(Environment):
+        """Reward: the share of reply tokens below 1000 (any cheap single-turn check will do)."""
+        def sample(self, rng):
+            raise NotImplementedError
+
+        def reset(self, task):
+            return [{"role": "user", "content": task["prompt"]}]
+
+        def step(self, messages):
+            words = last_reply(messages).split()
+            return StepResult(reward=sum(int(w[1:]) < 1000 for w in words) / max(1, len(words)), done=True)
+    return CountEnv()
+
+
+def prompts(rng: random.Random, n: int) -> list:
+    return [[rng.randrange(100, VOCAB - 100) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
+
+
+def bare_round(engine, batch: list, new_tokens: int) -> dict:
+    """AsyncLLM alone on the engine's loop: every prompt at once, FINAL_ONLY, logprobs=0."""
+    params = engine.sampling_params(new_tokens, 1.0)
+
+    async def one(i, p):
+        from vllm import TokensPrompt
+        final = None
+        async for out in engine.llm.generate(TokensPrompt(prompt_token_ids=p), params, f"bare{i}-{time.time_ns()}"):
+            final = out
+        return len(final.outputs[0].token_ids)
+
+    async def all_():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))
+    t = time.perf_counter()
+    tokens = sum(engine.call(all_()))
+    wall = time.perf_counter() - t
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def actor_round(engine, runner, client, tasks: list) -> dict:
+    """The actor group: every episode its own task, groups inserted into the buffer as they end."""
+    pool = ThreadPoolExecutor(1)  # the buffer client's socket stays on one thread
+
+    async def group(task):
+        g = await runner.group(task)
+        await asyncio.get_running_loop().run_in_executor(pool, client.insert, g)
+        return g
+
+    async def all_():
+        return await asyncio.gather(*(group(t) for t in tasks))
+    before, t = runner.generated_tokens, time.perf_counter()
+    groups = asyncio.run(all_())
+    wall = time.perf_counter() - t
+    pool.shutdown()
+    tokens = runner.generated_tokens - before
+    versions = sorted({int(v) for g in groups for v in g.token_versions.ravel() if v >= 0})
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "groups": len(groups),
+            "versions_seen": [versions[0], versions[-1]] if versions else [], "t0": time.time() - wall, "t1": time.time()}
+
+
+def greedy(engine, batch: list, new_tokens: int) -> list:
+    """Batch-1 greedy continuations (one request at a time: the same kernels on any engine)."""
+    async def run():
+        return [await engine.generate(p, new_tokens, 0.0) for p in batch]
+    return asyncio.run(run())
+
+
+# -- the native path: pause(keep), IPC update, resume ------------------------------------------
+def native_updates(engine, learner, batch: list, n: int) -> dict:
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+
+    info = learner.ask("native_handles")
+    llm = engine.llm
+    engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={})))
+    rows = []
+
+    async def one_update(t_has):
+        t = [time.time()]
+        await llm.pause_generation(mode="keep", clear_cache=False)
+        t.append(time.time())
+        await llm.start_weight_update()
+        await llm.update_weights(WeightTransferUpdateRequest(update_info=dict(info)))
+        await llm.finish_weight_update()
+        t.append(time.time())
+        await llm.resume_generation()
+        t.append(time.time())
+        return {"total_ms": (t[3] - t_has) * 1e3, "pause_ms": (t[1] - t[0]) * 1e3,
+                "update_ms": (t[2] - t[1]) * 1e3, "resume_ms": (t[3] - t[2]) * 1e3}
+
+    load = threading.Thread(target=bare_round, args=(engine, batch, NEW_TOKENS), daemon=True)
+    load.start()
+    time.sleep(1.5)
+    for i in range(n + 1):  # the first opens the handles in the worker: reported apart
+        t_has = learner.ask("perturb")
+        rows.append(engine.call(one_update(t_has), timeout_s=120))
+        time.sleep(0.4)
+    load.join(120)
+    timed = rows[1:]
+    return {"first": rows[0], "rows": timed, "total_ms_median": statistics.median(r["total_ms"] for r in timed),
+            "pause_ms_median": statistics.median(r["pause_ms"] for r in timed),
+            "update_ms_median": statistics.median(r["update_ms"] for r in timed)}
+
+
+def ray_stub() -> str | None:
+    """vLLM's IPC weight-transfer module imports ray at its top but needs it only for
+    send_mode="ray"; where Ray is not installed, an empty stand-in lets it import."""
+    if importlib.util.find_spec("ray") is not None:
+        return None
+    root = os.path.join(tempfile.gettempdir(), "asyncrl-ray-stub")
+    os.makedirs(os.path.join(root, "ray"), exist_ok=True)
+    with open(os.path.join(root, "ray", "__init__.py"), "w") as f:
+        f.write('"""Stand-in: Ray is not installed."""\n\ndef is_initialized():\n    return False\n')
+    sys.path.insert(0, root)
+    os.environ["PYTHONPATH"] = root + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return root
+
+
+# -- one model ---------------------------------------------------------------------------------
+class Phases:
+    """Runs the bench's phases; a failing phase is recorded and the next one runs."""
+
+    def __init__(self, result: dict, path: str, deadline: float):
+        self.result, self.path, self.deadline = result, path, deadline
+
+    def has_time(self, name: str, needs_s: float) -> bool:
+        if time.monotonic() + needs_s <= self.deadline:
+            return True
+        self.result.setdefault("skipped", []).append(name)
+        print(f"[bench] skip {name}: out of time", flush=True)
+        return False
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.monotonic()
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            yield
+        except Exception:
+            self.result.setdefault("errors", {})[name] = traceback.format_exc(limit=6)
+            print(f"[bench] {name} FAILED:\n{self.result['errors'][name]}", flush=True)
+        self.result.setdefault("phase_s", {})[name] = round(time.monotonic() - t, 1)
+        with open(self.path, "w") as f:
+            json.dump(self.result, f, indent=1, default=str)
+
+
+def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None:
+    from actors.engines.vllm import VLLMEngine
+    from actors.rollout import EpisodeRunner, RolloutConfig
+    from buffer.client import BufferClient
+
+    r = out.setdefault(shape, {"vocab": VOCAB, "prompts": args.prompts, "new_tokens": NEW_TOKENS})
+    phase = Phases(out, path, deadline)
+    work = tempfile.mkdtemp(prefix=f"actor-bench-{shape}-")
+    model_dir = write_config(os.path.join(work, "model"), shape)
+    rng = random.Random(0)
+    native = shape == "1.5b" and not args.no_native
+    engine = learner = buffer = None
+    sent = []
+    with phase(f"{shape}/start"):
+        ctx = tmp.get_context("spawn")
+        bconn, child = ctx.Pipe()
+        buffer = (ctx.Process(target=buffer_main, args=(child,), daemon=True), bconn)
+        buffer[0].start()
+        client = BufferClient(bconn.recv(), timeout_s=60)
+        learner = Learner(model_dir)  # built before vLLM measures free memory
+        r.update(weight_bytes=learner.nbytes, tensors=learner.ntensors)
+        out["device"] = learner.device
+        extra = {}
+        if native:
+            r["ray_stub"] = ray_stub()
+            os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # IPC handles ride vLLM's RPC pickled
+            extra["weight_transfer_config"] = {"backend": "ipc"}
+        t = time.monotonic()
+        engine = VLLMEngine(model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
+                            max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
+                            max_model_len=1024, load_format="dummy", **extra)
+        r["engine_start_s"] = round(time.monotonic() - t, 1)
+    if engine is None:
+        return
+    with phase(f"{shape}/bare"):
+        bare_round(engine, prompts(rng, 64), 32)  # warm-up
+        r["bare"] = [bare_round(engine, [p for p in prompts(rng, args.prompts // GROUP) for _ in range(GROUP)],
+                                NEW_TOKENS) for _ in range(args.rounds)]
+    check_prompts = prompts(random.Random(7), 8)
+    with phase(f"{shape}/install"):
+        r["install"] = engine.start_weight_updates(learner.spec.receiver(0))
+        learner.ask("wait_receivers", 1, 60.0)
+        t = time.monotonic()
+        first = learner.ask("publish_once")  # the worker opens every handle: seconds, once
+        r["first_update"] = {"send_ms": first["send_ms"], "wall_s": time.monotonic() - t}
+        r["staging_bytes"] = sum(w["staging_bytes"] for w in r["install"])
+    with phase(f"{shape}/asyncrl"):
+        runner = EpisodeRunner(engine, IdTokenizer(), make_env, RolloutConfig(
+            group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=1.0, max_turns=1, max_seq_len=4096))
+        learner.ask("publish_start", args.update_every_s)
+        rounds = []
+        try:
+            for i in range(args.rounds):
+                tasks = [{"id": f"{shape}-{i}-{j}", "prompt": " ".join(f"t{t}" for t in p)}
+                         for j, p in enumerate(prompts(rng, args.prompts // GROUP))]
+                rounds.append(actor_round(engine, runner, client, tasks))
+        finally:
+            sent = learner.ask("publish_stop")
+        r["asyncrl"] = rounds
+        engine.check()
+        r.update(update_stats(sent, engine.log, rounds))
+        if r.get("bare"):
+            bare = statistics.mean(x["tokens_per_s"] for x in r["bare"])
+            r["ratio_tokens"] = statistics.mean(x["tokens_per_s"] for x in rounds) / bare
+    with phase(f"{shape}/floor"):
+        r["floor_ms"] = learner.ask("floor")
+    if shape == "0.5b" or args.checks_all:
+        with phase(f"{shape}/checks"):
+            final = sent[-1]["version"]  # the learner's last version; an idle engine swaps it in at its next step
+            r["final_version"] = final
+            after = greedy(engine, check_prompts, args.greedy_tokens)
+            r["greedy_versions_ok"] = all(set(s.versions) == {final} for s in after)
+            r["greedy_after"] = [s.tokens for s in after]
+
+            scored = prompts(random.Random(11), 64)
+
+            async def sampled():
+                return await asyncio.gather(*(engine.generate(p, 128, 1.0) for p in scored))
+            batch = list(zip(scored, asyncio.run(sampled())))
+            samples = [(p, s.tokens, s.logprobs) for p, s in batch if set(s.versions) == {final}]
+            gap = learner.ask("score", samples, 1.0)
+            r.update(logprob_gap_mean=gap["mean"], logprob_gap_max=gap["max"], logprob_gap_tokens=gap["tokens"])
+            learner.ask("save", os.path.join(work, "final"))
+    if native and phase.has_time(f"{shape}/native", 40):
+        with phase(f"{shape}/native"):
+            r["native"] = native_updates(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4)
+    with phase(f"{shape}/close"):
+        engine.close()
+    if "greedy_after" in r and phase.has_time(f"{shape}/cold", 150):
+        with phase(f"{shape}/cold"):
+            cold = VLLMEngine(os.path.join(work, "final"), gpu_memory_utilization=args.gpu_memory_utilization,
+                              max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
+                              max_model_len=1024)
+            try:
+                tokens = [s.tokens for s in greedy(cold, check_prompts, args.greedy_tokens)]
+            finally:
+                cold.close()
+            r["greedy_equal"] = tokens == r["greedy_after"]
+            r["greedy_tokens_equal"] = sum(a == b for x, y in zip(tokens, r["greedy_after"]) for a, b in zip(x, y))
+            r["greedy_tokens_total"] = sum(len(x) for x in tokens)
+    with phase(f"{shape}/stop"):
+        learner.close()
+        buffer[1].send("stop")
+        buffer[0].join(10)
+
+
+def update_stats(sent: list, log, rounds: list) -> dict:
+    """Per version sent and swapped in while a round ran (an idle engine swaps at its next
+    request): learner has v -> the worker swapped v in."""
+    log.drain()
+    swaps = {s["version"]: s for s in log.swaps}
+    staged = {s["version"]: s["t"] for s in log.staged}
+    windows = [(x["t0"], x["t1"]) for x in rounds]
+    rows = []
+    for s in sent:
+        v = s["version"]
+        if v in swaps and any(a <= s["t_has"] and swaps[v]["t"] <= b for a, b in windows if s["t_has"] <= b):
+            rows.append({"version": v, "update_ms": (swaps[v]["t"] - s["t_has"]) * 1e3, "send_ms": s["send_ms"],
+                         "staged_ms": (staged[v] - s["t_has"]) * 1e3 if v in staged else None,
+                         "stall_gpu_ms": swaps[v].get("gpu_ms"), "stall_host_ms": swaps[v]["host_ms"]})
+    out = {"updates": rows, "versions_sent": len(sent), "versions_swapped": len(swaps)}
+    if rows:
+        for key in ("update_ms", "send_ms", "stall_gpu_ms", "stall_host_ms"):
+            vals = [x[key] for x in rows if x[key] is not None]
+            if vals:
+                out[f"{key}_median"], out[f"{key}_max"] = statistics.median(vals), max(vals)
+    return out
+
+
+def summary(out: dict) -> dict:
+    a, b = out.get("0.5b", {}), out.get("1.5b", {})
+    return {"ratio_tokens": a.get("ratio_tokens", b.get("ratio_tokens")),
+            "bare_tokens_per_s_0p5b": _mean(a.get("bare"), "tokens_per_s"),
+            "asyncrl_tokens_per_s_0p5b": _mean(a.get("asyncrl"), "tokens_per_s"),
+            "update_ms_0p5b": a.get("update_ms_median"), "update_ms_max_0p5b": a.get("update_ms_max"),
+            "update_ms_1p5b": b.get("update_ms_median"), "update_ms_max_1p5b": b.get("update_ms_max"),
+            "floor_ms_0p5b": a.get("floor_ms"), "floor_ms_1p5b": b.get("floor_ms"),
+            "stall_ms": (b or a).get("stall_gpu_ms_median"), "stall_ms_0p5b": a.get("stall_gpu_ms_median"),
+            "send_ms_1p5b": b.get("send_ms_median"),
+            "native_update_ms_1p5b": (b.get("native") or {}).get("total_ms_median"),
+            "native_pause_ms_1p5b": (b.get("native") or {}).get("pause_ms_median"),
+            "staging_bytes_0p5b": a.get("staging_bytes"), "staging_bytes_1p5b": b.get("staging_bytes"),
+            "logprob_gap_mean": a.get("logprob_gap_mean"), "logprob_gap_max": a.get("logprob_gap_max"),
+            "greedy_equal": a.get("greedy_equal"), "vocab": VOCAB, "device": out.get("device"),
+            "date": datetime.date.today().isoformat(), "errors": sorted(out.get("errors", {}))}
+
+
+def _mean(rows, key):
+    return statistics.mean(x[key] for x in rows) if rows else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="0.5b,1.5b", help="comma-separated: 0.5b, 1.5b")
+    p.add_argument("--quick", action="store_true", help="256 prompts, one round each")
+    p.add_argument("--prompts", type=int, default=512)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--update-every-s", type=float, default=1.0)
+    p.add_argument("--greedy-tokens", type=int, default=48)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--no-native", action="store_true")
+    p.add_argument("--checks-all", action="store_true", help="greedy and log-prob checks for every model")
+    p.add_argument("--budget-s", type=float, default=540, help="optional phases are skipped past this")
+    args = p.parse_args()
+    if args.quick:
+        args.prompts, args.rounds = 256, 1
+    deadline = time.monotonic() + args.budget_s
+    out_dir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="actor-bench-")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    path = os.path.join(out_dir, f"actor_bench_{'_'.join(models)}.json")
+    out = {"args": vars(args)}
+    for shape in models:
+        bench_model(shape, args, out, path, deadline)
+    out["summary"] = summary(out)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"\n{'figure':28s} value")
+    for k, v in out["summary"].items():
+        print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
+    print(json.dumps(out["summary"], default=str), flush=True)
+
+
+def _reap() -> None:
+    """Stop what this bench started (engine cores, workers, learner) before exiting."""
+    try:
+        import psutil
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(Exception):
+                child.kill()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    finally:
+        sys.stdout.flush()
+        _reap()
+        os._exit(0)
