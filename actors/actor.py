@@ -75,8 +75,9 @@ class RolloutActor:
                                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                                seed=seed * 1000 + actor_id)
         self.engine.start_weight_updates(weights.receiver(actor_id))  # a channel spec (common/weights.py)
-        self.runner = EpisodeRunner(self.engine, tokenizer, lambda: registry.make(env), rollout, stop_token_ids)
-        self.task_source = registry.make(env)
+        make_env = registry.factory(env)
+        self.runner = EpisodeRunner(self.engine, tokenizer, make_env, rollout, stop_token_ids)
+        self.task_source = make_env()
         self.rng = random.Random(seed * 1000 + actor_id)
         self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
         self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe

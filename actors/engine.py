@@ -13,6 +13,7 @@ only for the in-place copy; each sampled token records the version that produced
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -55,6 +56,23 @@ class Engine(ABC):
         """Stop background work; pending requests fail."""
 
 
+def settle_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result=None,
+                       error: BaseException | None = None) -> None:
+    """Give `future` (of `loop`) its result or error from another thread. A future already
+    done (its awaiting task was cancelled: nobody waits) or a loop already closed is left be."""
+    def settle():
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop has closed
+        pass
+
+
 class WeightUpdateError(RuntimeError):
     """A received version does not fit the engine's parameters; the text names the tensor."""
 
@@ -75,6 +93,8 @@ class StagedWeights:
     def __init__(self, params: dict, route=None, expected: set | None = None):
         self.params = params                                            # served, in engine layout
         self.staging = {n: torch.empty_like(p) for n, p in params.items()}
+        self._served_list = list(params.values())                      # the swap's operands, built once
+        self._staging_list = [self.staging[n] for n in params]
         self.route = route or (lambda name, tensor: [(self.staging[name], tensor)] if name in self.staging else [])
         self.expected = set(params) if expected is None else set(expected)  # HF names a version must hold
         self._lock = threading.Lock()      # held for a whole transfer and for a swap
@@ -122,8 +142,7 @@ class StagedWeights:
             if self._pending is None:
                 return None
             t = time.perf_counter()
-            names = list(self.params)
-            torch._foreach_copy_([self.params[n] for n in names], [self.staging[n] for n in names])
+            torch._foreach_copy_(self._served_list, self._staging_list)
             version, self._pending = self._pending, None
             self.swaps += 1
             self.last_swap_s = time.perf_counter() - t

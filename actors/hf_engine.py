@@ -19,7 +19,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from actors.engine import Engine, Sample, StagedWeights
+from actors.engine import Engine, Sample, StagedWeights, settle_from_thread
+from common.weights import deliver
 
 
 @dataclass
@@ -29,15 +30,6 @@ class _Request:
     temperature: float
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-
-
-def _resolve(future: asyncio.Future, result=None, error: BaseException | None = None) -> None:
-    if future.done():  # its episode was cancelled: nobody waits for this request
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 class HFEngine(Engine):
@@ -96,14 +88,7 @@ class HFEngine(Engine):
     def load_weights(self, weights: dict, version: int) -> None:
         """Stage `weights` (Hugging Face names -> tensors or arrays) as `version`; served from
         the next batch on. Raises WeightUpdateError naming a tensor that does not fit."""
-        self.staged.begin(version)
-        try:
-            for name, value in weights.items():
-                self.staged.write(name, torch.as_tensor(value))
-        except BaseException:
-            self.staged.abort()
-            raise
-        self.staged.commit(version)
+        deliver(self.staged, version, weights)
 
     # -- the batching loop ------------------------------------------------------------------
     def _serve(self) -> None:
@@ -128,15 +113,12 @@ class HFEngine(Engine):
                 samples = self._sample([r.prompt for r in batch], first.max_new_tokens, first.temperature)
             except Exception as e:  # every request of the batch fails with it; the loop goes on
                 for r in batch:
-                    r.loop.call_soon_threadsafe(_resolve, r.future, None, e)
+                    settle_from_thread(r.loop, r.future, error=e)
                 continue
             self.busy_s += time.monotonic() - t
             self.batches += 1
             for r, s in zip(batch, samples):
-                try:
-                    r.loop.call_soon_threadsafe(_resolve, r.future, s)
-                except RuntimeError:  # that episode's event loop has closed
-                    pass
+                settle_from_thread(r.loop, r.future, result=s)
 
     def _swap(self) -> None:
         swapped = self.staged.swap_if_ready()

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from numbers import Real
 
-from actors.engine import Engine
+from actors.engine import Engine, settle_from_thread
 from common.config import check
 from common.rollout import RolloutGroup
 from envs.base import Environment, StepResult
@@ -115,7 +115,6 @@ class Episode:
     versions: list = field(default_factory=list)   # -1 off policy
     turn_rewards: list = field(default_factory=list)
     error: str = ""
-    timed_out: bool = False
 
     def extend(self, tokens: list, logprobs=None, versions=None) -> None:
         policy = logprobs is not None
@@ -179,7 +178,7 @@ class EpisodeRunner:
         try:
             await asyncio.wait_for(self._play(episode, task), self.config.max_episode_s)
         except asyncio.TimeoutError:
-            episode.error, episode.timed_out = f"episode exceeded rollout.max_episode_s={self.config.max_episode_s}", True
+            episode.error = f"episode exceeded rollout.max_episode_s={self.config.max_episode_s}"
             self.episodes_timed_out += 1
         return episode
 
@@ -236,10 +235,7 @@ class EpisodeRunner:
                 if state["abandoned"]:
                     self.hung_env_calls -= 1
                     return
-            try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
-            except RuntimeError:  # the loop has closed
-                pass
+            settle_from_thread(loop, future, result, error)
 
         threading.Thread(target=target, name=f"env-{fn.__qualname__}", daemon=True).start()
         try:
@@ -259,11 +255,3 @@ class EpisodeRunner:
             return None, f"environment {fn.__qualname__} raised {type(e).__name__}: {e}"
         return result, ""
 
-
-def _settle(future: asyncio.Future, result, error) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

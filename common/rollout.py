@@ -18,6 +18,7 @@ import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class RolloutGroup:
         """[G] bool: the row holds at least one policy token."""
         return self.loss_mask.any(axis=1)
 
-    @property
+    @cached_property  # the buffer asks at every staleness check; the arrays do not change
     def version(self) -> int:
         """The oldest policy version that generated any token of the group; rows that never
         generated do not count. -1 if no row generated."""

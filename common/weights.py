@@ -91,17 +91,23 @@ class PollingReceiver(WeightReceiver):
             if time.monotonic() >= deadline:
                 return None
             time.sleep(self.poll_s)
-        version, weights = update
-        sink.begin(version)
-        try:
-            for name, value in weights.items():
-                sink.write(name, _as_tensor(value))
-        except BaseException:
-            sink.abort()
-            raise
-        sink.commit(version)
+        version, tensors = update
+        deliver(sink, version, tensors)
         self.version = version
         return version
+
+
+def deliver(sink, version: int, tensors: dict) -> None:
+    """Write a whole version held in memory (name -> tensor or array) into a sink: begin,
+    every tensor, commit; abort if any does not fit, so nothing half-written is served."""
+    sink.begin(version)
+    try:
+        for name, value in tensors.items():
+            sink.write(name, _as_tensor(value))
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit(version)
 
 
 def _as_tensor(value) -> torch.Tensor:

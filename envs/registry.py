@@ -47,9 +47,18 @@ def resolve(name: str) -> type[Environment]:
     return cls
 
 
+def factory(config: EnvConfig):
+    """A callable that builds a new environment of `config`; the name is resolved once (the
+    rollout loop builds one environment per episode)."""
+    cls, args = resolve(config.name), dict(config.args)
+
+    def build() -> Environment:
+        try:
+            return cls(**args)
+        except (TypeError, ValueError) as e:
+            raise ConfigError("env.args", f"{cls.__name__} rejected its arguments {args}: {e}") from None
+    return build
+
+
 def make(config: EnvConfig) -> Environment:
-    cls = resolve(config.name)
-    try:
-        return cls(**config.args)
-    except (TypeError, ValueError) as e:
-        raise ConfigError("env.args", f"{cls.__name__} rejected its arguments {dict(config.args)}: {e}") from None
+    return factory(config)()

@@ -61,11 +61,16 @@ def _rendezvous_address():
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
+def _learner_bundle(t) -> dict:
+    """What one learner rank reserves."""
+    return {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
+
+
 def place_learners(config: Config) -> tuple:
     """Reserve the learner ranks' resources; returns (placement group, one scheduling strategy
     per rank)."""
     t = config.trainer
-    bundle = {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
+    bundle = _learner_bundle(t)
     group = placement_group([dict(bundle) for _ in range(t.world_size)], strategy="PACK")
     get(group.ready(), config.run.startup_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
     return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
@@ -93,8 +98,8 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     t = config.trainer
     master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
     remote = ray.remote(Learner)
-    gpus, cpus = (1, 1) if t.gpus else (0, t.torch_threads)
-    ranks = [remote.options(num_gpus=gpus, num_cpus=cpus, scheduling_strategy=in_bundle[i])
+    bundle = _learner_bundle(t)
+    ranks = [remote.options(num_gpus=bundle.get("GPU", 0), num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed)
              for i in range(t.world_size)]

@@ -27,9 +27,10 @@ def evaluate(model_path: str, env: registry.EnvConfig, samples: int = 256, tempe
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     engine = HFEngine(model_path, stop_token_ids=[tokenizer.eos_token_id],
                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed)
-    runner = EpisodeRunner(engine, tokenizer, lambda: registry.make(env),
+    make_env = registry.factory(env)
+    runner = EpisodeRunner(engine, tokenizer, make_env,
                            RolloutConfig(group_size=1, max_new_tokens=max_new_tokens, temperature=temperature))
-    source, rng = registry.make(env), random.Random(seed)
+    source, rng = make_env(), random.Random(seed)
     tasks = [source.sample(rng) for _ in range(samples)]
     t, rewards = time.monotonic(), []
     for i in range(0, samples, batch):
