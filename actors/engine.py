@@ -99,6 +99,7 @@ class StagedWeights:
         self.expected = set(params) if expected is None else set(expected)  # HF names a version must hold
         self._lock = threading.Lock()      # held for a whole transfer and for a swap
         self._received: set = set()
+        self._routes: dict = {}            # name -> (source tensor, its targets), for write_many
         self._pending: int | None = None   # a committed version not yet swapped in
         self.swaps = 0
         self.last_swap_s = 0.0
@@ -107,7 +108,8 @@ class StagedWeights:
         self._lock.acquire()
         self._pending, self._received = None, set()  # staging is overwritten from here on
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _targets(self, name: str, tensor: torch.Tensor) -> list:
+        """(staging view, source view) pairs a received tensor fills, checked."""
         targets = self.route(name, tensor)
         if not targets:
             raise WeightUpdateError(f"received weight {name!r} is not a parameter of the engine's model")
@@ -115,8 +117,29 @@ class StagedWeights:
             if tuple(staging.shape) != tuple(source.shape):
                 raise WeightUpdateError(f"received weight {name!r} has shape {tuple(source.shape)}, "
                                         f"the engine's needs {tuple(staging.shape)}")
+        return targets
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        for staging, source in self._targets(name, tensor):
             staging.copy_(source, non_blocking=True)
         self._received.add(name)
+
+    def write_many(self, items: list) -> None:
+        """write() for many (name, tensor) at once: the copies go out as one batched launch,
+        so a receiver thread holds the GIL once per version instead of once per tensor (it
+        competes with the engine's own thread). The routes are kept per source tensor, for
+        receivers whose sources stay the same tensors from version to version (CUDA IPC)."""
+        staging, sources = [], []
+        for name, tensor in items:
+            cached = self._routes.get(name)
+            if cached is None or cached[0] is not tensor:
+                cached = self._routes[name] = (tensor, self._targets(name, tensor))
+            for dst, src in cached[1]:
+                staging.append(dst)
+                sources.append(src)
+            self._received.add(name)
+        if staging:
+            torch._foreach_copy_(staging, sources, non_blocking=True)
 
     def commit(self, version: int) -> None:
         try:
@@ -142,10 +165,14 @@ class StagedWeights:
             if self._pending is None:
                 return None
             t = time.perf_counter()
-            torch._foreach_copy_(self._served_list, self._staging_list)
+            self._copy_in(self._pending)
             version, self._pending = self._pending, None
             self.swaps += 1
             self.last_swap_s = time.perf_counter() - t
             return version
         finally:
             self._lock.release()
+
+    def _copy_in(self, version: int) -> None:
+        """The swap itself, under the lock (engines on a GPU add their stream bookkeeping)."""
+        torch._foreach_copy_(self._served_list, self._staging_list)

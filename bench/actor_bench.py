@@ -488,18 +488,19 @@ def update_stats(sent: list, log, rounds: list) -> dict:
     request): learner has v -> the worker swapped v in."""
     log.drain()
     swaps = {s["version"]: s for s in log.swaps}
-    staged = {s["version"]: s["t"] for s in log.staged}
+    staged = {s["version"]: s for s in log.staged}
     windows = [(x["t0"], x["t1"]) for x in rounds]
     rows = []
     for s in sent:
         v = s["version"]
         if v in swaps and any(a <= s["t_has"] and swaps[v]["t"] <= b for a, b in windows if s["t_has"] <= b):
             rows.append({"version": v, "update_ms": (swaps[v]["t"] - s["t_has"]) * 1e3, "send_ms": s["send_ms"],
-                         "staged_ms": (staged[v] - s["t_has"]) * 1e3 if v in staged else None,
+                         "staged_ms": (staged[v]["t"] - s["t_has"]) * 1e3 if v in staged else None,
+                         "write_ms": staged.get(v, {}).get("write_ms"), "commit_ms": staged.get(v, {}).get("commit_ms"),
                          "stall_gpu_ms": swaps[v].get("gpu_ms"), "stall_host_ms": swaps[v]["host_ms"]})
     out = {"updates": rows, "versions_sent": len(sent), "versions_swapped": len(swaps)}
     if rows:
-        for key in ("update_ms", "send_ms", "stall_gpu_ms", "stall_host_ms"):
+        for key in ("update_ms", "send_ms", "staged_ms", "write_ms", "commit_ms", "stall_gpu_ms", "stall_host_ms"):
             vals = [x[key] for x in rows if x[key] is not None]
             if vals:
                 out[f"{key}_median"], out[f"{key}_max"] = statistics.median(vals), max(vals)
@@ -515,7 +516,8 @@ def summary(out: dict) -> dict:
             "update_ms_1p5b": b.get("update_ms_median"), "update_ms_max_1p5b": b.get("update_ms_max"),
             "floor_ms_0p5b": a.get("floor_ms"), "floor_ms_1p5b": b.get("floor_ms"),
             "stall_ms": (b or a).get("stall_gpu_ms_median"), "stall_ms_0p5b": a.get("stall_gpu_ms_median"),
-            "send_ms_1p5b": b.get("send_ms_median"),
+            "send_ms_1p5b": b.get("send_ms_median"), "staged_ms_1p5b": b.get("staged_ms_median"),
+            "receive_write_ms_1p5b": b.get("write_ms_median"), "receive_commit_ms_1p5b": b.get("commit_ms_median"),
             "native_update_ms_1p5b": (b.get("native") or {}).get("total_ms_median"),
             "native_pause_ms_1p5b": (b.get("native") or {}).get("pause_ms_median"),
             "staging_bytes_0p5b": a.get("staging_bytes"), "staging_bytes_1p5b": b.get("staging_bytes"),

@@ -78,3 +78,28 @@ def test_the_models_generation_config_does_not_change_what_is_sampled(tiny_model
     assert len(set(tokens)) >= 15
     assert any(len(set(s.tokens)) < len(s.tokens) for s in samples)  # repeats within a sample occur
     engine.close()
+
+
+def test_write_many_stages_what_write_stages_and_follows_sources_that_change_in_place():
+    from actors.engine import StagedWeights
+    served = {"a": torch.zeros(3, 2), "b": torch.zeros(4)}
+    one, many = StagedWeights({n: t.clone() for n, t in served.items()}), StagedWeights(served)
+    sources = {"a": torch.randn(3, 2), "b": torch.randn(4)}
+    for version in (1, 2):  # the same source tensors, new contents: the kept routes still read them
+        one.begin(version)
+        for name, tensor in sources.items():
+            one.write(name, tensor)
+        one.commit(version)
+        many.begin(version)
+        many.write_many(list(sources.items()))
+        many.commit(version)
+        assert one.swap_if_ready() == many.swap_if_ready() == version
+        for name in served:
+            assert torch.equal(many.params[name], sources[name]) and torch.equal(one.params[name], sources[name])
+        for tensor in sources.values():
+            tensor.mul_(-2.0)
+    many.begin(3)
+    with pytest.raises(WeightUpdateError, match=r"'a' has shape \(2, 3\)"):
+        many.write_many([("a", torch.zeros(2, 3))])
+    many.abort()
+    assert many.swap_if_ready() is None

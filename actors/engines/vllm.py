@@ -108,7 +108,7 @@ class VersionLog:
                             s["gpu_ms"] = m["ms"]
                             break
                 elif kind == "staged":
-                    self.staged.append({"version": m["version"], "t": m["t"]})
+                    self.staged.append({k: v for k, v in m.items() if k != "kind"})
                 elif kind == "installed":
                     self.staging_bytes[m["rank"]] = m["staging_bytes"]
                 elif kind == "error":
