@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoTokenizer
 
-from actors.hf_engine import HFEngine
+from actors.engines.hf import HFEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from buffer.client import BufferClient
 from common.config import check
 from envs import registry
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -31,12 +31,19 @@ class ActorsConfig:
     count: int = 1
     """Actor groups, each with its own engine (--actors)."""
     engine: str = "hf"
-    """Inference engine: hf (transformers, CPU or GPU)."""
+    """Inference engine: hf (transformers; CPU, or one GPU) or vllm (vLLM's AsyncLLM; GPUs)."""
     max_inflight_episodes: int = 16
     """Episodes in flight per actor group (whole groups of rollout.group_size); the engine
     batches their pending requests."""
-    gpus: float = 0.0
-    """GPUs per actor; 0 runs the engine on CPU."""
+    gpus_per_group: int = 0
+    """GPUs of each actor group (vLLM's tensor parallel size); 0 runs the HF engine on CPU."""
+    gpu_memory_utilization: float = 0.85
+    """Share of each of its GPUs' memory a vLLM engine takes (weights and KV cache); sharing a
+    GPU with the learner (run.colocate), leave the learner its room."""
+    max_num_seqs: int = 256
+    """Sequences a vLLM engine batches at once."""
+    enforce_eager: bool = False
+    """vLLM without CUDA graphs: starts faster, generates slower."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for each actor."""
     torch_threads: int = 1
@@ -55,7 +62,15 @@ class ActorsConfig:
         check(self.count >= 1, "count", f"must be >= 1, got {self.count}")
         check(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
         check(self.max_inflight_episodes >= 1, "max_inflight_episodes", "must be >= 1")
-        check(self.gpus >= 0, "gpus", "must be >= 0")
+        check(self.gpus_per_group >= 0, "gpus_per_group", f"must be >= 0, got {self.gpus_per_group}")
+        if self.engine == "vllm":
+            check(self.gpus_per_group >= 1, "gpus_per_group", "the vllm engine needs >= 1 GPU per actor group")
+        else:
+            check(self.gpus_per_group <= 1, "gpus_per_group",
+                  f"the hf engine runs on one device (0: CPU, 1: a GPU), got {self.gpus_per_group}")
+        check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+              f"must lie in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         check(self.groups_per_version >= 0, "groups_per_version", "must be >= 0")
         check(self.max_buffered_groups >= 0, "max_buffered_groups", "must be >= 0")
@@ -69,11 +84,9 @@ class RolloutActor:
         torch.set_num_threads(actors.torch_threads)
         self.actor_id, self.config, self.rollout = actor_id, actors, rollout
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        device = "cuda" if actors.gpus > 0 and torch.cuda.is_available() else "cpu"
         stop_token_ids = [tokenizer.eos_token_id]
-        self.engine = HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
-                               pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-                               seed=seed * 1000 + actor_id)
+        self.engine = make_engine(actors, model_path, dtype, tokenizer, stop_token_ids, seed * 1000 + actor_id,
+                                  max_model_len=rollout.max_seq_len + rollout.max_new_tokens)
         self.engine.start_weight_updates(weights.receiver(actor_id))  # a channel spec (common/weights.py)
         make_env = registry.factory(env)
         self.runner = EpisodeRunner(self.engine, tokenizer, make_env, rollout, stop_token_ids)
@@ -99,11 +112,24 @@ class RolloutActor:
     def stats(self) -> dict:
         r = self.runner
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
-                "generated_tokens": r.generated_tokens, "engine_busy_s": getattr(self.engine, "busy_s", 0.0),
-                "env_s": r.env_s, "episodes": r.episodes, "episodes_timed_out": r.episodes_timed_out,
-                "groups_unusable": r.groups_unusable, "hung_env_calls": r.hung_env_calls,
-                "weight_swaps": self.engine.staged.swaps, "backpressure_s": self.backpressure_s,
-                "uptime_s": time.monotonic() - self.started}
+                "generated_tokens": r.generated_tokens, "env_s": r.env_s, "episodes": r.episodes,
+                "episodes_timed_out": r.episodes_timed_out, "groups_unusable": r.groups_unusable,
+                "hung_env_calls": r.hung_env_calls, "backpressure_s": self.backpressure_s,
+                "uptime_s": time.monotonic() - self.started, **self.engine.stats()}
+
+
+def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, stop_token_ids: list, seed: int,
+                max_model_len: int):
+    """The actor group's engine, by actors.engine."""
+    if config.engine == "vllm":
+        from actors.engines.vllm import VLLMEngine  # vLLM is needed only where it runs
+        return VLLMEngine(model_path, tensor_parallel_size=config.gpus_per_group,
+                          gpu_memory_utilization=config.gpu_memory_utilization, max_num_seqs=config.max_num_seqs,
+                          enforce_eager=config.enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                          stop_token_ids=stop_token_ids)
+    device = "cuda" if config.gpus_per_group and torch.cuda.is_available() else "cpu"
+    return HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
+                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed)
 
 
 async def _generate(a: RolloutActor, max_groups: int | None) -> dict:

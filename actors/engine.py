@@ -55,6 +55,10 @@ class Engine(ABC):
     def close(self) -> None:
         """Stop background work; pending requests fail."""
 
+    @abstractmethod
+    def stats(self) -> dict:
+        """Counters for the run's metrics: at least `weight_swaps`."""
+
 
 def settle_from_thread(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result=None,
                        error: BaseException | None = None) -> None:

@@ -28,6 +28,10 @@ class WeightSyncError(RuntimeError):
 
 
 class WeightSender(ABC):
+    device_tensors = False
+    """True: send() takes the tensors where they live (the learner's GPU, CUDA IPC and NCCL);
+    False: CPU tensors."""
+
     @abstractmethod
     def send(self, version: int, tensors: dict) -> None:
         """Make `tensors` available as `version` (newer than any sent before); returns when the

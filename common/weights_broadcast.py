@@ -29,7 +29,7 @@ import msgpack
 import torch
 import torch.distributed as dist
 
-from common.weights import WeightReceiver, WeightSyncError
+from common.weights import WeightReceiver, WeightSender, WeightSyncError
 
 _POLL_S = 0.005
 
@@ -75,12 +75,13 @@ def _broadcast(group, tensor: torch.Tensor, timeout_s: float) -> None:
     group.broadcast([tensor], options).wait(datetime.timedelta(seconds=timeout_s))
 
 
-class BroadcastWeightSender:
+class BroadcastWeightSender(WeightSender):
     """Learner rank 0's end. The group is joined in the background from construction on, so
     building a sender never waits for the actors; the first send waits for the join."""
 
     def __init__(self, spec: BroadcastChannelSpec):
         self.spec = spec
+        self.device_tensors = spec.backend == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
         self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True,
                                    timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
@@ -128,16 +129,19 @@ class BroadcastWeightSender:
 
 
 class BroadcastWeightReceiver(WeightReceiver):
-    """An actor group's end; runs on the engine's weight thread."""
+    """An actor group's end; runs on the engine's weight thread. It connects (and picks its
+    device) on first use, so it can be built in one process and used in another (a vLLM
+    worker)."""
 
     def __init__(self, spec: BroadcastChannelSpec, rank: int):
         self.spec, self.rank = spec, rank
-        self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
         self.transfers = 0
-        self._store = self._group = None
-        self._bucket = torch.empty(0, dtype=torch.uint8, device=self.device)
+        self._store = self._group = self._bucket = None
 
     def _connect(self) -> None:
+        cuda = self.spec.backend == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self._bucket = torch.empty(0, dtype=torch.uint8, device=self.device)
         try:
             self._store = dist.TCPStore(self.spec.host, self.spec.port, self.spec.world_size, is_master=False,
                                         timeout=datetime.timedelta(seconds=self.spec.timeout_s))

@@ -43,6 +43,7 @@ def _gpu_uuid(device) -> str:
 
 
 class IpcWeightSender(WeightSender):
+    device_tensors = True
     def __init__(self, bind_host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0):
         import zmq
 
@@ -167,6 +168,11 @@ class IpcChannelSpec:
     here connects on first use, so it can be pickled to a vLLM worker and built there."""
     address: str
     timeout_s: float = 60.0
+
+    def sender(self) -> "IpcWeightSender":
+        """The learner's end, bound at this spec's address."""
+        host, port = self.address.removeprefix("tcp://").rsplit(":", 1)
+        return IpcWeightSender(bind_host=host, port=int(port), timeout_s=self.timeout_s)
 
     def receiver(self, index: int = 0) -> "IpcWeightReceiver":
         return IpcWeightReceiver(self.address, self.timeout_s, f"{socket.gethostname()}:{os.getpid()}/receiver{index}")

@@ -39,7 +39,7 @@ def main(config: Config) -> Path:
         group, in_bundle = cluster.place_learners(config)
         weights = cluster.start_weight_channel(config, in_bundle[0])
         ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle)
-        actors = cluster.start_actors(config, model_path, buffer.address, weights)
+        actors = cluster.start_actors(config, model_path, buffer.address, weights, in_bundle)
         actor_runs = {a.run.remote(): i for i, a in enumerate(actors)}
         train(config, run_dir, ranks, actors, actor_runs, buffer, buffer_stats)
         if config.trainer.export_final:

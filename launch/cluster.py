@@ -15,6 +15,7 @@ from actors.actor import RolloutActor
 from common.config import ConfigError
 from launch.config import Config
 from common.weights_broadcast import BroadcastChannelSpec
+from common.weights_ipc import IpcChannelSpec
 from launch.weights import RayWeightChannel, WeightStore
 from learner.learner import Learner
 
@@ -31,12 +32,14 @@ def start_ray(config: Config) -> None:
         config.buffer.host = config.buffer.host or ray.util.get_node_ip_address()
         return
     # A local Ray can never place more GPUs than this machine has: say so now, not after a wait.
-    gpus, wanted_gpus = torch.cuda.device_count(), config.trainer.gpus + config.actors.count * config.actors.gpus
+    a = config.actors
+    actor_gpus = a.count * a.gpus_per_group - (1 if config.run.colocate else 0)  # colocated: one GPU shared
+    gpus, wanted_gpus = torch.cuda.device_count(), config.trainer.gpus + actor_gpus
     if wanted_gpus > gpus:
-        key = "trainer.gpus" if config.trainer.gpus > gpus else "actors.gpus"
-        raise ConfigError(key, f"the run asks for {wanted_gpus:g} GPU(s) (trainer.gpus={config.trainer.gpus}, "
-                          f"actors.count x actors.gpus={config.actors.count * config.actors.gpus:g}); "
-                          f"this machine has {gpus}")
+        key = "trainer.gpus" if config.trainer.gpus > gpus else "actors.gpus_per_group"
+        raise ConfigError(key, f"the run asks for {wanted_gpus} GPU(s) (trainer.gpus={config.trainer.gpus}, "
+                          f"actors.count x actors.gpus_per_group={a.count * a.gpus_per_group}"
+                          f"{', one shared (run.colocate)' if config.run.colocate else ''}); this machine has {gpus}")
     # A local Ray gets at least as many CPUs as the parts reserve, so a small machine still runs
     # every part (oversubscribed: the parts' torch threads are what really shares the cores).
     wanted = (config.actors.count * config.actors.num_cpus
@@ -66,12 +69,18 @@ def _learner_bundle(t) -> dict:
     return {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
 
 
+COLOCATED_SHARE = 0.5  # of the shared GPU's Ray resource, for each of learner and actor (memory is split by config)
+
+
 def place_learners(config: Config) -> tuple:
     """Reserve the learner ranks' resources; returns (placement group, one scheduling strategy
     per rank)."""
     t = config.trainer
     bundle = _learner_bundle(t)
-    group = placement_group([dict(bundle) for _ in range(t.world_size)], strategy="PACK")
+    bundles = [dict(bundle) for _ in range(t.world_size)]
+    if config.run.colocate:  # the actor group joins learner rank 0's bundle: the same GPU
+        bundles[0]["CPU"] += config.actors.num_cpus
+    group = placement_group(bundles, strategy="PACK")
     get(group.ready(), config.run.startup_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
     return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
 
@@ -83,10 +92,14 @@ def free_address(strategy, timeout_s: float, what: str) -> tuple:
 
 def start_weight_channel(config: Config, rank0) -> object:
     """The channel spec every part builds its end from (common/weights.py), by
-    run.weight_transport: Ray's object store, or a broadcast group hosted by learner rank 0."""
-    if config.run.weight_transport == "broadcast":
+    run.weight_transport: Ray's object store, a broadcast group or CUDA IPC hosted by learner
+    rank 0."""
+    transport = config.run.weight_transport
+    if transport in ("broadcast", "ipc"):
         host, port = free_address(rank0, config.run.actor_timeout_s, "weight channel address")
-        backend = "nccl" if config.trainer.gpus and config.actors.gpus else "gloo"
+        if transport == "ipc":
+            return IpcChannelSpec(f"tcp://{host}:{port}", timeout_s=config.run.weights_timeout_s)
+        backend = "nccl" if config.trainer.gpus and config.actors.gpus_per_group else "gloo"
         return BroadcastChannelSpec(host, port, receivers=config.actors.count, backend=backend,
                                     timeout_s=config.run.weights_timeout_s)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
@@ -99,7 +112,10 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
     remote = ray.remote(Learner)
     bundle = _learner_bundle(t)
-    ranks = [remote.options(num_gpus=bundle.get("GPU", 0), num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
+    gpus = [bundle.get("GPU", 0)] * t.world_size
+    if config.run.colocate:
+        gpus[0] = COLOCATED_SHARE
+    ranks = [remote.options(num_gpus=gpus[i], num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed)
              for i in range(t.world_size)]
@@ -107,12 +123,17 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     return ranks
 
 
-def start_actors(config: Config, model_path: str, buffer_address: str, weights) -> list:
-    remote = ray.remote(RolloutActor).options(num_cpus=config.actors.num_cpus, num_gpus=config.actors.gpus,
-                                              max_concurrency=3)
-    actors = [remote.remote(i, model_path, config.model.dtype, config.actors, config.rollout, config.env,
-                            buffer_address, config.buffer.timeout_s, weights, config.run.seed)
-              for i in range(config.actors.count)]
+def start_actors(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list) -> list:
+    """One Ray actor per actor group, each on gpus_per_group GPUs of its own (Ray keeps them
+    apart from the learner's), or in learner rank 0's bundle when colocated."""
+    a = config.actors
+    remote = ray.remote(RolloutActor)
+    placement = [{"num_gpus": a.gpus_per_group} for _ in range(a.count)]
+    if config.run.colocate:
+        placement[0] = {"num_gpus": COLOCATED_SHARE, "scheduling_strategy": in_bundle[0]}
+    actors = [remote.options(num_cpus=a.num_cpus, max_concurrency=3, **placement[i]).remote(i, model_path, config.model.dtype, a, config.rollout, config.env,
+                                                    buffer_address, config.buffer.timeout_s, weights, config.run.seed)
+              for i in range(a.count)]
     get([a.__ray_ready__.remote() for a in actors], config.run.startup_timeout_s, "actor start-up")
     return actors
 

@@ -14,7 +14,7 @@ from launch.models import ModelConfig
 from learner.learner import TrainerConfig
 from learner.loss import LossConfig
 
-WEIGHT_TRANSPORTS = ("object_store", "broadcast")
+WEIGHT_TRANSPORTS = ("auto", "object_store", "broadcast", "ipc")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -31,9 +31,14 @@ class RunConfig:
     """Deadline of each control call to an actor (stats, stop)."""
     step_timeout_s: float = 1800.0
     """Deadline of one learner step, seen from the launcher."""
-    weight_transport: str = "object_store"
-    """How weights reach the actors: object_store (Ray's) or broadcast (a gloo group on CPU,
-    NCCL when learner and actors are on GPUs)."""
+    weight_transport: str = "auto"
+    """How weights reach the actors: object_store (Ray's), broadcast (a gloo group on CPU,
+    NCCL when learner and actors are on GPUs), ipc (CUDA IPC, learner and actors sharing a
+    GPU: run.colocate), or auto: ipc when colocated, broadcast when both are on GPUs, else
+    object_store. The saved config.yaml shows the one chosen."""
+    colocate: bool = False
+    """Put the learner (trainer.gpus=1) and the one actor group (actors.gpus_per_group=1) on
+    the same GPU, its memory split by actors.gpu_memory_utilization."""
     startup_timeout_s: float = 600.0
     """Deadline for placing and starting the learner ranks, and for starting the actors."""
 
@@ -61,6 +66,13 @@ class Config:
         check(self.run.step_timeout_s > t.sample_timeout_s, "run.step_timeout_s",
               f"must be larger than trainer.sample_timeout_s ({t.sample_timeout_s:g}s), got "
               f"{self.run.step_timeout_s:g}s: a step may wait that long for its batch")
+        if self.run.colocate:
+            for key, value in (("trainer.gpus", t.gpus), ("actors.count", self.actors.count),
+                               ("actors.gpus_per_group", self.actors.gpus_per_group)):
+                check(value == 1, key, f"must be 1 with run.colocate (one learner GPU shared by one actor "
+                                       f"group), got {value}")
+        check(self.run.weight_transport != "ipc" or self.run.colocate, "run.weight_transport",
+              "ipc needs the learner and the actors on one GPU (run.colocate=true)")
         check(self.actors.max_inflight_episodes >= self.rollout.group_size, "actors.max_inflight_episodes",
               f"must be >= rollout.group_size={self.rollout.group_size} (a group's episodes run together), "
               f"got {self.actors.max_inflight_episodes}")
@@ -84,4 +96,8 @@ def build_config(recipe: str, name: str | None = None, overrides: list = (), rec
     config = load_config(Config, files, list(overrides))
     if not config.run.dir:
         config.run.dir = f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if config.run.weight_transport == "auto":
+        config.run.weight_transport = ("ipc" if config.run.colocate else
+                                       "broadcast" if config.trainer.gpus and config.actors.gpus_per_group else
+                                       "object_store")
     return config

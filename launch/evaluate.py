@@ -17,7 +17,7 @@ import time
 import torch
 from transformers import AutoTokenizer
 
-from actors.hf_engine import HFEngine
+from actors.engines.hf import HFEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from envs import registry
 

@@ -172,10 +172,16 @@ class Learner:
     def publish(self) -> float:
         """Publish the current weights as version+1 and tell the buffer; returns seconds taken."""
         t = time.monotonic()
-        state = fsdp.full_state_dict(self.model, self.sharded)
         self.version += 1
+        if self.sharded or not self.weights.device_tensors:
+            state = fsdp.full_state_dict(self.model, self.sharded)  # on CPU; a collective when sharded
+        else:  # one rank and a GPU channel: its own parameters, read in place (send returns once copied out)
+            state = dict(self.model.named_parameters())
         if self.rank == 0:
-            self.weights.send(self.version, {n: state[n] for n in self.param_names})
+            tensors = {n: state[n].detach() for n in self.param_names}
+            if self.weights.device_tensors:
+                tensors = {n: v.to(self.device, non_blocking=True) for n, v in tensors.items()}
+            self.weights.send(self.version, tensors)
             self.buffer.set_learner_version(self.version)
         return time.monotonic() - t
 

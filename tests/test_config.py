@@ -1,4 +1,5 @@
 """Config errors fail at start, naming the key; the CLI exits non-zero with the message."""
+import re
 import subprocess
 import sys
 
@@ -104,3 +105,29 @@ def test_stopping_a_run_takes_every_step_even_after_one_fails_and_raises_nothing
     assert done == ["actors", "buffer", "ray"]  # Ray is shut down although the buffer failed to stop
     assert isinstance(failure, TimeoutError)  # for a run that succeeded, the caller raises it
     assert "buffer server" in caplog.text and "did not stop within 5s" in caplog.text
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["actors.engine=vllm"], "actors.gpus_per_group", "the vllm engine needs >= 1 GPU"),
+    (["actors.gpus_per_group=2"], "actors.gpus_per_group", "the hf engine runs on one device"),
+    (["run.colocate=true"], "trainer.gpus", "must be 1 with run.colocate"),
+    (["run.colocate=true", "trainer.gpus=1", "actors.gpus_per_group=1", "actors.count=2"], "actors.count",
+     "must be 1 with run.colocate"),
+    (["run.weight_transport=ipc"], "run.weight_transport", "needs the learner and the actors on one GPU"),
+    (["actors.gpu_memory_utilization=1.5"], "actors.gpu_memory_utilization", "must lie in (0, 1]"),
+])
+def test_placements_that_cannot_work_are_refused_naming_the_key(overrides, key, words):
+    with pytest.raises(ConfigError, match=re.escape(words)) as info:
+        build_config("async_grpo", "tiny", overrides)
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("overrides, transport", [
+    ([], "object_store"),
+    (["trainer.gpus=1", "actors.gpus_per_group=1", "actors.engine=vllm"], "broadcast"),
+    (["run.colocate=true", "trainer.gpus=1", "actors.gpus_per_group=1", "actors.engine=vllm"], "ipc"),
+    (["run.weight_transport=broadcast"], "broadcast"),
+])
+def test_the_weight_transport_follows_the_placement_and_the_saved_config_names_it(overrides, transport):
+    config = build_config("async_grpo", "tiny", overrides)
+    assert config.run.weight_transport == transport

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.engine import WeightUpdateError
-from actors.hf_engine import HFEngine
+from actors.engines.hf import HFEngine
 from learner.batch import make_batch, token_logprobs
 from common.rollout import RolloutGroup
 from tests.conftest import generate

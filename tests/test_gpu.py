@@ -33,5 +33,5 @@ def test_learner_on_every_gpu_trains_the_tiny_model(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: one for the learner, one for the actor")
 def test_actor_engine_on_a_gpu(tmp_path):
-    metrics = launch(tmp_path, "--actors", "1", "--learner-gpus", "1", "actors.gpus=1")
+    metrics = launch(tmp_path, "--actors", "1", "--learner-gpus", "1", "actors.gpus_per_group=1")
     assert learns(metrics), [round(m["reward/mean"], 2) for m in metrics]

@@ -10,7 +10,7 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from actors.hf_engine import HFEngine
+from actors.engines.hf import HFEngine
 from actors.rollout import EnvironmentsExhausted, EpisodeRunner, RolloutConfig
 from envs.base import Environment, StepResult
 from envs.token_match import TokenMatchEnv
@@ -178,7 +178,7 @@ def test_a_process_with_hung_environment_calls_still_exits(tiny_model_path):
     script = f"""
 import threading
 from transformers import AutoTokenizer
-from actors.hf_engine import HFEngine
+from actors.engines.hf import HFEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from tests.test_rollout_loop import HangsForever
 tokenizer = AutoTokenizer.from_pretrained({tiny_model_path!r})

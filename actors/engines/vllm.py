@@ -22,6 +22,7 @@ result is returned and turned into one version per token (`token_versions`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import pickle
@@ -127,7 +128,7 @@ class VLLMEngine(Engine):
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  max_num_seqs: int = 256, enforce_eager: bool = False, dtype: str = "bfloat16", seed: int = 0,
                  max_model_len: int | None = None, stop_token_ids: list = (), load_format: str = "auto",
-                 **engine_args):
+                 startup_timeout_s: float = 900.0, **engine_args):
         """`engine_args` go to vLLM's AsyncEngineArgs as they are (e.g. enable_prefix_caching,
         hf_overrides, weight_transfer_config)."""
         self.stop_token_ids = list(stop_token_ids)
@@ -148,7 +149,7 @@ class VLLMEngine(Engine):
         self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
         try:
-            self.llm = self.call(self._build())
+            self.llm = self.call(self._build(), timeout_s=startup_timeout_s, what="starting")
         except BaseException:
             self._stop_loop()
             self.log.shutdown()
@@ -160,9 +161,15 @@ class VLLMEngine(Engine):
 
         return AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))  # inside our loop: its handler starts here
 
-    def call(self, coroutine, timeout_s: float | None = None):
-        """Run a coroutine on the engine's loop from a thread outside it; its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+    def call(self, coroutine, timeout_s: float | None = None, what: str = "a call"):
+        """Run a coroutine on the engine's loop from a thread outside it; its result. Past
+        timeout_s it is cancelled and TimeoutError names `what`."""
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"the vLLM engine did not finish {what} within {timeout_s}s") from None
 
     @property
     def version(self) -> int:
@@ -223,7 +230,9 @@ class VLLMEngine(Engine):
             raise NotImplementedError("in-flight weight updates need tensor_parallel_size=1 for now: "
                                       "a swap coordinated across TP ranks is not built yet")
         self._updates_started = True
-        return self.call(self.llm.collective_rpc("asyncrl_install", args=(pickle.dumps(receiver), self.log.address)))
+        # Installing waits for the step under way, and opening IPC handles takes seconds.
+        return self.call(self.llm.collective_rpc("asyncrl_install", args=(pickle.dumps(receiver), self.log.address)),
+                         timeout_s=300.0, what="installing weight updates")
 
     def check(self) -> None:
         if self._closed:
@@ -244,6 +253,10 @@ class VLLMEngine(Engine):
         finally:
             self._stop_loop()
             self.log.shutdown()
+
+    def stats(self) -> dict:
+        self.log.drain()
+        return {"weight_swaps": len(self.log.swaps), "staging_bytes": sum(self.log.staging_bytes.values())}
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -74,6 +74,9 @@ class HFEngine(Engine):
         self._closed.set()
         self._thread.join(10.0)
 
+    def stats(self) -> dict:
+        return {"weight_swaps": self.staged.swaps, "engine_busy_s": self.busy_s, "engine_batches": self.batches}
+
     # -- weights ----------------------------------------------------------------------------
     def start_weight_updates(self, receiver) -> None:
         threading.Thread(target=self._receive_weights, args=(receiver,), name="hf-weights", daemon=True).start()
