@@ -68,14 +68,18 @@ def make_batch(groups: list[RolloutGroup], scale_by_std: bool = True) -> Batch:
         temperature=temperatures.pop())
 
 
-def token_logprobs(model, batch: Batch) -> tuple:
+def token_logprobs(model, batch: Batch, entropy: bool = False) -> tuple:
     """log pi(token t+1 | tokens <= t) at the batch's sampling temperature, from the first
-    position any row trains on: returns (start, logprobs [B, T-1-start]). Positions before
+    position any row trains on: returns (start, logprobs [B, T-1-start]), and with `entropy`
+    also the entropy of pi at each of those positions [B, T-1-start]. Positions before
     `start` are prompt in every row; skipping them skips most of the vocabulary projection."""
     trained = batch.loss_mask.sum(0).nonzero()
     start = int(trained[0]) if len(trained) else batch.loss_mask.shape[1] - 1
     width = batch.tokens.shape[1]
     logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask,
                    logits_to_keep=width - start).logits[:, :-1]                  # [B, T-1-start, V]
-    logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)
-    return start, logprobs.gather(-1, batch.tokens[:, start + 1:, None])[..., 0]
+    logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)       # [B, T-1-start, V]
+    chosen = logprobs.gather(-1, batch.tokens[:, start + 1:, None])[..., 0]
+    if not entropy:
+        return start, chosen
+    return start, chosen, -(logprobs.exp() * logprobs).sum(-1)

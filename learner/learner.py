@@ -8,6 +8,7 @@ the ranks as Ray actors.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import time
@@ -23,13 +24,13 @@ from buffer.client import BufferClient
 from common.config import check
 from learner import fsdp
 from learner.batch import make_batch, token_logprobs
-from learner.loss import LossConfig, policy_loss
+from learner.loss import LossConfig, policy_loss, token_weights
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 100
-    """Optimizer steps to run."""
+    """Learner steps to run (one sampled batch each)."""
     sync_every: int = 1
     """Publish weights to the actors every this many steps (version += 1 each time)."""
     gpus: int = 0
@@ -40,6 +41,10 @@ class TrainerConfig:
     """Groups per optimizer step, over all ranks (a multiple of the rank count)."""
     micro_batch_rows: int = 8
     """Rows (completions) per forward/backward pass."""
+    minibatches: int = 1
+    """Optimizer steps per sampled batch, each on its share of the rows (PPO mini-batches)."""
+    epochs: int = 1
+    """Passes over the batch's mini-batches."""
     lr: float = 1e-6
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -65,6 +70,8 @@ class TrainerConfig:
         check(self.batch_groups >= 1 and self.batch_groups % self.world_size == 0, "batch_groups",
               f"must be a positive multiple of the learner's {self.world_size} rank(s), got {self.batch_groups}")
         check(self.micro_batch_rows >= 1, "micro_batch_rows", "must be >= 1")
+        check(self.minibatches >= 1, "minibatches", f"must be >= 1, got {self.minibatches}")
+        check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         check(self.sample_timeout_s > 0, "sample_timeout_s", "must be > 0")
@@ -95,8 +102,12 @@ class Learner:
         # Eval mode (dropout off) while training, as RL fine-tuning of LMs does: the log-probs
         # that enter the importance weights must be the policy's, not one dropout draw of it.
         model.to(self.device).eval()
+        # pi_ref for the KL term: the initial weights, frozen, sharded like the policy
+        self.reference = copy.deepcopy(model).requires_grad_(False) if loss.kl_coef > 0 else None
         if self.sharded:
             fsdp.shard(model, self.device.type, self.world_size)
+            if self.reference is not None:
+                fsdp.shard(self.reference, self.device.type, self.world_size)
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
         self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
@@ -125,49 +136,97 @@ class Learner:
         return metrics
 
     def train_on(self, groups: list, staleness: list) -> dict:
-        """One optimizer step on this rank's groups (every rank calls it together)."""
+        """Train on this rank's groups: trainer.epochs passes over trainer.minibatches
+        mini-batches, one optimizer step each (every rank calls it together). pi_prox (and
+        pi_ref) log-probs are taken once, before the first update."""
         t0 = time.monotonic()
-        batch = make_batch(groups, self.loss_config.scale_by_std)
-        global_tokens, = self._all_reduce([float(batch.loss_mask.sum())])
-        micro_batches = batch.split(self.config.micro_batch_rows)
-        if self.sharded:  # FSDP's backward is a collective: unequal counts would hang, not fail
-            neg_fewest, most = self._all_reduce([-len(micro_batches), len(micro_batches)], op=dist.ReduceOp.MAX)
-            if -neg_fewest != most:  # every rank sees it and raises
-                raise RuntimeError(f"learner ranks hold between {int(-neg_fewest)} and {int(most)} micro-batches; "
-                                   "every rank needs the same number of rows (equal rollout.group_size)")
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict = {}
-        for micro in micro_batches:
-            micro = _to(micro, self.device)
-            start, logprobs = token_logprobs(self.model, micro)                       # [b, T-1-start]
-            loss_sum, metric_sums = policy_loss(logprobs, logprobs.detach(), micro.behaviour_logprobs[:, start:],
-                                                micro.advantages[:, start:], micro.loss_mask[:, start:],
-                                                self.loss_config)
-            # FSDP averages gradients over ranks; scale so the result is sum / global_tokens.
-            (loss_sum * self.world_size / max(global_tokens, 1.0)).backward()
-            metric_sums["loss/policy"] = loss_sum.detach()
-            for k, v in metric_sums.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        self.optimizer.step()
+        c, lc = self.config, self.loss_config
+        batch = make_batch(groups, lc.scale_by_std)
+        if batch.rows < c.minibatches:
+            raise ValueError(f"trainer.minibatches={c.minibatches} needs at least that many rows per rank, "
+                             f"got {batch.rows}")
+        minibatches = [[_to(m, self.device) for m in mb.split(c.micro_batch_rows)]
+                       for mb in batch.split(-(-batch.rows // c.minibatches))]          # [mini][micro]
+        self._check_equal_micro_batches(sum(len(mb) for mb in minibatches))
+        fixed = [[self._fixed_logprobs(m) for m in mb] for mb in minibatches]
+        shares = [[token_weights(m.loss_mask, lc.aggregation)[1] for m in mb] for mb in minibatches]
+        counts = self._all_reduce([sum(s) for s in shares] + [float(sum(m.loss_mask.sum() for m in mb))
+                                                              for mb in minibatches])
+        divisors, tokens = counts[:len(minibatches)], counts[len(minibatches):]        # per mini-batch, global
+
+        sums, maxes, clip_fracs, grad_norms, loss = {}, {}, [], [], 0.0
+        for _ in range(c.epochs):
+            for mb, mb_fixed, divisor, mb_tokens in zip(minibatches, fixed, divisors, tokens):
+                mb_sums, mb_maxes, mb_loss, grad_norm = self._update(mb, mb_fixed, divisor)
+                for k, v in mb_sums.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                for k, v in mb_maxes.items():
+                    maxes[k] = max(maxes.get(k, v), v)
+                clip_fracs.append(mb_sums["loss/clip_frac"] / max(mb_tokens, 1.0))  # this rank's share
+                grad_norms.append(grad_norm)
+                loss += mb_loss
         self.step_count += 1
 
+        passes = c.epochs * len(minibatches)
         rewards = np.concatenate([g.rewards for g in groups])
         errors = sum(bool(e) for g in groups for e in g.errors)
         keys = sorted(sums)
         totals = self._all_reduce([float(rewards.sum()), len(rewards), float(sum(staleness)), len(staleness),
-                                   errors] + [sums[k] for k in keys])
-        stale_max, = self._all_reduce([float(max(staleness))], op=dist.ReduceOp.MAX)
-        reward_sum, rows, stale_sum, n_groups, errors = totals[:5]
+                                   errors, loss] + [sums[k] for k in keys] + clip_fracs)
+        max_keys = sorted(maxes)
+        top = self._all_reduce([float(max(staleness))] + [maxes[k] for k in max_keys], op=dist.ReduceOp.MAX)
+        reward_sum, rows, stale_sum, n_groups, errors, loss = totals[:6]
+        global_tokens = sum(tokens)
         metrics = {
             "step": self.step_count, "reward/mean": reward_sum / rows,
-            "staleness/mean": stale_sum / n_groups, "staleness/max": stale_max,
+            "staleness/mean": stale_sum / n_groups, "staleness/max": top[0],
             "learner/train_s": time.monotonic() - t0, "learner/tokens": global_tokens,
-            "learner/grad_norm": grad_norm, "rollout/episode_errors": errors,
+            "learner/grad_norm": sum(grad_norms) / passes, "rollout/episode_errors": errors,
+            "loss/policy": loss / passes, "loss/clip_frac_per_minibatch": totals[6 + len(keys):],
         }
-        metrics.update({k: v / max(global_tokens, 1.0) for k, v in zip(keys, totals[5:])})
+        metrics.update({k: v / max(global_tokens * c.epochs, 1.0) for k, v in zip(keys, totals[6:6 + len(keys)])})
+        metrics.update(dict(zip(max_keys, top[1:])))
         return metrics
+
+    def _check_equal_micro_batches(self, count: int) -> None:
+        if self.sharded:  # FSDP's backward is a collective: unequal counts would hang, not fail
+            neg_fewest, most = self._all_reduce([-count, count], op=dist.ReduceOp.MAX)
+            if -neg_fewest != most:  # every rank sees it and raises
+                raise RuntimeError(f"learner ranks hold between {int(-neg_fewest)} and {int(most)} micro-batches; "
+                                   "every rank needs the same number of rows (equal rollout.group_size)")
+
+    @torch.no_grad()
+    def _fixed_logprobs(self, micro) -> tuple:
+        """(pi_prox log-probs, pi_ref log-probs or None) of a micro-batch, before any update."""
+        _, proximal = token_logprobs(self.model, micro)
+        reference = token_logprobs(self.reference, micro)[1] if self.reference is not None else None
+        return proximal, reference
+
+    def _update(self, micro_batches: list, fixed: list, divisor: float) -> tuple:
+        """One optimizer step on a mini-batch; returns (metric sums, maxima, its share of the
+        normalised loss, the gradient norm)."""
+        lc = self.loss_config
+        self.optimizer.zero_grad(set_to_none=True)
+        sums, maxes, loss = {}, {}, 0.0
+        for micro, (proximal, reference) in zip(micro_batches, fixed):
+            start, logprobs, *entropy = token_logprobs(self.model, micro, entropy=lc.entropy_coef > 0)  # [b, T-1-start]
+            mask = micro.loss_mask[:, start:]
+            weights, _ = token_weights(mask, lc.aggregation)
+            loss_sum, metric_sums = policy_loss(
+                logprobs, proximal, micro.behaviour_logprobs[:, start:], micro.advantages[:, start:], mask, lc,
+                weights=weights, reference_logprobs=reference, entropy=entropy[0] if entropy else None)
+            # FSDP averages gradients over ranks; scale so the result is sum / the global divisor.
+            (loss_sum * self.world_size / max(divisor, 1.0)).backward()
+            loss += float(loss_sum.detach()) / max(divisor, 1.0)
+            for k, v in metric_sums.items():
+                if k.endswith("_max"):
+                    maxes[k] = max(maxes.get(k, float(v)), float(v))
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        return sums, maxes, loss, grad_norm
 
     def publish(self) -> float:
         """Publish the current weights as version+1 and tell the buffer; returns seconds taken."""

@@ -31,9 +31,10 @@ def trainer(world: int, micro_rows: int) -> TrainerConfig:
                          max_grad_norm=1e9, dist_timeout_s=60)
 
 
-def _rank(rank, model_path, port, out_path, buffer_address):
+def _rank(rank, model_path, port, out_path, buffer_address, aggregation):
     channel = LocalWeightChannel()
-    learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3), LossConfig(), buffer_address,
+    learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3), LossConfig(aggregation=aggregation),
+                      buffer_address,
                       5.0, channel, master_port=port)
     mine = groups()[rank * 2:(rank + 1) * 2]
     metrics = learner.train_on(mine, staleness=[rank, rank])
@@ -46,16 +47,18 @@ def _rank(rank, model_path, port, out_path, buffer_address):
     learner.close()
 
 
-def test_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_model_path, tmp_path, buffer_server):
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_invariance_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_model_path, tmp_path, buffer_server,
+                                                                       aggregation):
     server = buffer_server()
-    single = Learner(0, tiny_model_path, "float32", trainer(1, micro_rows=16), LossConfig(), "tcp://127.0.0.1:9",
-                     5.0, LocalWeightChannel())
+    single = Learner(0, tiny_model_path, "float32", trainer(1, micro_rows=16), LossConfig(aggregation=aggregation),
+                     "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
     expected_metrics = single.train_on(groups(), staleness=[0, 0, 1, 1])
     expected = gradients(single)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address), nprocs=2, join=True)
+    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation), nprocs=2, join=True)
     got = np.load(tmp_path / "grads.npz")
     assert set(got.files) == set(expected)
     for name in expected:
@@ -66,4 +69,5 @@ def test_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_model_path, tm
     # The published full weights are the single rank's weights after the same step.
     assert result["version"] == 1 and server.table.learner_version == 1  # the buffer heard of it
     for name, p in single.model.named_parameters():
-        np.testing.assert_allclose(result["weights"][name], p.detach().numpy(), rtol=1e-4, atol=1e-6)
+        # Adam turns a gradient difference of float rounding into ~1e-6 steps where the gradient is ~0
+        np.testing.assert_allclose(result["weights"][name], p.detach().numpy(), rtol=1e-4, atol=1e-5)

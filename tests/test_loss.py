@@ -74,3 +74,52 @@ def test_group_advantages_are_centred_and_scaled_within_each_group():
     assert adv[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
     assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # all-equal rewards carry no signal
     assert group_advantages(torch.tensor([[2.0, 0.0]]), scale_by_std=False).tolist() == [[1.0, -1.0]]
+
+
+def test_loss_sequence_level_weight_is_the_truncated_geometric_mean_of_the_rows_tokens():
+    lp = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    behaviour = torch.tensor([[-1.2, -1.6, -9.0]])       # log w = 0.2, 0.6 on policy tokens; the third is masked
+    mask, adv = torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(1, 3)
+    config = LossConfig(is_correction="sequence", is_cap=2.0)
+    loss, m = policy_loss(lp, lp.detach(), behaviour, adv, mask, config)
+    w = math.exp(0.4)                                    # exp(mean(0.2, 0.6)), under the cap
+    assert loss.item() == pytest.approx(-2 * w) and float(m["loss/is_weight_mean"]) == pytest.approx(2 * w)
+    loss, m = policy_loss(lp, lp.detach(), torch.tensor([[-3.0, -3.0, 0.0]]), adv, mask, config)
+    assert loss.item() == pytest.approx(-4.0) and float(m["loss/is_truncated_frac"]) == 2.0  # e^2 capped at 2
+
+
+@pytest.mark.parametrize("estimator, value, grad", [
+    ("k1", 0.5, 1.0),                                               # log pi - log ref
+    ("k3", math.exp(-0.5) + 0.5 - 1, 1 - math.exp(-0.5)),           # r - log r - 1, r = ref / pi
+])
+def test_loss_kl_to_the_reference_policy(estimator, value, grad):
+    lp = torch.tensor([[-1.0]], requires_grad=True)
+    config = LossConfig(kl_coef=0.1, kl_estimator=estimator)
+    loss, m = policy_loss(lp, lp.detach(), lp.detach(), torch.zeros(1, 1), torch.ones(1, 1), config,
+                          reference_logprobs=torch.tensor([[-1.5]]))
+    loss.backward()
+    assert float(m["loss/kl_reference"]) == pytest.approx(value)
+    assert loss.item() == pytest.approx(0.1 * value) and lp.grad.item() == pytest.approx(0.1 * grad)
+
+
+def test_loss_entropy_bonus_lowers_the_loss_and_is_reported():
+    lp = torch.tensor([[-1.0]], requires_grad=True)
+    entropy = torch.tensor([[2.0]], requires_grad=True)
+    loss, m = policy_loss(lp, lp.detach(), lp.detach(), torch.zeros(1, 1), torch.ones(1, 1),
+                          LossConfig(entropy_coef=0.01), entropy=entropy)
+    loss.backward()
+    assert loss.item() == pytest.approx(-0.02) and entropy.grad.item() == pytest.approx(-0.01)
+    assert float(m["loss/entropy"]) == 2.0
+
+
+@pytest.mark.parametrize("aggregation, weights, divisor", [
+    ("token_mean", [[1, 1, 1, 0], [1, 0, 0, 0]], 4),
+    ("seq_mean_token_sum", [[1, 1, 1, 0], [1, 0, 0, 0]], 2),
+    ("seq_mean_token_mean", [[1 / 3, 1 / 3, 1 / 3, 0], [1, 0, 0, 0]], 2),
+])
+def test_loss_aggregation_weighs_tokens_and_counts_the_divisor(aggregation, weights, divisor):
+    from learner.loss import token_weights
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    got, count = token_weights(mask, aggregation)
+    assert torch.allclose(got[:2], torch.tensor(weights, dtype=torch.float32)) and got[2].tolist() == [0.0] * 4
+    assert count == divisor

@@ -1,0 +1,61 @@
+"""The learner's loss variants end to end on a tiny model: the gradient does not depend on the
+micro-batch size under any aggregation, and mini-batches move pi_theta away from pi_prox so the
+PPO clip acts."""
+import pytest
+import torch
+
+from common.weights import LocalWeightChannel
+from learner.learner import Learner, TrainerConfig
+from learner.loss import AGGREGATIONS, LossConfig
+from tests.conftest import make_group
+
+
+def groups():
+    # Groups of different lengths and rewards, behaviour log-probs off-policy.
+    return [make_group(group_size=4, length=6 + 3 * i, seed=i, rewards=[i % 2, 1, 0, i / 3]) for i in range(4)]
+
+
+def learner(model_path, loss: LossConfig, **trainer) -> Learner:
+    config = TrainerConfig(batch_groups=4, lr=1e-3, max_grad_norm=1e9, **trainer)
+    return Learner(0, model_path, "float32", config, loss, "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
+
+
+def gradients(learner: Learner) -> dict:
+    return {n: p.grad.detach().clone() for n, p in learner.model.named_parameters()}
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_invariance_of_the_gradient_to_the_micro_batch_size(tiny_model_path, aggregation):
+    loss = LossConfig(aggregation=aggregation, kl_coef=0.05, entropy_coef=0.01)
+    whole, split = learner(tiny_model_path, loss, micro_batch_rows=16), learner(tiny_model_path, loss, micro_batch_rows=3)
+    m_whole, m_split = whole.train_on(groups(), [0] * 4), split.train_on(groups(), [0] * 4)
+    for name, g in gradients(whole).items():
+        torch.testing.assert_close(gradients(split)[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    for key in ("loss/policy", "loss/clip_frac", "loss/is_weight_mean", "loss/kl_reference", "loss/entropy"):
+        assert m_split[key] == pytest.approx(m_whole[key], rel=1e-4, abs=1e-7), key
+
+
+def test_loss_aggregations_give_different_gradients(tiny_model_path):
+    grads = []
+    for aggregation in AGGREGATIONS:
+        one = learner(tiny_model_path, LossConfig(aggregation=aggregation), micro_batch_rows=16)
+        one.train_on(groups(), [0] * 4)
+        grads.append(gradients(one)["model.norm.weight"])
+    assert not torch.allclose(grads[0], grads[1]) and not torch.allclose(grads[1], grads[2])
+
+
+def test_minibatches_move_the_policy_from_the_proximal_one_so_the_clip_acts(tiny_model_path):
+    one = learner(tiny_model_path, LossConfig(), micro_batch_rows=4, minibatches=4, epochs=2)
+    one.config.lr = 3e-2
+    one.optimizer.param_groups[0]["lr"] = 3e-2
+    metrics = one.train_on(groups(), [0] * 4)
+    clip = metrics["loss/clip_frac_per_minibatch"]
+    assert len(clip) == 8 and clip[0] == 0.0  # the first update starts at pi_prox: ratio 1
+    assert max(clip[1:]) > 0.0                # later ones left the trust region somewhere
+    assert metrics["step"] == 1 and metrics["loss/is_weight_max"] >= metrics["loss/is_weight_mean"]
+
+
+def test_fewer_rows_than_minibatches_is_refused_naming_the_key(tiny_model_path):
+    one = learner(tiny_model_path, LossConfig(), minibatches=64)
+    with pytest.raises(ValueError, match="trainer.minibatches=64"):
+        one.train_on(groups(), [0] * 4)
