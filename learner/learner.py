@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -25,6 +26,20 @@ from common.config import check
 from learner import fsdp
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(config: "TrainerConfig", step: int) -> float:
+    """The learning rate at optimizer step `step` (0-based), as a multiple of config.lr."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    total = config.max_steps * config.minibatches * config.epochs
+    progress = min(1.0, (step - config.warmup_steps) / max(1, total - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -46,6 +61,13 @@ class TrainerConfig:
     epochs: int = 1
     """Passes over the batch's mini-batches."""
     lr: float = 1e-6
+    """Peak learning rate."""
+    lr_schedule: str = "constant"
+    """constant, or cosine: from lr down to min_lr_ratio x lr over the run's optimizer steps
+    (max_steps x minibatches x epochs)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from 0 to lr."""
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     torch_threads: int = 1
@@ -73,6 +95,10 @@ class TrainerConfig:
         check(self.minibatches >= 1, "minibatches", f"must be >= 1, got {self.minibatches}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        check(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
+              f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        check(0 <= self.warmup_steps, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         check(self.sample_timeout_s > 0, "sample_timeout_s", "must be > 0")
         check(self.dist_timeout_s > self.sample_timeout_s, "dist_timeout_s",
@@ -110,6 +136,7 @@ class Learner:
                 fsdp.shard(self.reference, self.device.type, self.world_size)
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(trainer, step))
         self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
         self.model_path = model_path
         self.step_count = 0
@@ -155,6 +182,7 @@ class Learner:
         divisors, tokens = counts[:len(minibatches)], counts[len(minibatches):]        # per mini-batch, global
 
         sums, maxes, clip_fracs, grad_norms, loss = {}, {}, [], [], 0.0
+        lr = self.optimizer.param_groups[0]["lr"]  # of this batch's first optimizer step
         for _ in range(c.epochs):
             for mb, mb_fixed, divisor, mb_tokens in zip(minibatches, fixed, divisors, tokens):
                 mb_sums, mb_maxes, mb_loss, grad_norm = self._update(mb, mb_fixed, divisor)
@@ -183,6 +211,7 @@ class Learner:
             "learner/train_s": time.monotonic() - t0, "learner/tokens": global_tokens,
             "learner/grad_norm": sum(grad_norms) / passes, "rollout/episode_errors": errors,
             "loss/policy": loss / passes, "loss/clip_frac_per_minibatch": totals[6 + len(keys):],
+            "learner/lr": lr,
         }
         metrics.update({k: v / max(global_tokens * c.epochs, 1.0) for k, v in zip(keys, totals[6:6 + len(keys)])})
         metrics.update(dict(zip(max_keys, top[1:])))
@@ -226,6 +255,7 @@ class Learner:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
+        self.scheduler.step()
         return sums, maxes, loss, grad_norm
 
     def publish(self) -> float:

@@ -59,3 +59,20 @@ def test_fewer_rows_than_minibatches_is_refused_naming_the_key(tiny_model_path):
     one = learner(tiny_model_path, LossConfig(), minibatches=64)
     with pytest.raises(ValueError, match="trainer.minibatches=64"):
         one.train_on(groups(), [0] * 4)
+
+
+def test_learning_rate_warms_up_then_follows_a_cosine_to_its_floor():
+    from learner.learner import lr_factor
+    config = TrainerConfig(max_steps=10, minibatches=2, lr_schedule="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    factors = [lr_factor(config, s) for s in range(20)]  # 10 learner steps x 2 mini-batches
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4] == pytest.approx(1.0) and factors[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way down
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:])) and factors[-1] > 0.1
+    assert lr_factor(config, 20) == pytest.approx(0.1)
+    assert lr_factor(TrainerConfig(), 500) == 1.0  # constant, no warm-up
+
+
+def test_the_learner_reports_the_learning_rate_it_stepped_with(tiny_model_path):
+    one = learner(tiny_model_path, LossConfig(), micro_batch_rows=16, warmup_steps=4)
+    assert one.train_on(groups(), [0] * 4)["learner/lr"] == pytest.approx(1e-3 / 4)
+    assert one.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
