@@ -11,12 +11,13 @@ import ray
 
 from buffer.client import BufferClient
 from buffer.server import BufferServer
-from common.config import to_yaml
+from common.config import ConfigError, to_yaml
 from common.metrics import MetricsLogger
 from envs import registry
 from launch import cluster, models
 from launch.cluster import PeerError
 from launch.config import Config
+from learner import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ def main(config: Config) -> Path:
     (run_dir / "config.yaml").write_text(to_yaml(config))
     registry.make(config.env)  # a bad environment name or argument fails here, before anything starts
     model_path = models.resolve(config.model, run_dir, config.run.seed)
+    resume_from = checkpoint.latest(run_dir / "checkpoints") if config.run.resume else None
+    if config.run.resume and resume_from is None:
+        raise ConfigError("run.resume", f"no checkpoint under {run_dir / 'checkpoints'} to resume from "
+                          "(trainer.checkpoint_every saves them)")
 
     cluster.start_ray(config)
     buffer = buffer_stats = None
@@ -40,8 +45,13 @@ def main(config: Config) -> Path:
         weights = cluster.start_weight_channel(config, in_bundle[0])
         ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle)
         actors = cluster.start_actors(config, model_path, buffer.address, weights, in_bundle)
+        first_step = 0
+        if resume_from is not None:  # the learner publishes what it resumed with; the actors follow
+            first_step = cluster.get([r.restore.remote(str(resume_from)) for r in ranks],
+                                     config.run.startup_timeout_s, f"learner restore from {resume_from}")[0]["step"]
+            print(f"asyncrl: resumed from {resume_from} at step {first_step}", flush=True)
         actor_runs = {a.run.remote(): i for i, a in enumerate(actors)}
-        train(config, run_dir, ranks, actors, actor_runs, buffer, buffer_stats)
+        train(config, run_dir, ranks, actors, actor_runs, buffer, buffer_stats, first_step)
         if config.trainer.export_final:
             cluster.get([r.export.remote(str(run_dir / "final")) for r in ranks], config.run.step_timeout_s,
                         "learner export")
@@ -73,11 +83,13 @@ def shut_down(*steps) -> Exception | None:
     return first
 
 
-def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferServer, buffer_stats) -> None:
-    logger = MetricsLogger(run_dir, config.trainer.max_steps)
+def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferServer, buffer_stats,
+          first_step: int = 0) -> None:
+    t = config.trainer
+    logger = MetricsLogger(run_dir, t.max_steps)
     tokens_before, time_before = 0, time.monotonic()
     try:
-        for _ in range(config.trainer.max_steps):
+        for step in range(first_step + 1, t.max_steps + 1):
             buffer.check()  # a dead buffer thread fails the run now, naming its cause
             try:
                 metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s)
@@ -95,5 +107,8 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
             })
             tokens_before, time_before = tokens, now
             logger.log(metrics)
+            if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
+                cluster.get([r.checkpoint.remote(str(run_dir / "checkpoints")) for r in ranks],
+                            config.run.step_timeout_s, f"learner checkpoint at step {step}")
     finally:
         logger.close()

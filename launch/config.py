@@ -36,6 +36,10 @@ class RunConfig:
     NCCL when learner and actors are on GPUs), ipc (CUDA IPC, learner and actors sharing a
     GPU: run.colocate), or auto: ipc when colocated, broadcast when both are on GPUs, else
     object_store. The saved config.yaml shows the one chosen."""
+    resume: bool = False
+    """Continue the run in run.dir from its newest checkpoint (trainer.checkpoint_every
+    writes them): the learner's weights, optimizer, schedule, step, version and RNG. The
+    buffer starts empty and the actors start again from those weights."""
     colocate: bool = False
     """Put the learner (trainer.gpus=1) and the one actor group (actors.gpus_per_group=1) on
     the same GPU, its memory split by actors.gpu_memory_utilization."""

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from buffer.client import BufferClient
 from common.config import check
-from learner import fsdp
+from learner import checkpoint, fsdp
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
 
@@ -77,6 +78,11 @@ class TrainerConfig:
     dist_timeout_s: float = 900.0
     """Deadline of every collective between learner ranks; longer than sample_timeout_s, since
     the other ranks wait in a collective while one waits for its batch."""
+    checkpoint_every: int = 0
+    """Save a checkpoint (learner/checkpoint.py) every this many learner steps and at the end;
+    0 saves none."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are deleted."""
     export_final: bool = True
     """Save the final weights in Hugging Face format under <run.dir>/final."""
 
@@ -94,6 +100,8 @@ class TrainerConfig:
         check(self.micro_batch_rows >= 1, "micro_batch_rows", "must be >= 1")
         check(self.minibatches >= 1, "minibatches", f"must be >= 1, got {self.minibatches}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
               f"must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
@@ -258,10 +266,28 @@ class Learner:
         self.scheduler.step()
         return sums, maxes, loss, grad_norm
 
+    def checkpoint(self, folder: str) -> str:
+        """Save a checkpoint under `folder` (every rank together); returns its path."""
+        return str(checkpoint.save(self, Path(folder), keep=self.config.keep_checkpoints))
+
+    def restore(self, path: str) -> dict:
+        """Continue from a checkpoint: its weights, optimizer, schedule, step, version and RNG,
+        then publish those weights as the next version: the actors start from the initial
+        weights, and with sync_every > 1 the checkpoint may hold weights newer than its last
+        version. Returns {step, version}."""
+        checkpoint.restore(self, Path(path))
+        self.publish()
+        return {"step": self.step_count, "version": self.version}
+
     def publish(self) -> float:
         """Publish the current weights as version+1 and tell the buffer; returns seconds taken."""
         t = time.monotonic()
         self.version += 1
+        self._send_weights()
+        return time.monotonic() - t
+
+    def _send_weights(self) -> None:
+        """Send the current weights as self.version and tell the buffer (a collective when sharded)."""
         if self.sharded or not self.weights.device_tensors:
             state = fsdp.full_state_dict(self.model, self.sharded)  # on CPU; a collective when sharded
         else:  # one rank and a GPU channel: its own parameters, read in place (send returns once copied out)
@@ -272,7 +298,6 @@ class Learner:
                 tensors = {n: v.to(self.device, non_blocking=True) for n, v in tensors.items()}
             self.weights.send(self.version, tensors)
             self.buffer.set_learner_version(self.version)
-        return time.monotonic() - t
 
     def export(self, path: str) -> None:
         """Save the current weights and the tokenizer in Hugging Face format (rank 0 writes)."""

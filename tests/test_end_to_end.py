@@ -91,3 +91,21 @@ def test_weights_broadcast_over_gloo_reach_every_actor(tmp_path):
     bound = yaml.safe_load((tmp_path / "config.yaml").read_text())["buffer"]["table"]["max_staleness"]
     assert all(m["staleness/max"] <= bound for m in metrics)
     assert min(metrics[-1]["actor/versions"]) >= 12 - bound - 1  # both actors received new versions
+
+
+def test_a_stopped_run_resumes_from_its_newest_checkpoint(tmp_path):
+    first = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    second = launch("async_grpo", tmp_path, "trainer.max_steps=9", "trainer.checkpoint_every=3", "run.resume=true")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step-6" in second.stdout
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 10))
+    # Resuming publishes the restored weights as version 7; steps 7-9 publish 8-10.
+    assert [m["weights/version"] for m in metrics[6:]] == [8, 9, 10]
+
+
+def test_resuming_a_run_with_no_checkpoint_fails_at_start_naming_the_key(tmp_path):
+    result = launch("async_grpo", tmp_path, "run.resume=true", timeout=120)
+    assert result.returncode == 2 and "'run.resume'" in result.stderr and "no checkpoint" in result.stderr

@@ -1,0 +1,87 @@
+"""Checkpoints resume exactly: a learner stopped at step k and restored, fed the same batches,
+computes bit-identical losses to one never stopped; on one rank and on two (FSDP2, gloo)."""
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+from common.weights import LocalWeightChannel
+from learner import checkpoint
+from learner.learner import Learner, TrainerConfig
+from learner.loss import LossConfig
+from tests.conftest import make_group
+
+STEPS, STOP = 4, 2
+FIGURES = ("loss/policy", "learner/grad_norm", "loss/clip_frac", "learner/lr")
+
+
+def batch(step: int, rank: int = 0, ranks: int = 1) -> list:
+    groups = [make_group(group_size=4, length=6 + 2 * i, seed=10 * step + i, rewards=[i % 2, 1, 0, step / 4])
+              for i in range(4)]
+    return groups[rank * 4 // ranks:(rank + 1) * 4 // ranks]
+
+
+def make_learner(model_path, rank=0, ranks=1, port=0, buffer_address="tcp://127.0.0.1:9") -> Learner:
+    config = TrainerConfig(cpu_workers=ranks, batch_groups=4, micro_batch_rows=3, minibatches=2, lr=1e-2,
+                           lr_schedule="cosine", warmup_steps=2, max_steps=STEPS, dist_timeout_s=700)
+    return Learner(rank, model_path, "float32", config, LossConfig(kl_coef=0.01), buffer_address, 5.0,
+                   LocalWeightChannel(), master_port=port)
+
+
+def figures(learner, steps, rank=0, ranks=1) -> list:
+    out = []
+    for s in steps:
+        metrics = learner.train_on(batch(s, rank, ranks), [0] * (4 // ranks))
+        out.append([metrics[k] for k in FIGURES])
+    return out
+
+
+def test_resume_one_rank_gives_bit_identical_losses(tiny_model_path, tmp_path, buffer_server):
+    address = buffer_server().address
+    unbroken = figures(make_learner(tiny_model_path, buffer_address=address), range(STEPS))
+    first = make_learner(tiny_model_path, buffer_address=address)
+    before = figures(first, range(STOP))
+    first.publish()
+    path = first.checkpoint(str(tmp_path / "checkpoints"))
+    resumed = make_learner(tiny_model_path, buffer_address=address)
+    assert resumed.restore(path) == {"step": STOP, "version": 2}  # resuming publishes what it resumed with
+    after = figures(resumed, range(STOP, STEPS))
+    assert before + after == unbroken  # exactly: floats compared with ==
+    assert checkpoint.latest(tmp_path / "checkpoints").name == f"step-{STOP}"
+
+
+def test_resume_keeps_only_the_newest_checkpoints_and_ignores_partial_ones(tiny_model_path, tmp_path):
+    one = make_learner(tiny_model_path)
+    folder = tmp_path / "checkpoints"
+    for s in range(3):
+        one.train_on(batch(s), [0] * 4)
+        one.checkpoint(str(folder))
+    (folder / "step-9.partial").mkdir()  # a save that was killed half-way
+    assert [p.name for p in checkpoint.checkpoints(folder)] == ["step-2", "step-3"]
+
+
+def _rank(rank, model_path, port, buffer_address, folder, results):
+    unbroken = make_learner(model_path, rank, 2, port, buffer_address)
+    expected = figures(unbroken, range(STEPS), rank, 2)
+    unbroken.close()
+    first = make_learner(model_path, rank, 2, port + 1, buffer_address)
+    got = figures(first, range(STOP), rank, 2)
+    path = first.checkpoint(folder)
+    first.close()
+    resumed = make_learner(model_path, rank, 2, port + 2, buffer_address)
+    resumed.restore(path)
+    got += figures(resumed, range(STOP, STEPS), rank, 2)
+    resumed.close()
+    if rank == 0:
+        results.put((got, expected))
+
+
+def test_resume_two_ranks_gives_bit_identical_losses(tiny_model_path, tmp_path, buffer_server):
+    address = buffer_server().address
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_rank, args=(tiny_model_path, port, address, str(tmp_path / "checkpoints"), results), nprocs=2, join=True)
+    got, expected = results.get()
+    assert got == expected
