@@ -22,6 +22,7 @@ examples:
   python -m launch async_grpo --config tiny --actors 2       # a one-minute smoke run, no download
   python -m launch sync_grpo --config tiny --actors 2        # the same, synchronous, for comparison
   python -m launch async_grpo --actors 4 --learner-gpus 16 model.name=Qwen/Qwen2.5-0.5B-Instruct
+  python -m launch export RUN_DIR                            # a checkpoint as a Hugging Face folder
 """
 
 
@@ -52,7 +53,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMANDS = {"export": "launch.export"}  # commands on a run folder, with arguments of their own
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        try:
+            importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+        except ConfigError as e:
+            print(f"python -m launch {argv[0]}: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.actors is not None:

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 PREFIX = "step-"
 
@@ -60,6 +61,24 @@ def restore(learner, path: Path) -> None:
         torch.cuda.set_rng_state(extras["rng"]["cuda"])
     random.setstate(extras["rng"]["python"])
     np.random.set_state(extras["rng"]["numpy"])
+
+
+def save_hf(state: dict, model_path: str, out) -> None:
+    """Write full weights (a state dict) with model_path's config and tokenizer as a Hugging
+    Face folder that transformers and vLLM load."""
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    plain.load_state_dict(state)
+    plain.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
+
+
+def export(path: Path, model_path: str, out) -> None:
+    """A checkpoint's weights (saved by any number of ranks) as a Hugging Face folder, in one
+    process."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    save_hf(state["model"], model_path, out)
 
 
 def checkpoints(folder: Path) -> list:

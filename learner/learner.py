@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import transformers
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from buffer.client import BufferClient
 from common.config import check
@@ -302,12 +302,8 @@ class Learner:
     def export(self, path: str) -> None:
         """Save the current weights and the tokenizer in Hugging Face format (rank 0 writes)."""
         state = fsdp.full_state_dict(self.model, self.sharded)
-        if self.rank != 0:
-            return
-        plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_path))
-        plain.load_state_dict(state)
-        plain.save_pretrained(path)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+        if self.rank == 0:
+            checkpoint.save_hf(state, self.model_path, path)
 
     def close(self) -> None:
         self.buffer.close()

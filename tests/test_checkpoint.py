@@ -85,3 +85,30 @@ def test_resume_two_ranks_gives_bit_identical_losses(tiny_model_path, tmp_path, 
     mp.spawn(_rank, args=(tiny_model_path, port, address, str(tmp_path / "checkpoints"), results), nprocs=2, join=True)
     got, expected = results.get()
     assert got == expected
+
+
+def test_export_writes_a_hugging_face_folder_with_the_learners_log_probs(tiny_model_path, tmp_path):
+    import subprocess
+    import sys
+    from transformers import AutoModelForCausalLM
+    from common.config import to_yaml
+    from launch.config import build_config
+    from learner.batch import make_batch, token_logprobs
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(to_yaml(build_config("async_grpo", "tiny", [f"model.name={tiny_model_path}"])))
+    one = make_learner(tiny_model_path)
+    for s in range(2):
+        one.train_on(batch(s), [0] * 4)
+    one.checkpoint(str(run_dir / "checkpoints"))
+    result = subprocess.run([sys.executable, "-m", "launch", "export", str(run_dir)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "step-2")
+    probe = make_batch(batch(9))
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(exported, probe)[1], token_logprobs(one.model, probe)[1])
+    missing = subprocess.run([sys.executable, "-m", "launch", "export", str(tmp_path)], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 2 and "not a run folder" in missing.stderr
