@@ -18,6 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from actors.engines.hf import HFEngine
+from actors.evaluation import EvalConfig, TrainingTasks, held_out_tasks, play
 from actors.rollout import EpisodeRunner, RolloutConfig
 from buffer.client import BufferClient
 from common.config import check
@@ -80,7 +81,7 @@ class ActorsConfig:
 class RolloutActor:
     def __init__(self, actor_id: int, model_path: str, dtype: str, actors: ActorsConfig,
                  rollout: RolloutConfig, env: registry.EnvConfig, buffer_address: str,
-                 buffer_timeout_s: float, weights, seed: int = 0):
+                 buffer_timeout_s: float, weights, seed: int = 0, evaluation: EvalConfig | None = None):
         torch.set_num_threads(actors.torch_threads)
         self.actor_id, self.config, self.rollout = actor_id, actors, rollout
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -90,7 +91,10 @@ class RolloutActor:
         self.engine.start_weight_updates(weights.receiver(actor_id))  # a channel spec (common/weights.py)
         make_env = registry.factory(env)
         self.runner = EpisodeRunner(self.engine, tokenizer, make_env, rollout, stop_token_ids)
-        self.task_source = make_env()
+        self.eval_config = evaluation or EvalConfig()
+        self.held_out = held_out_tasks(make_env(), self.eval_config)
+        self.tasks = TrainingTasks(make_env(), self.held_out)  # never a held-out task
+        self._loop = None  # the running generate loop, which evaluations join
         self.rng = random.Random(seed * 1000 + actor_id)
         self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
         self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe
@@ -108,6 +112,14 @@ class RolloutActor:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def evaluate(self, min_version: int = 0) -> dict:
+        """Play each held-out task once on the served weights, as soon as they are at least
+        `min_version`, beside the rollouts; returns the eval/ metrics (actors/evaluation.py)."""
+        loop, coroutine = self._loop, _evaluate(self, min_version)
+        if loop is None:  # not generating: play on a loop of its own
+            return asyncio.run(coroutine)
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(self.eval_config.timeout_s)
 
     def stats(self) -> dict:
         r = self.runner
@@ -135,11 +147,12 @@ def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, st
 async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
     inflight: set = set()
     gate = _StartGate(a)
+    a._loop = asyncio.get_running_loop()
     try:
         while not a._stop.is_set() and (max_groups is None or a.groups < max_groups):
             a.engine.check()
             while await gate.may_start(len(inflight), max_groups):
-                task = a.task_source.sample(a.rng)
+                task = a.tasks.sample(a.rng)
                 inflight.add(asyncio.ensure_future(a.runner.group(task, a.actor_id)))
                 gate.started()
             if not inflight:
@@ -152,10 +165,23 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                     a.buffered = (await _buffer_call(a, a.buffer.insert, group))["size"]
                     a.groups += 1
     finally:
+        a._loop = None
         for task in inflight:
             task.cancel()
         await asyncio.gather(*inflight, return_exceptions=True)
     return a.stats()
+
+
+async def _evaluate(a: RolloutActor, min_version: int) -> dict:
+    deadline = time.monotonic() + a.eval_config.timeout_s
+    while a.engine.version < min_version:
+        a.engine.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"actor {a.actor_id} still serves weight version {a.engine.version} after "
+                               f"eval.timeout_s={a.eval_config.timeout_s}s; version {min_version} never arrived")
+        await asyncio.sleep(0.01)
+    result = await play(a.runner, a.held_out, a.eval_config.temperature, a.rollout.max_new_tokens)
+    return {**result, "eval/actor_id": a.actor_id}
 
 
 async def _buffer_call(a: RolloutActor, fn, *args):

@@ -39,7 +39,8 @@ class Engine(ABC):
     @abstractmethod
     async def generate(self, prompt: list, max_new_tokens: int, temperature: float) -> Sample:
         """Sample one continuation of `prompt` (token ids) at `temperature`, with no top-k/top-p
-        truncation or penalties, so that the log-probs are exactly those of the behaviour policy."""
+        truncation or penalties, so that the log-probs are exactly those of the behaviour policy.
+        Temperature 0 is greedy (for evaluation)."""
 
     @abstractmethod
     def start_weight_updates(self, receiver) -> None:

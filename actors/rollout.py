@@ -172,17 +172,22 @@ class EpisodeRunner:
                                       temperature=self.config.temperature,
                                       timings={"episode_s": time.monotonic() - t})
 
-    async def episode(self, task: dict) -> Episode:
+    async def episode(self, task: dict, temperature: float | None = None, max_new_tokens: int | None = None,
+                      training: bool = True) -> Episode:
+        """One episode of `task`, sampled at rollout.temperature and max_new_tokens unless given
+        (evaluation plays greedy); `training=False` keeps it out of the rollout counters."""
         episode = Episode(env=self.make_env())
-        self.episodes += 1
+        self.episodes += training
+        sampling = (self.config.temperature if temperature is None else temperature,
+                    self.config.max_new_tokens if max_new_tokens is None else max_new_tokens, training)
         try:
-            await asyncio.wait_for(self._play(episode, task), self.config.max_episode_s)
+            await asyncio.wait_for(self._play(episode, task, *sampling), self.config.max_episode_s)
         except asyncio.TimeoutError:
             episode.error = f"episode exceeded rollout.max_episode_s={self.config.max_episode_s}"
-            self.episodes_timed_out += 1
+            self.episodes_timed_out += training
         return episode
 
-    async def _play(self, e: Episode, task: dict) -> None:
+    async def _play(self, e: Episode, task: dict, temperature: float, max_new_tokens: int, training: bool) -> None:
         messages, e.error = await self._env_call(e.env.reset, task)
         if not e.error:
             e.error = _messages_error(messages, "environment reset") or ("" if messages else
@@ -192,9 +197,9 @@ class EpisodeRunner:
         e.messages = list(messages)
         e.extend(self.renderer.prompt(e.messages))
         for turn in range(self.config.max_turns):
-            sample = await self.engine.generate(e.tokens, self.config.max_new_tokens, self.config.temperature)
+            sample = await self.engine.generate(e.tokens, max_new_tokens, temperature)
             e.extend(sample.tokens, sample.logprobs, sample.versions)
-            self.generated_tokens += len(sample.tokens)
+            self.generated_tokens += len(sample.tokens) if training else 0
             history = list(e.messages)
             e.messages.append({"role": "assistant", "content": self.renderer.decode(sample.tokens)})
             result, e.error = await self._env_call(e.env.step, e.messages)

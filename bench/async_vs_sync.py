@@ -6,10 +6,12 @@ of training) until the reward, averaged over a window of steps, first reaches ea
 Usage:
   python bench/async_vs_sync.py --config tiny --actors 2 --targets 0.5 0.9
   python bench/async_vs_sync.py --targets 0.4 0.5 trainer.max_steps=30     # the default job
+  python bench/async_vs_sync.py --metric eval/reward --window 1 --targets 0.3 0.5 eval.every=5
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -17,8 +19,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.time_to_reward import table, time_to  # noqa: E402
-from common.metrics import read_metrics  # noqa: E402
+from bench.time_to_reward import load, table, time_to  # noqa: E402
 
 
 def main():
@@ -26,26 +27,38 @@ def main():
     parser.add_argument("--config")
     parser.add_argument("--actors", type=int)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.9])
-    parser.add_argument("--window", type=int, default=3, help="steps the reward is averaged over")
+    parser.add_argument("--window", type=int, default=3, help="points the metric is averaged over")
+    parser.add_argument("--metric", default="reward/mean",
+                        help="reward/mean (training reward per step) or eval/reward (held-out; needs eval.every)")
+    parser.add_argument("--runs-dir", help="keep both runs' folders here (default: temporary folders)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = (["--config", args.config] if args.config else []) + (["--actors", str(args.actors)] if args.actors else [])
     rows = []
     for recipe in ("sync_grpo", "async_grpo"):
-        run_dir = tempfile.mkdtemp(prefix=f"bench-{recipe}-")
+        if args.runs_dir:
+            run_dir = os.path.join(args.runs_dir, recipe)
+            os.makedirs(run_dir, exist_ok=True)
+        else:
+            run_dir = tempfile.mkdtemp(prefix=f"bench-{recipe}-")
         t = time.monotonic()
-        subprocess.run([sys.executable, "-m", "launch", recipe, *common, f"run.dir={run_dir}", *args.overrides],
-                       check=True, stdout=subprocess.DEVNULL)
-        metrics = read_metrics(run_dir)
-        rows.append((recipe, metrics, time.monotonic() - t))
-    print(table({recipe: metrics for recipe, metrics, _ in rows}, args.targets, args.window))
+        with open(os.path.join(run_dir, "stdout.log"), "w") as log:
+            subprocess.run([sys.executable, "-m", "launch", recipe, *common, f"run.dir={run_dir}", *args.overrides],
+                           check=True, stdout=log)
+        rows.append((recipe, load(run_dir), time.monotonic() - t))
+    print(table({recipe: metrics for recipe, metrics, _ in rows}, args.targets, args.window, args.metric))
     print("wall-clock of each whole run (start-up included): "
           + ", ".join(f"{recipe} {wall:.0f}s" for recipe, _, wall in rows))
-    (_, s_metrics, _), (_, a_metrics, _) = rows
+    (_, s_metrics, s_wall), (_, a_metrics, a_wall) = rows
+    result = {"metric": args.metric, "window": args.window, "wall_s_sync": round(s_wall, 1),
+              "wall_s_async": round(a_wall, 1)}
     for x in args.targets:
-        s, a = time_to(s_metrics, x, args.window), time_to(a_metrics, x, args.window)
+        s, a = time_to(s_metrics, x, args.window, args.metric), time_to(a_metrics, x, args.window, args.metric)
+        result[f"to_{x}_s_sync"], result[f"to_{x}_s_async"] = s, a
         if s and a:
-            print(f"reward {x}: async reaches it in {a / s:.2f}x the synchronous wall-clock")
+            print(f"{args.metric} {x}: async reaches it in {a / s:.2f}x the synchronous wall-clock")
+            result[f"ratio_to_{x}"] = round(a / s, 3)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,12 @@
-"""Wall-clock to the same reward, from any runs' per-step logs (asyncrl's metrics.jsonl, or a
+"""Wall-clock to the same reward, from any runs' logs (asyncrl's metrics.jsonl, or a
 baseline's JSONL with `time_s` and `reward/mean` per step), side by side.
 
   python bench/time_to_reward.py runs/async_grpo-... runs/sync_grpo-... trl.jsonl --targets 0.4 0.5 0.6
+  python bench/time_to_reward.py RUN RUN --metric eval/reward --window 1   # held-out accuracy
+
+`--metric reward/mean` (the default) follows the training reward of each step at its time_s;
+`--metric eval/reward` the held-out evaluations, each at the time its weights were published
+(eval/at_s), which is what a comparison of wall-clock to the same accuracy needs.
 """
 from __future__ import annotations
 
@@ -17,24 +22,36 @@ def load(path) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def smoothed(metrics: list, window: int) -> list:
-    """(time_s, mean reward of the last `window` steps) for every step from the window-th on."""
-    return [(metrics[i]["time_s"], sum(m["reward/mean"] for m in metrics[i - window + 1:i + 1]) / window)
-            for i in range(window - 1, len(metrics))]
+def curve(rows: list, metric: str = "reward/mean") -> list:
+    """(seconds, value) of every row that has `metric`, in time order."""
+    if metric.startswith("eval/"):
+        points = [(r["eval/at_s"], r[metric]) for r in rows if r.get("kind") == "eval" and metric in r]
+    else:
+        points = [(r["time_s"], r[metric]) for r in rows if r.get("kind", "step") == "step" and metric in r]
+    return sorted(points)
 
 
-def time_to(metrics: list, target: float, window: int) -> float | None:
-    return next((t for t, r in smoothed(metrics, window) if r >= target), None)
+def smoothed(rows: list, window: int, metric: str = "reward/mean") -> list:
+    """(seconds, mean of the last `window` values) from the window-th point on."""
+    points = curve(rows, metric)
+    return [(points[i][0], sum(v for _, v in points[i - window + 1:i + 1]) / window)
+            for i in range(window - 1, len(points))]
 
 
-def table(runs: dict, targets: list, window: int) -> str:
-    lines = [f"{'run':<28} {'steps':>5} {'s/step':>6} {'start':>6} {'end':>6} "
-             + " ".join(f"{'to ' + str(x):>8}" for x in targets)]
-    for name, metrics in runs.items():
-        curve = smoothed(metrics, window)
-        reach = [time_to(metrics, x, window) for x in targets]
-        lines.append(f"{name[-28:]:<28} {len(metrics):>5} {metrics[-1]['time_s'] / len(metrics):>6.1f} "
-                     f"{curve[0][1]:>6.3f} {curve[-1][1]:>6.3f} "
+def time_to(rows: list, target: float, window: int, metric: str = "reward/mean") -> float | None:
+    return next((t for t, v in smoothed(rows, window, metric) if v >= target), None)
+
+
+def table(runs: dict, targets: list, window: int, metric: str = "reward/mean") -> str:
+    lines = [f"{metric}, mean of the last {window}",
+             f"{'run':<28} {'points':>6} {'start':>6} {'end':>6} " + " ".join(f"{'to ' + str(x):>8}" for x in targets)]
+    for name, rows in runs.items():
+        values = smoothed(rows, window, metric)
+        if not values:
+            lines.append(f"{name[-28:]:<28} {'no ' + metric}")
+            continue
+        reach = [time_to(rows, x, window, metric) for x in targets]
+        lines.append(f"{name[-28:]:<28} {len(values):>6} {values[0][1]:>6.3f} {values[-1][1]:>6.3f} "
                      + " ".join(f"{r:>7.0f}s" if r is not None else f"{'never':>8}" for r in reach))
     return "\n".join(lines)
 
@@ -43,9 +60,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run folders or JSONL files")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.4, 0.5, 0.6])
-    parser.add_argument("--window", type=int, default=5, help="steps the reward is averaged over")
+    parser.add_argument("--window", type=int, default=5, help="points the value is averaged over")
+    parser.add_argument("--metric", default="reward/mean", help="reward/mean or eval/reward")
     args = parser.parse_args()
-    print(table({str(r): load(r) for r in args.runs}, args.targets, args.window))
+    print(table({str(r): load(r) for r in args.runs}, args.targets, args.window, args.metric))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Run metrics: one JSON object per learner step in <run.dir>/metrics.jsonl, and a progress
-line on stdout. Metric names are `area/name`."""
+"""Run metrics: one JSON object per learner step in <run.dir>/metrics.jsonl, one per held-out
+evaluation (with "kind": "eval"), and a progress line on stdout. Metric names are `area/name`."""
 from __future__ import annotations
 
 import json
@@ -33,6 +33,15 @@ class MetricsLogger:
         print(f"step {metrics.get('step')}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s",
               file=self.stream, flush=True)
 
+    def log_eval(self, metrics: dict) -> None:
+        """A held-out evaluation's row ("kind": "eval"; its `step` is the learner step whose
+        weights it scored)."""
+        metrics = {"time_s": round(time.monotonic() - self.started, 3), "kind": "eval", **metrics}
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        print(f"eval of step {metrics.get('step')} (version {metrics.get('weights/version')}) | held-out reward "
+              f"{metrics.get('eval/reward', float('nan')):.3f} over {metrics.get('eval/tasks')} tasks | "
+              f"{metrics.get('eval/s', 0):.1f}s", file=self.stream, flush=True)
+
     def close(self) -> None:
         self._file.close()
 
@@ -43,6 +52,9 @@ def _jsonable(value):
     return value
 
 
-def read_metrics(run_dir) -> list:
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(run_dir, kind: str = "step") -> list:
+    """The rows of one kind: "step" (one per learner step) or "eval" (one per held-out evaluation)."""
+    path = Path(run_dir)
+    with open(path / "metrics.jsonl" if path.is_dir() else path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("kind", "step") == kind]

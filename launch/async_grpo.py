@@ -17,6 +17,7 @@ from envs import registry
 from launch import cluster, models
 from launch.cluster import PeerError
 from launch.config import Config
+from launch.evaluate import PeriodicEvaluation
 from learner import checkpoint
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,9 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
     t = config.trainer
     logger = MetricsLogger(run_dir, t.max_steps)
     tokens_before, time_before = 0, time.monotonic()
+    held_out = PeriodicEvaluation(config.eval, actors[0], logger, t.max_steps) if config.eval.every else None
+    if held_out is not None:  # the weights the run starts from (the initial ones, or a checkpoint's)
+        held_out.request(first_step, version=0)
     try:
         for step in range(first_step + 1, t.max_steps + 1):
             buffer.check()  # a dead buffer thread fails the run now, naming its cause
@@ -107,6 +111,12 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
             })
             tokens_before, time_before = tokens, now
             logger.log(metrics)
+            if held_out is not None and step == t.max_steps:
+                held_out.finish(step, metrics["weights/version"])
+            elif held_out is not None:
+                held_out.poll()
+                if held_out.due(step):
+                    held_out.request(step, metrics["weights/version"])
             if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
                 cluster.get([r.checkpoint.remote(str(run_dir / "checkpoints")) for r in ranks],
                             config.run.step_timeout_s, f"learner checkpoint at step {step}")

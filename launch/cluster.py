@@ -131,8 +131,10 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights, 
     placement = [{"num_gpus": a.gpus_per_group} for _ in range(a.count)]
     if config.run.colocate:
         placement[0] = {"num_gpus": COLOCATED_SHARE, "scheduling_strategy": in_bundle[0]}
-    actors = [remote.options(num_cpus=a.num_cpus, max_concurrency=3, **placement[i]).remote(i, model_path, config.model.dtype, a, config.rollout, config.env,
-                                                    buffer_address, config.buffer.timeout_s, weights, config.run.seed)
+    # concurrency: run() holds one thread for the whole run; stats, stop and evaluate answer beside it
+    actors = [remote.options(num_cpus=a.num_cpus, max_concurrency=4, **placement[i])
+              .remote(i, model_path, config.model.dtype, a, config.rollout, config.env, buffer_address,
+                      config.buffer.timeout_s, weights, config.run.seed, config.eval)
               for i in range(a.count)]
     get([a.__ray_ready__.remote() for a in actors], config.run.startup_timeout_s, "actor start-up")
     return actors

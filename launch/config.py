@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.actor import ActorsConfig
+from actors.evaluation import EvalConfig
 from actors.rollout import RolloutConfig
 from buffer.server import BufferConfig
 from common.config import check, load_config
@@ -63,6 +64,7 @@ class Config:
     buffer: BufferConfig = field(default_factory=BufferConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self):
         """Checks across parts, run after each part's own (keys are full paths here)."""

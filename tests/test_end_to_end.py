@@ -21,7 +21,7 @@ def launch(recipe, run_dir, *args, timeout=300):
 def async_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("async")
     t = time.monotonic()
-    result = launch("async_grpo", run_dir)
+    result = launch("async_grpo", run_dir, "eval.every=10", "eval.tasks=16")
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, result, time.monotonic() - t
 
@@ -55,6 +55,20 @@ def test_the_staleness_bound_holds_and_actors_follow_the_learner(async_run):
     assert max(metrics[-1]["actor/versions"]) >= metrics[-1]["weights/version"] - bound - 1
     versions = [m["weights/version"] for m in metrics]
     assert versions == sorted(versions) and versions[-1] == 40  # sync_every=1
+
+
+def test_held_out_evaluations_follow_the_learners_versions_and_show_it_learning(async_run):
+    run_dir, result, _ = async_run
+    evals = read_metrics(run_dir, kind="eval")
+    steps = [e["step"] for e in evals]
+    assert steps[0] == 0 and steps[-1] == 40 and set(steps) <= {0, 10, 20, 30, 40}
+    assert len(steps) + evals[-1]["eval/skipped"] == 5
+    for e in evals:  # each scored the weights the learner had at its step, or newer ones
+        assert e["eval/tasks"] == 16 and e["eval/errors"] == 0
+        assert e["eval/version_first"] >= e["weights/version"] == e["step"]
+    assert evals[0]["eval/reward"] < 0.4 < 0.8 < evals[-1]["eval/reward"]
+    assert [e["eval/at_s"] for e in evals] == sorted(e["eval/at_s"] for e in evals)
+    assert sum(line.startswith("eval of step") for line in result.stdout.splitlines()) == len(evals)
 
 
 def test_sync_baseline_trains_strictly_on_policy(tmp_path):

@@ -153,8 +153,11 @@ class HFEngine(Engine):
         next_position = positions[:, -1:] + 1
         tokens, logprobs = [], []
         for step in range(max_new_tokens):
-            step_logprobs = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)   # [B, V]
-            token = torch.multinomial(step_logprobs.exp(), 1, generator=self._generator)        # [B, 1]
+            step_logprobs = torch.log_softmax(out.logits[:, -1].float() / (temperature or 1.0), dim=-1)  # [B, V]
+            if temperature == 0:  # greedy (evaluation); the log-probs are then those at T = 1
+                token = step_logprobs.argmax(-1, keepdim=True)                                  # [B, 1]
+            else:
+                token = torch.multinomial(step_logprobs.exp(), 1, generator=self._generator)    # [B, 1]
             tokens.append(token[:, 0])
             logprobs.append(step_logprobs.gather(1, token)[:, 0])
             finished |= torch.isin(token[:, 0], stops)
