@@ -23,17 +23,39 @@ class Batch:
     def rows(self) -> int:
         return self.tokens.shape[0]
 
+    def select(self, rows) -> "Batch":
+        """The given rows (a slice or a list of indices), trimmed to their longest row."""
+        rows = rows if isinstance(rows, slice) else torch.as_tensor(rows, dtype=torch.long)
+        width = max(int(self.attention_mask[rows].sum(1).max().item()), 2)
+        return Batch(self.tokens[rows, :width], self.attention_mask[rows, :width],
+                     self.loss_mask[rows, :width - 1], self.behaviour_logprobs[rows, :width - 1],
+                     self.advantages[rows, :width - 1], self.temperature)
+
     def split(self, rows: int) -> list["Batch"]:
         """Micro-batches of at most `rows` rows, each trimmed to its own longest row."""
-        out = []
-        for i in range(0, self.rows, rows):
-            sl = slice(i, i + rows)
-            width = int(self.attention_mask[sl].sum(1).max().item())
-            width = max(width, 2)
-            out.append(Batch(self.tokens[sl, :width], self.attention_mask[sl, :width],
-                             self.loss_mask[sl, :width - 1], self.behaviour_logprobs[sl, :width - 1],
-                             self.advantages[sl, :width - 1], self.temperature))
-        return out
+        return [self.select(slice(i, i + rows)) for i in range(0, self.rows, rows)]
+
+    def pack(self, budget: int, count: int | None = None) -> list["Batch"]:
+        """Micro-batches of the rows sorted by length, longest first, each of at most `budget`
+        padded tokens (rows x its longest row; a row longer than the budget goes alone). With
+        `count` (at least the packed number, at most the rows) exactly that many: the costliest
+        are halved until there are."""
+        lengths = self.attention_mask.sum(1).tolist()
+        chunks, current = [], []
+        for i in sorted(range(self.rows), key=lambda i: -lengths[i]):
+            if current and (len(current) + 1) * lengths[current[0]] > budget:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        chunks.append(current)
+        if count is not None:
+            if not len(chunks) <= count <= self.rows:
+                raise ValueError(f"cannot make {count} micro-batches of {self.rows} rows packed into {len(chunks)}")
+            while len(chunks) < count:
+                j = max((k for k, c in enumerate(chunks) if len(c) > 1), key=lambda k: len(chunks[k]) * lengths[chunks[k][0]])
+                half = len(chunks[j]) // 2
+                chunks[j:j + 1] = [chunks[j][:half], chunks[j][half:]]
+        return [self.select(c) for c in chunks]
 
 
 def make_batch(groups: list[RolloutGroup], scale_by_std: bool = True) -> Batch:
@@ -77,7 +99,7 @@ def token_logprobs(model, batch: Batch, entropy: bool = False) -> tuple:
     start = int(trained[0]) if len(trained) else batch.loss_mask.shape[1] - 1
     width = batch.tokens.shape[1]
     logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask,
-                   logits_to_keep=width - start).logits[:, :-1]                  # [B, T-1-start, V]
+                   logits_to_keep=width - start, use_cache=False).logits[:, :-1]  # [B, T-1-start, V]
     logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)       # [B, T-1-start, V]
     chosen = logprobs.gather(-1, batch.tokens[:, start + 1:, None])[..., 0]
     if not entropy:

@@ -1,10 +1,13 @@
 """FSDP2 for Hugging Face causal LMs: shard each decoder block, then the root."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 
 def decoder_blocks(model: torch.nn.Module) -> list:
@@ -16,12 +19,37 @@ def decoder_blocks(model: torch.nn.Module) -> list:
     return blocks
 
 
-def shard(model: torch.nn.Module, device_type: str, world_size: int) -> torch.nn.Module:
+def shard(model: torch.nn.Module, device_type: str, world_size: int, compute_dtype: torch.dtype | None = None):
+    """fully_shard each block, then the root. With a compute dtype other than the weights',
+    the blocks run in it (weights cast when gathered) and gradients are reduced in the
+    weights' own dtype."""
     mesh = init_device_mesh(device_type, (world_size,))
+    master = next(model.parameters()).dtype
+    policy = MixedPrecisionPolicy() if compute_dtype in (None, master) else \
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=master)
     for block in decoder_blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Recompute every decoder block's activations in the backward pass. The checkpoint wraps
+    each block's forward inside its module call, so FSDP's hooks (which gather the block's
+    weights) stay outside it and run again for the recomputation."""
+    for block in decoder_blocks(model):
+        block.forward = functools.partial(_recomputed, block.forward)
+
+
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():  # no backward to come (the proximal and reference passes)
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's own storage: the local shard of a DTensor (the whole tensor on one rank)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def full_state_dict(model: torch.nn.Module, sharded: bool) -> dict:

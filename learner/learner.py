@@ -30,6 +30,7 @@ from learner.loss import LossConfig, policy_loss, token_weights
 
 
 LR_SCHEDULES = ("constant", "cosine")
+MASTER_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def lr_factor(config: "TrainerConfig", step: int) -> float:
@@ -56,7 +57,18 @@ class TrainerConfig:
     batch_groups: int = 8
     """Groups per optimizer step, over all ranks (a multiple of the rank count)."""
     micro_batch_rows: int = 8
-    """Rows (completions) per forward/backward pass."""
+    """Rows (completions) per forward/backward pass (when micro_batch_tokens is 0)."""
+    micro_batch_tokens: int = 0
+    """Padded tokens (rows x longest row) per forward/backward pass: rows are sorted by length
+    and packed up to this budget, so short rows go many at a time and long ones few. Every
+    rank makes the same number of passes (the largest any rank needs). 0: micro_batch_rows."""
+    master_dtype: str = "float32"
+    """Dtype of the learner's weights and optimizer state. The forward and backward passes run
+    in model.dtype (bf16 mixed precision with model.dtype=bfloat16), the actors serve
+    model.dtype, and gradients are reduced in master_dtype."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in the backward pass instead of keeping
+    them: less memory for long sequences, about a third more compute."""
     minibatches: int = 1
     """Optimizer steps per sampled batch, each on its share of the rows (PPO mini-batches)."""
     epochs: int = 1
@@ -98,6 +110,9 @@ class TrainerConfig:
         check(self.batch_groups >= 1 and self.batch_groups % self.world_size == 0, "batch_groups",
               f"must be a positive multiple of the learner's {self.world_size} rank(s), got {self.batch_groups}")
         check(self.micro_batch_rows >= 1, "micro_batch_rows", "must be >= 1")
+        check(self.micro_batch_tokens >= 0, "micro_batch_tokens", f"must be >= 0, got {self.micro_batch_tokens}")
+        check(self.master_dtype in MASTER_DTYPES, "master_dtype",
+              f"must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
         check(self.minibatches >= 1, "minibatches", f"must be >= 1, got {self.minibatches}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
@@ -126,22 +141,32 @@ class Learner:
         if trainer.gpus:
             torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
         self.device = torch.device("cuda:0" if trainer.gpus else "cpu")
-        self.sharded = self.world_size > 1
+        # FSDP2 on GPU, even on one (its mixed precision and the multi-GPU path are then the
+        # same code); on CPU only with more than one rank.
+        self.sharded = self.world_size > 1 or trainer.gpus > 0
         if self.sharded:
-            os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-            dist.init_process_group("nccl" if trainer.gpus else "gloo", rank=rank, world_size=self.world_size,
-                                    timeout=datetime.timedelta(seconds=trainer.dist_timeout_s))
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+            backend, timeout = "nccl" if trainer.gpus else "gloo", datetime.timedelta(seconds=trainer.dist_timeout_s)
+            if self.world_size == 1:  # nobody to meet: an in-process store
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            else:
+                os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+                dist.init_process_group(backend, rank=rank, world_size=self.world_size, timeout=timeout)
+        self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=master)
         self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
         # Eval mode (dropout off) while training, as RL fine-tuning of LMs does: the log-probs
         # that enter the importance weights must be the policy's, not one dropout draw of it.
         model.to(self.device).eval()
         # pi_ref for the KL term: the initial weights, frozen, sharded like the policy
         self.reference = copy.deepcopy(model).requires_grad_(False) if loss.kl_coef > 0 else None
+        if trainer.activation_checkpointing:
+            fsdp.checkpoint_activations(model)
         if self.sharded:
-            fsdp.shard(model, self.device.type, self.world_size)
+            fsdp.shard(model, self.device.type, self.world_size, self.compute_dtype)
             if self.reference is not None:
-                fsdp.shard(self.reference, self.device.type, self.world_size)
+                fsdp.shard(self.reference, self.device.type, self.world_size, self.compute_dtype)
+        # Unsharded (CPU, one rank) with a compute dtype other than the master's: autocast.
+        self.autocast = not self.sharded and self.compute_dtype != master
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(trainer, step))
@@ -180,8 +205,8 @@ class Learner:
         if batch.rows < c.minibatches:
             raise ValueError(f"trainer.minibatches={c.minibatches} needs at least that many rows per rank, "
                              f"got {batch.rows}")
-        minibatches = [[_to(m, self.device) for m in mb.split(c.micro_batch_rows)]
-                       for mb in batch.split(-(-batch.rows // c.minibatches))]          # [mini][micro]
+        minibatches = [[_to(m, self.device) for m in micro]
+                       for micro in self._micro_batches(batch.split(-(-batch.rows // c.minibatches)))]  # [mini][micro]
         self._check_equal_micro_batches(sum(len(mb) for mb in minibatches))
         fixed = [[self._fixed_logprobs(m) for m in mb] for mb in minibatches]
         shares = [[token_weights(m.loss_mask, lc.aggregation)[1] for m in mb] for mb in minibatches]
@@ -225,6 +250,19 @@ class Learner:
         metrics.update(dict(zip(max_keys, top[1:])))
         return metrics
 
+    def _micro_batches(self, minibatches: list) -> list:
+        """Each mini-batch's micro-batches: by rows, or packed to trainer.micro_batch_tokens
+        with every rank making the same number of passes per mini-batch."""
+        if not self.config.micro_batch_tokens:
+            return [mb.split(self.config.micro_batch_rows) for mb in minibatches]
+        budget = self.config.micro_batch_tokens
+        counts = self._all_reduce([float(len(mb.pack(budget))) for mb in minibatches], op=dist.ReduceOp.MAX)
+        return [mb.pack(budget, count=int(n)) for mb, n in zip(minibatches, counts)]
+
+    def _forward(self, model, micro, entropy: bool = False) -> tuple:
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
+            return token_logprobs(model, micro, entropy=entropy)
+
     def _check_equal_micro_batches(self, count: int) -> None:
         if self.sharded:  # FSDP's backward is a collective: unequal counts would hang, not fail
             neg_fewest, most = self._all_reduce([-count, count], op=dist.ReduceOp.MAX)
@@ -235,8 +273,8 @@ class Learner:
     @torch.no_grad()
     def _fixed_logprobs(self, micro) -> tuple:
         """(pi_prox log-probs, pi_ref log-probs or None) of a micro-batch, before any update."""
-        _, proximal = token_logprobs(self.model, micro)
-        reference = token_logprobs(self.reference, micro)[1] if self.reference is not None else None
+        _, proximal = self._forward(self.model, micro)
+        reference = self._forward(self.reference, micro)[1] if self.reference is not None else None
         return proximal, reference
 
     def _update(self, micro_batches: list, fixed: list, divisor: float) -> tuple:
@@ -246,7 +284,7 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         sums, maxes, loss = {}, {}, 0.0
         for micro, (proximal, reference) in zip(micro_batches, fixed):
-            start, logprobs, *entropy = token_logprobs(self.model, micro, entropy=lc.entropy_coef > 0)  # [b, T-1-start]
+            start, logprobs, *entropy = self._forward(self.model, micro, entropy=lc.entropy_coef > 0)  # [b, T-1-start]
             mask = micro.loss_mask[:, start:]
             weights, _ = token_weights(mask, lc.aggregation)
             loss_sum, metric_sums = policy_loss(
@@ -288,14 +326,17 @@ class Learner:
 
     def _send_weights(self) -> None:
         """Send the current weights as self.version and tell the buffer (a collective when sharded)."""
-        if self.sharded or not self.weights.device_tensors:
+        if self.world_size == 1 and self.weights is not None and self.weights.device_tensors:
+            # one rank and a GPU channel (CUDA IPC): its own parameters, read in place, in the
+            # master dtype; receivers cast as they copy (send returns once they copied out)
+            params = dict(self.model.named_parameters())
+            tensors = {n: fsdp.local(params[n]).detach() for n in self.param_names}
+        else:
             state = fsdp.full_state_dict(self.model, self.sharded)  # on CPU; a collective when sharded
-        else:  # one rank and a GPU channel: its own parameters, read in place (send returns once copied out)
-            state = dict(self.model.named_parameters())
-        if self.rank == 0:
-            tensors = {n: state[n].detach() for n in self.param_names}
-            if self.weights.device_tensors:
+            tensors = {n: state[n].detach().to(self.compute_dtype) for n in self.param_names} if self.rank == 0 else {}
+            if self.rank == 0 and self.weights.device_tensors:
                 tensors = {n: v.to(self.device, non_blocking=True) for n, v in tensors.items()}
+        if self.rank == 0:
             self.weights.send(self.version, tensors)
             self.buffer.set_learner_version(self.version)
 

@@ -26,14 +26,17 @@ def gradients(learner: Learner) -> dict:
     return out
 
 
-def trainer(world: int, micro_rows: int) -> TrainerConfig:
+def trainer(world: int, micro_rows: int, micro_tokens: int = 0) -> TrainerConfig:
     return TrainerConfig(cpu_workers=world, batch_groups=4, micro_batch_rows=micro_rows, lr=1e-3,
-                         max_grad_norm=1e9, dist_timeout_s=60)
+                         max_grad_norm=1e9, dist_timeout_s=60, micro_batch_tokens=micro_tokens)
 
 
-def _rank(rank, model_path, port, out_path, buffer_address, aggregation):
+def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_tokens):
     channel = LocalWeightChannel()
-    learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3), LossConfig(aggregation=aggregation),
+    # rank 0 holds rows of 6 and 9 tokens, rank 1 of 12 and 15: packed by a token budget, they
+    # need different numbers of passes, and must still make the same number
+    learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3, micro_tokens=micro_tokens),
+                      LossConfig(aggregation=aggregation),
                       buffer_address,
                       5.0, channel, master_port=port)
     mine = groups()[rank * 2:(rank + 1) * 2]
@@ -47,9 +50,10 @@ def _rank(rank, model_path, port, out_path, buffer_address, aggregation):
     learner.close()
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+@pytest.mark.parametrize("aggregation, micro_tokens", [("token_mean", 0), ("seq_mean_token_mean", 0),
+                                                      ("token_mean", 40)])
 def test_invariance_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_model_path, tmp_path, buffer_server,
-                                                                       aggregation):
+                                                                       aggregation, micro_tokens):
     server = buffer_server()
     single = Learner(0, tiny_model_path, "float32", trainer(1, micro_rows=16), LossConfig(aggregation=aggregation),
                      "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
@@ -58,7 +62,7 @@ def test_invariance_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_mod
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation), nprocs=2, join=True)
+    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation, micro_tokens), nprocs=2, join=True)
     got = np.load(tmp_path / "grads.npz")
     assert set(got.files) == set(expected)
     for name in expected:

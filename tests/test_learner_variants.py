@@ -76,3 +76,52 @@ def test_the_learner_reports_the_learning_rate_it_stepped_with(tiny_model_path):
     one = learner(tiny_model_path, LossConfig(), micro_batch_rows=16, warmup_steps=4)
     assert one.train_on(groups(), [0] * 4)["learner/lr"] == pytest.approx(1e-3 / 4)
     assert one.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 2 / 4)
+
+
+@pytest.mark.parametrize("budget", [40, 90, 10_000])
+def test_invariance_of_the_gradient_to_a_token_budget_for_micro_batches(tiny_model_path, budget):
+    loss = LossConfig(aggregation="seq_mean_token_sum", kl_coef=0.05)
+    rows, packed = learner(tiny_model_path, loss, micro_batch_rows=16), learner(tiny_model_path, loss,
+                                                                                 micro_batch_tokens=budget)
+    m_rows, m_packed = rows.train_on(groups(), [0] * 4), packed.train_on(groups(), [0] * 4)
+    for name, g in gradients(rows).items():
+        torch.testing.assert_close(gradients(packed)[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert m_packed["loss/policy"] == pytest.approx(m_rows["loss/policy"], rel=1e-4)
+
+
+def test_packing_by_tokens_respects_the_budget_and_keeps_every_row_once():
+    from learner.batch import make_batch
+
+    batch = make_batch(groups())                       # 16 rows of 6, 9, 12 and 15 tokens
+    lengths = batch.attention_mask.sum(1)
+    packed = batch.pack(40)
+    assert all(m.rows * m.tokens.shape[1] <= 40 or m.rows == 1 for m in packed)
+    assert sorted(int(m.attention_mask.sum()) for m in packed) != [] and \
+        sum(int(m.attention_mask.sum()) for m in packed) == int(lengths.sum())
+    exact = batch.pack(40, count=len(packed) + 3)
+    assert len(exact) == len(packed) + 3 and sum(m.rows for m in exact) == 16
+    with pytest.raises(ValueError, match="cannot make 17 micro-batches"):
+        batch.pack(40, count=17)
+
+
+def test_bf16_compute_keeps_float32_master_weights_and_optimizer_state(tiny_model_path):
+    """Mixed precision on CPU (autocast): forward in bf16, weights and Adam moments in fp32,
+    and the update lands (bf16 weights would lose steps of lr 1e-5 to rounding)."""
+    config = TrainerConfig(batch_groups=4, lr=1e-5, micro_batch_rows=16)
+    one = Learner(0, tiny_model_path, "bfloat16", config, LossConfig(), "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
+    before = {n: p.detach().clone() for n, p in one.model.named_parameters()}
+    one.train_on(groups(), [0] * 4)
+    assert all(p.dtype == torch.float32 for p in one.model.parameters())
+    assert all(v.dtype == torch.float32 for s in one.optimizer.state.values() for v in s.values() if v.dim())
+    moved = [n for n, p in one.model.named_parameters() if not torch.equal(p, before[n])]
+    assert len(moved) == len(before)
+    assert all((p - before[n]).abs().max() < 1e-4 for n, p in one.model.named_parameters())
+
+
+def test_activation_checkpointing_gives_the_same_gradient(tiny_model_path):
+    loss = LossConfig(kl_coef=0.05)
+    plain, recomputed = learner(tiny_model_path, loss), learner(tiny_model_path, loss, activation_checkpointing=True)
+    plain.train_on(groups(), [0] * 4)
+    recomputed.train_on(groups(), [0] * 4)
+    for name, g in gradients(plain).items():
+        torch.testing.assert_close(gradients(recomputed)[name], g, rtol=1e-5, atol=1e-8, msg=name)
