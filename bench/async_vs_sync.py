@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--metric", default="reward/mean",
                         help="reward/mean (training reward per step) or eval/reward (held-out; needs eval.every)")
     parser.add_argument("--runs-dir", help="keep both runs' folders here (default: temporary folders)")
+    parser.add_argument("--timeout-s", type=float, help="deadline of each run")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = (["--config", args.config] if args.config else []) + (["--actors", str(args.actors)] if args.actors else [])
@@ -42,10 +43,18 @@ def main():
         else:
             run_dir = tempfile.mkdtemp(prefix=f"bench-{recipe}-")
         t = time.monotonic()
-        with open(os.path.join(run_dir, "stdout.log"), "w") as log:
-            subprocess.run([sys.executable, "-m", "launch", recipe, *common, f"run.dir={run_dir}", *args.overrides],
-                           check=True, stdout=log)
-        rows.append((recipe, load(run_dir), time.monotonic() - t))
+        with open(os.path.join(run_dir, "stdout.log"), "w") as out, open(os.path.join(run_dir, "stderr.log"), "w") as err:
+            try:
+                code = subprocess.run([sys.executable, "-m", "launch", recipe, *common, f"run.dir={run_dir}",
+                                       *args.overrides], stdout=out, stderr=err, timeout=args.timeout_s).returncode
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        if code != 0:  # the other recipe still runs; the failure is reported with what it logged
+            print(f"{recipe} failed ({code}); its log: {run_dir}/stderr.log", file=sys.stderr)
+            with open(os.path.join(run_dir, "stderr.log")) as err:
+                print(err.read()[-3000:], file=sys.stderr)
+        metrics = load(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
+        rows.append((recipe, metrics, time.monotonic() - t))
     print(table({recipe: metrics for recipe, metrics, _ in rows}, args.targets, args.window, args.metric))
     print("wall-clock of each whole run (start-up included): "
           + ", ".join(f"{recipe} {wall:.0f}s" for recipe, _, wall in rows))

@@ -37,7 +37,8 @@ class ModelConfig:
     name: str = SMOLLM2_ID
     """`tiny`, a local Hugging Face directory, or a Hugging Face Hub id."""
     dtype: str = "float32"
-    """Weights' dtype in actors and learner (float32 on CPU)."""
+    """Dtype the actors serve and the learner computes in (float32 on CPU; bfloat16 on GPU).
+    The learner's own weights and optimizer state are in trainer.master_dtype."""
     cache_dir: str = "~/.cache/asyncrl/models"
     """Where converted models are kept."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)

@@ -1,10 +1,12 @@
 """GPU runs of the whole system: the learner on GPUs (FSDP2 over NCCL with two), actors on a
 GPU. Skipped where CUDA is absent (CI); run on the lent GPU machine (docs/benchmarks.md)."""
+import importlib.util
 import subprocess
 import sys
 
 import pytest
 import torch
+import yaml
 
 from common.metrics import read_metrics
 
@@ -35,3 +37,17 @@ def test_learner_on_every_gpu_trains_the_tiny_model(tmp_path):
 def test_actor_engine_on_a_gpu(tmp_path):
     metrics = launch(tmp_path, "--actors", "1", "--learner-gpus", "1", "actors.gpus_per_group=1")
     assert learns(metrics), [round(m["reward/mean"], 2) for m in metrics]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM (pip install -e '.[vllm]')")
+def test_colocated_vllm_actor_and_learner_share_one_gpu_and_train_over_cuda_ipc(tmp_path):
+    metrics = launch(tmp_path, "--actors", "1", "--learner-gpus", "1", "actors.engine=vllm", "actors.gpus_per_group=1",
+                     "run.colocate=true", "model.dtype=bfloat16", "model.tiny.hidden_size=256",  # head_dim 64 for vLLM
+                     "rollout.max_seq_len=256", "actors.gpu_memory_utilization=0.3", "actors.enforce_eager=true",
+                     "actors.max_inflight_episodes=64", "eval.every=10", "eval.tasks=16")
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["run"]["weight_transport"] == "ipc"
+    assert learns(metrics), [round(m["reward/mean"], 2) for m in metrics]
+    evals = read_metrics(tmp_path, kind="eval")
+    assert evals[-1]["step"] == len(metrics) and evals[-1]["eval/version_first"] >= len(metrics)
+    assert evals[0]["eval/reward"] < evals[-1]["eval/reward"]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call: the named experiments in order, each under its own deadline, results under
+# $OUT (GPU machine; vLLM, Ray and the project's packages staged into /tmp/site beforehand,
+# ../shared/gpu/README.md).  Usage: bash bench/gpu_session.sh job | learner | tests ...
+#   job      the GPU job (configs/gpu.yaml): sync_grpo then async_grpo, wall-clock to held-out accuracy
+#   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
+#   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
+set -u
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
+export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
+for part in "$@"; do
+  start=$(date +%s)
+  case $part in
+    job)
+      timeout 560 python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
+        --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs" --timeout-s 270 \
+        model.cache_dir=/tmp/asyncrl-models > "$OUT/job.txt" 2>&1
+      for r in sync_grpo async_grpo; do
+        rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
+      done
+      tail -25 "$OUT/job.txt" ;;
+    learner)
+      timeout 330 python -m bench.learner_bench --out "$OUT/learner_bench.json" > "$OUT/learner.txt" 2>&1
+      tail -8 "$OUT/learner.txt" | cut -c1-600 ;;
+    tests)
+      timeout 250 python -m pytest -q -x -p no:cacheprovider tests/test_vllm_engine.py tests/test_gpu.py \
+        > "$OUT/tests.txt" 2>&1
+      tail -15 "$OUT/tests.txt" ;;
+    *) echo "unknown part $part" ;;
+  esac
+  echo "== $part: $(( $(date +%s) - start )) s"
+done

@@ -1,0 +1,164 @@
+"""Learner throughput and MFU on one GPU: asyncrl's Learner.train_on (FSDP2, bf16 compute, fp32
+master weights and AdamW) on Qwen2-0.5B / -1.5B-shaped models with random weights, at 4k-token
+rows, plus the time to gather and publish all weights.
+
+  python -m bench.learner_bench --models 0.5b 1.5b --out $OUT/learner_bench.json
+
+Each step is what the learner does per sampled batch: one no-grad pass for the proximal
+log-probs, then forward and backward per micro-batch (packed by trainer.micro_batch_tokens),
+gradient clipping and the optimizer step. Model FLOPs of one forward pass per token
+(`flops_per_token`): 2 x the matmul weights (embedding lookup excluded), 2 x 2 x layers x
+attention width x context / 2 for causal scores and values, and 2 x hidden x vocabulary for the
+projection, counted only at the positions the learner computes (it skips the prompt's). A step
+is 4 such passes (proximal forward, forward, backward as two). MFU = FLOPs / (seconds x the
+device's dense bf16 peak); recomputation under activation checkpointing is not counted (work,
+not model FLOPs). The last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, SXM
+
+
+def peak_flops(name: str, override: float | None) -> float:
+    if override:
+        return override * 1e12
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    raise SystemExit(f"unknown peak for {name!r}: pass --peak-tflops")
+
+
+def flops_per_token(cfg, context: int) -> dict:
+    """Forward FLOPs per token: the matmuls (embedding lookup excluded), attention scores and
+    values over a causal context, the vocabulary projection."""
+    d, L, ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    head = d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * head, cfg.num_key_value_heads * head
+    per_layer = d * (q + 2 * kv) + q * d + 3 * d * ff                  # qkv, o, gate+up+down
+    return {"matmul": 2 * L * per_layer, "attention": 2 * 2 * L * q * context // 2, "vocab": 2 * d * cfg.vocab_size}
+
+
+def make_groups(rows: int, prompt: int, length: int, vocab: int, group_size: int = 8):
+    import numpy as np
+
+    from common.rollout import RolloutGroup
+
+    rng = np.random.default_rng(0)
+    groups = []
+    for g in range(rows // group_size):
+        out = []
+        for r in range(group_size):
+            tokens = rng.integers(0, vocab, length).tolist()
+            out.append({"tokens": tokens, "loss_mask": [0] * prompt + [1] * (length - prompt),
+                        "behaviour_logprobs": [0.0] * prompt + (-rng.random(length - prompt) * 3).tolist(),
+                        "token_versions": [-1] * prompt + [0] * (length - prompt), "reward": float(r % 2),
+                        "turn_rewards": [float(r % 2)], "error": ""})
+        groups.append(RolloutGroup.from_rows(out, prompt_id=str(g), temperature=1.0))
+    return groups
+
+
+def bench_one(shape: str, args, peak: float) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.actor_bench import write_config
+    from common.weights import LocalWeightChannel
+    from learner.learner import Learner, TrainerConfig
+    from learner.loss import LossConfig
+
+    folder = write_config(os.path.join(args.work, shape), shape)
+    cfg = AutoConfig.from_pretrained(folder)
+    if not os.path.exists(os.path.join(folder, "model.safetensors")):
+        torch.manual_seed(0)
+        with torch.device("cuda"):  # random init on the GPU: seconds instead of a minute on CPU
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+    results = {}
+    for ac in args.activation_checkpointing:
+        name = f"{shape}_ac{int(ac)}"
+        trainer = TrainerConfig(gpus=1, batch_groups=args.rows // 8, micro_batch_tokens=args.micro_tokens,
+                                activation_checkpointing=bool(ac), lr=1e-6, max_steps=100)
+        t = time.monotonic()
+        torch.cuda.reset_peak_memory_stats()
+        learner = Learner(0, folder, "bfloat16", trainer, LossConfig(), "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
+        load_s = time.monotonic() - t
+        groups = make_groups(args.rows, args.prompt, args.seq, cfg.vocab_size)
+        try:
+            times = []
+            for step in range(args.warmup + args.steps):
+                torch.cuda.synchronize()
+                t = time.monotonic()
+                metrics = learner.train_on(groups, [0] * len(groups))
+                torch.cuda.synchronize()
+                times.append(time.monotonic() - t)
+            step_s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]
+            f = flops_per_token(cfg, args.seq)
+            tokens = args.rows * args.seq
+            trained = args.rows * (args.seq - args.prompt)        # positions with a vocabulary projection
+            per_pass = tokens * (f["matmul"] + f["attention"]) + trained * f["vocab"]
+            step_flops = 4 * per_pass                              # proximal forward + forward + backward (2x)
+            t = time.monotonic()
+            learner.publish()                                      # gather the full weights to CPU, send
+            publish_s = time.monotonic() - t
+            results[name] = {
+                "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s), "mfu": round(step_flops / step_s / peak, 4),
+                "tflops": round(step_flops / step_s / 1e12, 1), "rows": args.rows, "seq": args.seq,
+                "micro_batch_tokens": args.micro_tokens, "activation_checkpointing": bool(ac),
+                "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "load_s": round(load_s, 1),
+                "publish_s": round(publish_s, 3), "loss": metrics["loss/policy"], "steps_s": [round(x, 3) for x in times]}
+        except torch.OutOfMemoryError as e:
+            results[name] = {"error": f"out of memory: {str(e)[:200]}"}
+        print(json.dumps({name: results[name]}), flush=True)
+        learner.close()
+        del learner
+        torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["0.5b", "1.5b"])
+    parser.add_argument("--rows", type=int, default=32, help="rows per step (groups of 8)")
+    parser.add_argument("--seq", type=int, default=4096, help="tokens per row")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row (not trained)")
+    parser.add_argument("--micro-tokens", type=int, default=16384, help="trainer.micro_batch_tokens")
+    parser.add_argument("--activation-checkpointing", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--peak-tflops", type=float)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "asyncrl-learner-bench"))
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    import torch
+
+    device = torch.cuda.get_device_name(0)
+    peak = peak_flops(device, args.peak_tflops)
+    out = {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "peak_tflops": peak / 1e12}
+    for shape in args.models:
+        out.update(bench_one(shape, args, peak))
+    for shape in args.models:
+        tag = shape.replace(".", "p")
+        best = max((v for k, v in out.items() if k.startswith(f"{shape}_ac") and "mfu" in v),
+                   key=lambda v: v["mfu"], default=None)
+        if best is not None:
+            out[f"mfu_fsdp2_{tag}"], out[f"tokens_per_s_fsdp2_{tag}"] = best["mfu"], best["tokens_per_s"]
+            out[f"publish_s_{tag}"] = best["publish_s"]
+    out["mfu_megatron_1p5b"] = None  # the Megatron-core backend is not built yet
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
