@@ -22,10 +22,11 @@ for part in "$@"; do
       done
       tail -25 "$OUT/job.txt" ;;
     learner)
-      timeout 330 python -m bench.learner_bench --out "$OUT/learner_bench.json" > "$OUT/learner.txt" 2>&1
+      timeout ${LEARNER_TIMEOUT:-330} python -m bench.learner_bench --out "$OUT/learner_bench.json" ${LEARNER_ARGS:-} \
+        > "$OUT/learner.txt" 2>&1
       tail -8 "$OUT/learner.txt" | cut -c1-600 ;;
     tests)
-      timeout 250 python -m pytest -q -x -p no:cacheprovider tests/test_vllm_engine.py tests/test_gpu.py \
+      timeout ${TESTS_TIMEOUT:-250} python -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_vllm_engine.py tests/test_gpu.py} \
         > "$OUT/tests.txt" 2>&1
       tail -15 "$OUT/tests.txt" ;;
     *) echo "unknown part $part" ;;

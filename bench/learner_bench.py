@@ -71,6 +71,7 @@ def bench_one(shape: str, args, peak: float) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bench.actor_bench import write_config
+    from buffer.server import BufferConfig, BufferServer
     from common.weights import LocalWeightChannel
     from learner.learner import Learner, TrainerConfig
     from learner.loss import LossConfig
@@ -84,13 +85,14 @@ def bench_one(shape: str, args, peak: float) -> dict:
         model.save_pretrained(folder)
         del model
     results = {}
+    buffer = BufferServer(BufferConfig()).start()  # publish() tells the buffer the new version
     for ac in args.activation_checkpointing:
         name = f"{shape}_ac{int(ac)}"
         trainer = TrainerConfig(gpus=1, batch_groups=args.rows // 8, micro_batch_tokens=args.micro_tokens,
                                 activation_checkpointing=bool(ac), lr=1e-6, max_steps=100)
         t = time.monotonic()
         torch.cuda.reset_peak_memory_stats()
-        learner = Learner(0, folder, "bfloat16", trainer, LossConfig(), "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
+        learner = Learner(0, folder, "bfloat16", trainer, LossConfig(), buffer.address, 5.0, LocalWeightChannel())
         load_s = time.monotonic() - t
         groups = make_groups(args.rows, args.prompt, args.seq, cfg.vocab_size)
         try:
@@ -122,6 +124,7 @@ def bench_one(shape: str, args, peak: float) -> dict:
         learner.close()
         del learner
         torch.cuda.empty_cache()
+    buffer.stop()
     return results
 
 

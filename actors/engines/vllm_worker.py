@@ -6,9 +6,14 @@ vLLM mixes `AsyncRLWorker` into every worker (`worker_extension_cls`); one colle
   - a StagedWeights over the model's own parameters (fused qkv_proj and gate_up_proj, padded
     vocabulary), filled by a receiver thread from the weight channel on a CUDA stream of its
     own while the engine generates;
+  - the swap: as soon as a version is committed the receiver thread copies it in place
+    (torch._foreach_copy_, so CUDA graphs keep their pointers) on the engine's own stream,
+    holding a step lock that the wrappers of `execute_model` and `sample_tokens` hold for a
+    whole step, so the swap falls between two steps (ordered after every forward queued
+    before it and before every later one), with no wait for the next step and also while the
+    engine is idle;
   - a wrapper around this worker's `execute_model` that, at the start of every step, swaps a
-    committed version in place (torch._foreach_copy_, so CUDA graphs keep their pointers) and,
-    on TP rank 0, pushes to the engine's process (ZeroMQ PUSH, msgpack) a record
+    version the receiver thread has not yet swapped and, on TP rank 0, pushes to the engine's process (ZeroMQ PUSH, msgpack) a record
     (version, output tokens the request had before this step) for every scheduled request
     whose serving version changed, plus each swap's time and duration.
 No engine RPC is made per update. The mixin's __init__ never runs (vLLM does not call it)
@@ -289,12 +294,35 @@ class AsyncRLWorker:
                                                name="asyncrl-weights", daemon=True)
         self.asyncrl_thread.start()
 
-        original = self.execute_model  # the bound method of the class; executors look it up per step
+        # A step is execute_model(k) and, when that returns None, sample_tokens(k) (which applies
+        # lm_head): the step lock spans both, so a swap from the receiver thread falls between
+        # two steps, never inside one. Executors look both methods up per step.
+        self.asyncrl_step_lock = threading.Lock()
+        in_step = {"held": False}
+        original_execute, original_sample = self.execute_model, self.sample_tokens
 
         def execute_model(scheduler_output, *args, **kwargs):
-            self.asyncrl_step(scheduler_output)
-            return original(scheduler_output, *args, **kwargs)
-        self.execute_model = execute_model
+            self.asyncrl_step_lock.acquire()
+            try:
+                self.asyncrl_step(scheduler_output)
+                out = original_execute(scheduler_output, *args, **kwargs)
+            except BaseException:
+                self.asyncrl_step_lock.release()
+                raise
+            if out is None:        # sample_tokens(k) follows and ends the step
+                in_step["held"] = True
+            else:
+                self.asyncrl_step_lock.release()
+            return out
+
+        def sample_tokens(*args, **kwargs):
+            try:
+                return original_sample(*args, **kwargs)
+            finally:
+                if in_step["held"]:
+                    in_step["held"] = False
+                    self.asyncrl_step_lock.release()
+        self.execute_model, self.sample_tokens = execute_model, sample_tokens
         self.asyncrl_send([{"kind": "installed", "rank": rank, "staging_bytes": staging_bytes}])
         return {"rank": rank, "staging_bytes": staging_bytes, "parameters": len(params)}
 
@@ -302,16 +330,23 @@ class AsyncRLWorker:
         with self.asyncrl_push_lock:
             self.asyncrl_push.send(self.asyncrl_pack(messages))
 
-    def asyncrl_step(self, scheduler_output) -> None:
-        """At a step boundary (before this step's forward is queued): swap, then log."""
-        messages = []
+    def asyncrl_swap(self) -> list:
+        """Swap a committed version in (the caller holds the step lock and has the engine's
+        stream current); the messages that tell it."""
         with torch.inference_mode():
             version = self.asyncrl_staged.swap_if_ready()
-        if version is not None:
-            self.asyncrl_version = version
-            messages.append({"kind": "swap", "version": version, "t": time.time(),
-                             "host_ms": self.asyncrl_staged.last_swap_s * 1e3})
-            self.asyncrl_timing = self.asyncrl_staged.swap_timing
+        if version is None:
+            return []
+        self.asyncrl_version = version
+        self.asyncrl_timing = self.asyncrl_staged.swap_timing
+        return [{"kind": "swap", "version": version, "t": time.time(),
+                 "host_ms": self.asyncrl_staged.last_swap_s * 1e3}]
+
+    def asyncrl_step(self, scheduler_output) -> None:
+        """At a step boundary (before this step's forward is queued): swap what the receiver
+        thread could not yet, then log."""
+        messages = self.asyncrl_swap()
+        version = messages[0]["version"] if messages else None
         if self.asyncrl_timing is not None and self.asyncrl_timing[2].query():
             v, start, end = self.asyncrl_timing
             messages.append({"kind": "swap_gpu", "version": v, "ms": start.elapsed_time(end)})
@@ -330,9 +365,16 @@ class AsyncRLWorker:
             with torch.inference_mode(), torch.cuda.stream(self.asyncrl_staged.copy_stream):
                 while not self.asyncrl_stop.is_set():
                     version = receiver.receive(self.asyncrl_staged, timeout_s=0.5)
-                    if version is not None:
-                        self.asyncrl_send([{"kind": "staged", "version": version, "t": time.time(),
-                                            **getattr(receiver, "last_timing", {})}])
+                    if version is None:
+                        continue
+                    messages = [{"kind": "staged", "version": version, "t": time.time(),
+                                 **getattr(receiver, "last_timing", {})}]
+                    # Swap at once, between two steps (the step lock), on the engine's stream, so
+                    # it is ordered after the forward passes queued so far and before the next:
+                    # no wait for the next step, and an idle engine serves the new version too.
+                    with self.asyncrl_step_lock, torch.cuda.stream(self.asyncrl_staged.main_stream):
+                        messages += self.asyncrl_swap()
+                    self.asyncrl_send(messages)
         except BaseException as e:  # the served version stays; the engine's check() raises this
             self.asyncrl_send([{"kind": "error", "rank": self.asyncrl_rank,
                                 "error": f"{type(e).__name__}: {e}",
