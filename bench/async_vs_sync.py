@@ -32,11 +32,13 @@ def main():
                         help="reward/mean (training reward per step) or eval/reward (held-out; needs eval.every)")
     parser.add_argument("--runs-dir", help="keep both runs' folders here (default: temporary folders)")
     parser.add_argument("--timeout-s", type=float, help="deadline of each run")
+    parser.add_argument("--recipes", nargs="+", default=["sync_grpo", "async_grpo"],
+                        help="run only some (compare with earlier runs by bench/time_to_reward.py)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = (["--config", args.config] if args.config else []) + (["--actors", str(args.actors)] if args.actors else [])
     rows = []
-    for recipe in ("sync_grpo", "async_grpo"):
+    for recipe in args.recipes:
         if args.runs_dir:
             run_dir = os.path.join(args.runs_dir, recipe)
             os.makedirs(run_dir, exist_ok=True)
@@ -58,6 +60,8 @@ def main():
     print(table({recipe: metrics for recipe, metrics, _ in rows}, args.targets, args.window, args.metric))
     print("wall-clock of each whole run (start-up included): "
           + ", ".join(f"{recipe} {wall:.0f}s" for recipe, _, wall in rows))
+    if len(rows) < 2:
+        return
     (_, s_metrics, s_wall), (_, a_metrics, a_wall) = rows
     result = {"metric": args.metric, "window": args.window, "wall_s_sync": round(s_wall, 1),
               "wall_s_async": round(a_wall, 1)}

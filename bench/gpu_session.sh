@@ -15,7 +15,7 @@ for part in "$@"; do
   case $part in
     job)
       timeout 560 python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
-        --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs" --timeout-s 270 \
+        --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs" --timeout-s 270 --recipes ${RECIPES:-sync_grpo async_grpo} \
         model.cache_dir=/tmp/asyncrl-models > "$OUT/job.txt" 2>&1
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
