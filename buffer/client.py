@@ -7,6 +7,10 @@ A sample is never re-sent: it could take groups twice; and since its socket is c
 server sees the client gone and the abandoned sample takes nothing. An error reply (the
 server's reason, for any request, even one it could not decode) raises at once. Failures
 raise BufferError naming the server's address and the cause.
+
+Nothing acknowledged is lost to a server restart: inserted groups are kept until a
+checkpoint of the server holds them (every reply says what its newest checkpoint holds, and
+which server incarnation answered) and re-sent, once, when a new incarnation answers.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ import zmq
 
 from common.rollout import RolloutGroup
 from common.wire import WireError, decode, encode, split_rid, with_rid
+
+
+RESEND_BATCH = 64  # groups per re-sent insert
 
 
 class BufferError(RuntimeError):
@@ -36,6 +43,9 @@ class BufferClient:
         self._context = zmq.Context.instance()
         self._socket = None
         self._rids = itertools.count(1)
+        self._incarnation = None   # of the server that answered last
+        self._unsaved: list = []   # [incarnation, seq, group]: acknowledged, no checkpoint holds it yet
+        self.resent_groups = 0
         self._connect()
 
     def _connect(self) -> None:
@@ -73,15 +83,44 @@ class BufferClient:
                 if not isinstance(reply, dict) or not reply.get("ok"):
                     error = reply.get("error") if isinstance(reply, dict) else reply
                     raise BufferError(f"buffer at {self.address} refused {op}: {error}")
+                self._observe(reply)
                 return reply
             self._connect()  # drop whatever is queued on the dead connection
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
                             f"({attempts} attempt(s)); is the server running?")
 
+    def _observe(self, reply: dict) -> None:
+        """Forget the acknowledged groups the server's newest checkpoint holds; re-send, once,
+        those a restarted server (a new incarnation) may have lost."""
+        incarnation, covered = reply.get("incarnation"), reply.get("checkpoint_seq", 0)
+        restarted = self._incarnation is not None and incarnation != self._incarnation
+        self._incarnation = incarnation
+        self._unsaved = [u for u in self._unsaved if u[0] != incarnation or u[1] > covered]
+        if restarted:
+            lost = [u[2] for u in self._unsaved if u[0] != incarnation]
+            self._unsaved = [u for u in self._unsaved if u[0] == incarnation]
+            for i in range(0, len(lost), RESEND_BATCH):  # ids are unique: what it still holds is refused once
+                self.insert(*lost[i:i + RESEND_BATCH])
+            self.resent_groups += len(lost)
+
     def insert(self, *groups: RolloutGroup) -> dict:
         """Store groups in one request: all or, if any is malformed, none. Returns
-        {stored: [bool per group; False for an id stored before], size, learner_version}."""
-        return self._call("insert", groups=[g.to_wire() for g in groups])
+        {stored: [bool per group; False for an id stored before], size, learner_version}.
+        Until a checkpoint of the server holds them, the groups are kept here, and re-sent to
+        a server that restarted (from its newest checkpoint) in the meantime."""
+        reply = self._call("insert", groups=[g.to_wire() for g in groups])
+        if reply.get("checkpoints"):
+            self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in groups]
+        return reply
+
+    @property
+    def unsaved(self) -> int:
+        """Acknowledged groups no checkpoint holds yet (kept for a restarted server)."""
+        return len(self._unsaved)
+
+    def checkpoint(self) -> dict:
+        """Ask the server to write a checkpoint now: {path}."""
+        return self._call("checkpoint")
 
     def sample(self, n: int, timeout_s: float | None = None) -> tuple[list[RolloutGroup], list[int], int]:
         """Wait up to timeout_s for n fresh groups; returns (groups, staleness, learner_version)."""

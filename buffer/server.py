@@ -8,6 +8,11 @@ a map with `op`. Ops:
   sample      {n, timeout_s}     -> {groups, staleness, learner_version}; waits for n groups
   set_version {version}          -> {learner_version, dropped}
   stats       {}                 -> the table's summary
+  checkpoint  {}                 -> {path}: the table written to checkpoint_dir now
+Every reply also carries the server's `incarnation` (new at each start) and `checkpoint_seq`
+(the table's insert count its newest checkpoint holds; an insert reply's `seq` is covered
+once checkpoint_seq reaches it): clients keep acknowledged groups until a checkpoint covers
+them and re-send them to a restarted server (buffer/client.py).
 Every reply has `ok`; a failed request gets ok=false and `error` naming the problem, and the
 server keeps serving. A sample that cannot be met before its deadline gets an error reply; a
 sample takes its groups only when its reply goes to a connected client, so a sample past its
@@ -21,10 +26,13 @@ import logging
 import math
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
+from buffer import checkpoint
 from buffer.client import BufferError
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, check
@@ -45,12 +53,27 @@ class BufferConfig:
     """Deadline of each client call; a sample waits at most this long for enough groups."""
     max_message_mb: float = 512.0
     """Requests larger than this get an error reply."""
+    checkpoint_dir: str = ""
+    """Folder of the table's checkpoints (buffer/checkpoint.py); empty: none. The launcher
+    uses <run.dir>/buffer."""
+    checkpoint_every_s: float = 60.0
+    """Write a checkpoint this often (and when the server stops); 0: only when stopping or
+    asked (op checkpoint)."""
+    keep_checkpoints: int = 2
+    restore: bool = True
+    """Start from the newest checkpoint in checkpoint_dir, if there is one."""
+    max_restarts: int = 3
+    """How often the launcher restarts a buffer process that died (from its newest checkpoint;
+    clients re-send what that checkpoint lacks) before the run fails."""
     table: TableConfig = field(default_factory=TableConfig)
 
     def validate(self):
         check(0 <= self.port < 65536, "port", f"must lie in [0, 65535], got {self.port}")
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         check(self.max_message_mb > 0, "max_message_mb", "must be > 0")
+        check(self.checkpoint_every_s >= 0, "checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
 
 
 class RequestError(ValueError):
@@ -95,6 +118,16 @@ class BufferServer:
             key = "buffer.port" if e.errno == zmq.EADDRINUSE else "buffer.host"
             raise ConfigError(key, f"cannot bind {address}: {zmq.strerror(e.errno)}") from None
         self.address = f"tcp://{host}:{self.port}"
+        self.incarnation = uuid.uuid4().hex  # new at every start: clients see a restart by it
+        self.checkpoint_seq = 0              # table inserts the newest checkpoint holds
+        self.restored_from: Path | None = None
+        if config.checkpoint_dir and config.restore:
+            newest = checkpoint.latest(config.checkpoint_dir)
+            if newest is not None:
+                self.table.restore(checkpoint.read(newest))
+                self.checkpoint_seq, self.restored_from = self.table.stats.inserts, newest
+                log.info("buffer: restored %d groups from %s", len(self.table), newest)
+        self._next_checkpoint = time.monotonic() + (config.checkpoint_every_s or math.inf)
         self._pending: list[_PendingSample] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,10 +164,29 @@ class BufferServer:
             self._failure = e
             log.error("buffer server at %s stopped serving", self.address, exc_info=True)
 
+    def checkpoint(self) -> Path | None:
+        """Write the table to checkpoint_dir now (from the serving loop, or while it is not
+        running); its path, or None without a checkpoint_dir."""
+        if not self.config.checkpoint_dir:
+            return None
+        path = checkpoint.write(self.config.checkpoint_dir, self.table.state(), keep=self.config.keep_checkpoints)
+        self.checkpoint_seq = self.table.stats.inserts
+        self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
+        return path
+
     def _serve(self) -> None:
+        try:
+            self._serve_requests()
+        finally:  # stopping, or failing: what is held is saved either way
+            if self.config.checkpoint_dir:
+                self.checkpoint()
+
+    def _serve_requests(self) -> None:
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
+            if time.monotonic() >= self._next_checkpoint:
+                self.checkpoint()
             wait_ms = 100
             if self._pending:
                 soonest = min(p.deadline for p in self._pending)
@@ -175,6 +227,10 @@ class BufferServer:
     def _reply(self, identity: bytes, rid: int, reply: dict) -> bool:
         """Send a reply; False if its client is gone or not reading, so it was not delivered."""
         reply.setdefault("ok", True)
+        # every reply says which server answered and what its newest checkpoint holds, so a
+        # client knows which acknowledged groups are safe and when the server restarted
+        reply["incarnation"], reply["checkpoint_seq"] = self.incarnation, self.checkpoint_seq
+        reply["checkpoints"] = bool(self.config.checkpoint_dir)
         try:
             self._socket.send_multipart([identity, *with_rid(rid, encode(reply))], copy=False, flags=zmq.NOBLOCK)
             return True
@@ -198,7 +254,8 @@ class BufferServer:
             if first.setdefault(g.id, i) != i:
                 raise RequestError(f"group {i}: id {g.id!r} repeats group {first[g.id]}'s")
         stored = [self.table.insert(g) for g in groups]
-        return {"stored": stored, "size": len(self.table), "learner_version": self.table.learner_version}
+        return {"stored": stored, "size": len(self.table), "learner_version": self.table.learner_version,
+                "seq": self.table.stats.inserts}  # covered once checkpoint_seq reaches it
 
     def _op_sample(self, identity, rid, request):
         n = _number(request, "n", int)
@@ -217,6 +274,11 @@ class BufferServer:
 
     def _op_stats(self, identity, rid, request):
         return self.table.summary()
+
+    def _op_checkpoint(self, identity, rid, request):
+        if not self.config.checkpoint_dir:
+            raise RequestError("this server has no checkpoint_dir")
+        return {"path": str(self.checkpoint())}
 
     def _serve_pending(self) -> None:
         """Answer, first come first served, the samples that can be met and those past their

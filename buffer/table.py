@@ -139,6 +139,36 @@ class Table:
             self.stats.staleness[self.staleness(group)] += 1
         self.stats.samples += len(groups)
 
+    # -- checkpoints -----------------------------------------------------------------------
+    def state(self) -> dict:
+        """Everything a restored table needs to continue as this one: the groups in insertion
+        order with their sample counts, the recent ids (so re-sent inserts stay idempotent
+        across a restart), the learner version, the counters and the RNG."""
+        s = self.stats
+        return {"learner_version": self.learner_version,
+                "items": [[e.group.to_wire(), e.times_sampled] for e in self._items.values()],
+                "seen": list(self._seen),
+                "stats": {"inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
+                          "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
+                          "staleness": [[k, v] for k, v in s.staleness.items()]},
+                "rng": _jsonable_rng(self._rng.getstate())}
+
+    def restore(self, state: dict) -> None:
+        """Become the table `state()` described (its groups validated again)."""
+        self._items = OrderedDict()
+        for data, times_sampled in state["items"]:
+            group = RolloutGroup.from_wire(data)
+            self._items[group.id] = _Entry(group, int(times_sampled))
+        self._seen = OrderedDict((str(k), None) for k in state["seen"])
+        self.learner_version = int(state["learner_version"])
+        st = dict(state["stats"])
+        self.stats = TableStats(**{k: int(st[k]) for k in ("inserts", "duplicates", "samples", "consumed",
+                                                         "dropped_stale", "evicted")},
+                                staleness=Counter({int(k): int(v) for k, v in st["staleness"]}))
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.drop_stale()  # the table's own bound, in case the config changed
+
     def summary(self) -> dict:
         """size (groups held), learner_version and the counters of TableStats, whose meanings
         it documents; inserts == size + consumed + dropped_stale + evicted."""
@@ -149,3 +179,8 @@ class Table:
             "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
             "staleness_histogram": {str(k): v for k, v in sorted(s.staleness.items())},
         }
+
+
+def _jsonable_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]

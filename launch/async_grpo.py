@@ -2,6 +2,7 @@
 holds, publishing weights every `trainer.sync_every` steps. Reads top to bottom."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from functools import partial
@@ -10,7 +11,7 @@ from pathlib import Path
 import ray
 
 from buffer.client import BufferClient
-from buffer.server import BufferServer
+from buffer.process import BufferProcess
 from common.config import ConfigError, to_yaml
 from common.metrics import MetricsLogger
 from envs import registry
@@ -40,7 +41,15 @@ def main(config: Config) -> Path:
     buffer = buffer_stats = None
     actors, actor_runs, ranks, group = [], {}, [], None
     try:
-        buffer = BufferServer(config.buffer, seed=config.run.seed).start()
+        # The buffer runs as a process of its own, checkpointing into the run folder; it is
+        # restored only when the run is resumed, and restarted from there if it dies.
+        buffer_config = dataclasses.replace(config.buffer, restore=config.run.resume,
+                                            checkpoint_dir=config.buffer.checkpoint_dir or str(run_dir / "buffer"))
+        buffer = BufferProcess(buffer_config, run_dir / "buffer.log", seed=config.run.seed,
+                               startup_timeout_s=config.run.startup_timeout_s).start()
+        if buffer.info.get("restored_from"):
+            print(f"asyncrl: the buffer resumed with {buffer.info['groups']} groups from "
+                  f"{buffer.info['restored_from']}", flush=True)
         buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s)
         group, in_bundle = cluster.place_learners(config)
         weights = cluster.start_weight_channel(config, in_bundle[0])
@@ -84,7 +93,7 @@ def shut_down(*steps) -> Exception | None:
     return first
 
 
-def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferServer, buffer_stats,
+def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferProcess, buffer_stats,
           first_step: int = 0) -> None:
     t = config.trainer
     logger = MetricsLogger(run_dir, t.max_steps)
@@ -94,9 +103,9 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
         held_out.request(first_step, version=0)
     try:
         for step in range(first_step + 1, t.max_steps + 1):
-            buffer.check()  # a dead buffer thread fails the run now, naming its cause
+            buffer.check()  # a dead buffer process is restarted (or fails the run, naming its log)
             try:
-                metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s)
+                metrics = cluster.learner_step(ranks, actor_runs, config.run.step_timeout_s, on_wait=buffer.check)
             except PeerError:
                 buffer.check()  # a learner that failed waiting on a dead buffer: name the buffer's cause
                 raise
@@ -120,5 +129,6 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
             if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
                 cluster.get([r.checkpoint.remote(str(run_dir / "checkpoints")) for r in ranks],
                             config.run.step_timeout_s, f"learner checkpoint at step {step}")
+                buffer_stats.checkpoint()  # the buffer beside it: a resumed run finds both
     finally:
         logger.close()

@@ -140,9 +140,10 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights, 
     return actors
 
 
-def learner_step(ranks: list, actor_runs: dict, timeout_s: float) -> dict:
+def learner_step(ranks: list, actor_runs: dict, timeout_s: float, on_wait=None) -> dict:
     """Run one step on every rank; returns rank 0's metrics. Fails at once, naming the rank or
-    actor, when one fails: the other ranks would only report their collective's timeout, later."""
+    actor, when one fails: the other ranks would only report their collective's timeout, later.
+    `on_wait` is called about every second while waiting (the buffer's check)."""
     pending = {r.step.remote(): i for i, r in enumerate(ranks)}
     metrics, deadline = {}, time.monotonic() + timeout_s
     while pending:
@@ -151,6 +152,8 @@ def learner_step(ranks: list, actor_runs: dict, timeout_s: float) -> dict:
             rank = pending.pop(ref)
             metrics[rank] = get(ref, 1.0, f"learner rank {rank}")
         check_actors(actor_runs)
+        if on_wait is not None:
+            on_wait()
         if pending and time.monotonic() > deadline:
             raise PeerError(f"learner step did not finish within {timeout_s:.0f}s "
                             f"(rank(s) {sorted(pending.values())} still running)")

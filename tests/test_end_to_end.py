@@ -114,6 +114,7 @@ def test_a_stopped_run_resumes_from_its_newest_checkpoint(tmp_path):
     second = launch("async_grpo", tmp_path, "trainer.max_steps=9", "trainer.checkpoint_every=3", "run.resume=true")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "step-6" in second.stdout
+    assert "the buffer resumed with" in second.stdout  # its checkpoint, saved beside the learner's
     metrics = read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == list(range(1, 10))
     # Resuming publishes the restored weights as version 7; steps 7-9 publish 8-10.

@@ -1,0 +1,50 @@
+"""A buffer server as a process of its own:
+
+    python -m buffer [key=value ...]        # keys of BufferConfig (buffer/server.py), e.g.
+    python -m buffer port=5555 checkpoint_dir=/data/buffer table.max_size=4096
+
+It restores the newest checkpoint in checkpoint_dir (restore=true), prints one JSON line
+{"address", "pid", "restored_from", "groups"} once it serves, and serves until SIGTERM or
+SIGINT, after which it writes a last checkpoint and exits 0 (1 if the serving loop failed).
+The launcher starts it this way (buffer/process.py) and restarts it if it dies.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+
+from buffer.server import BufferConfig, BufferServer
+from common.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s buffer %(levelname)s %(message)s")
+    seed = int(os.environ.get("ASYNCRL_BUFFER_SEED", "0"))
+    try:
+        config = load_config(BufferConfig, [], args)
+        server = BufferServer(config, seed=seed)
+    except ConfigError as e:
+        print(f"python -m buffer: {e}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server._stop.set())
+    print(json.dumps({"address": server.address, "pid": os.getpid(),
+                      "restored_from": str(server.restored_from) if server.restored_from else None,
+                      "groups": len(server.table)}), flush=True)
+    server.serve()
+    server._socket.close(linger=0)
+    if server._failure is not None:
+        print(f"python -m buffer: the server at {server.address} failed: {server._failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

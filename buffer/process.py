@@ -1,0 +1,100 @@
+"""The buffer server as a child process of the launcher (`python -m buffer`), restarted from
+its newest checkpoint when it dies.
+
+The launcher's process holds no table. A restarted server binds the same address, so clients
+find it again by retrying; they re-send the acknowledged groups its checkpoint lacks
+(buffer/client.py), so a restart loses nothing acknowledged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from buffer.client import BufferError
+from buffer.server import BufferConfig
+
+
+def overrides(config: BufferConfig, prefix: str = "") -> list:
+    """key=value arguments that rebuild `config` (for python -m buffer)."""
+    out = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            out += overrides(value, f"{prefix}{f.name}.")
+        else:
+            out.append(f"{prefix}{f.name}={json.dumps(value) if isinstance(value, str) else value}")
+    return out
+
+
+class BufferProcess:
+    def __init__(self, config: BufferConfig, log_path, seed: int = 0, startup_timeout_s: float = 60.0):
+        self.config = dataclasses.replace(config)
+        self.log_path, self.seed, self.startup_timeout_s = Path(log_path), seed, startup_timeout_s
+        self.process: subprocess.Popen | None = None
+        self.address = ""
+        self.restarts = 0
+        self.info: dict = {}
+
+    def start(self) -> "BufferProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "a")
+        env = dict(os.environ, ASYNCRL_BUFFER_SEED=str(self.seed), PYTHONUNBUFFERED="1")
+        self.process = subprocess.Popen([sys.executable, "-m", "buffer", *overrides(self.config)],
+                                        stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        log.close()
+        deadline, line = time.monotonic() + self.startup_timeout_s, ""
+        while not line:
+            left = deadline - time.monotonic()
+            if self.process.poll() is not None or left <= 0:
+                self.process.kill()
+                raise BufferError(f"the buffer process did not start within {self.startup_timeout_s:.0f}s "
+                                  f"(exit code {self.process.poll()}); its log: {self.log_path}: {self._tail()}")
+            if select.select([self.process.stdout], [], [], min(left, 0.5))[0]:
+                line = self.process.stdout.readline()
+        self.info = json.loads(line)
+        self.address = self.info["address"]
+        # A restart must come back where the clients look: the same host and port.
+        self.config.port = int(self.address.rsplit(":", 1)[1])
+        return self
+
+    def check(self) -> None:
+        """Restart the server if it died (up to buffer.max_restarts times, from its newest
+        checkpoint); raise BufferError naming its exit code and log when no restart is left."""
+        code = self.process.poll() if self.process is not None else None
+        if code is None:
+            return
+        if self.restarts >= self.config.max_restarts:
+            raise BufferError(f"the buffer process (pid {self.process.pid}) exited with code {code} and "
+                              f"buffer.max_restarts={self.config.max_restarts} restarts are used up; "
+                              f"its log: {self.log_path}: {self._tail()}")
+        self.restarts += 1
+        print(f"asyncrl: the buffer process exited with code {code}; restarting it "
+              f"({self.restarts}/{self.config.max_restarts}) from its newest checkpoint", file=sys.stderr, flush=True)
+        self.config.restore = True
+        self.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (the server saves a last checkpoint and exits), then kill past the deadline."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise BufferError(f"the buffer process did not stop within {timeout_s:.0f}s; killed") from None
+        if code != 0:
+            raise BufferError(f"the buffer process exited with code {code} while stopping; "
+                              f"its log: {self.log_path}: {self._tail()}")
+
+    def _tail(self) -> str:
+        try:
+            return self.log_path.read_text()[-800:]
+        except OSError:
+            return ""

@@ -1,0 +1,153 @@
+"""Buffer checkpoints and the buffer as a process of its own: a kill -9 and a restart lose
+nothing acknowledged and store nothing twice."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from buffer import checkpoint
+from buffer.client import BufferClient, BufferError
+from buffer.process import BufferProcess
+from buffer.server import BufferConfig, BufferServer
+from buffer.table import Table, TableConfig
+from tests.conftest import make_group
+
+
+def filled_table(**config) -> Table:
+    table = Table(TableConfig(max_size=8, max_staleness=3, max_times_sampled=2, **config), seed=3)
+    for i in range(10):  # two evicted
+        table.insert(make_group(version=i // 3, seed=i, prompt_id=f"p{i}"))
+    table.set_learner_version(4)  # version 0 groups are too stale now
+    table.sample(2)
+    table.insert(make_group(seed=0, prompt_id="p0"))  # a re-sent id: a duplicate
+    return table
+
+
+def test_a_restored_table_continues_exactly_as_the_saved_one(tmp_path):
+    saved = filled_table(selector="uniform")
+    restored = Table(saved.config, seed=99)
+    restored.restore(checkpoint.read(checkpoint.write(tmp_path, saved.state())))
+    assert restored.summary() == saved.summary()
+    for _ in range(3):  # the same groups in the same order, the RNG included
+        a, b = saved.sample(2), restored.sample(2)
+        assert [g.id for g in a] == [g.id for g in b]
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.tokens, y.tokens)
+            np.testing.assert_array_equal(x.behaviour_logprobs, y.behaviour_logprobs)
+    assert restored.insert(saved.select(1)[0]) is False  # ids seen before the save stay refused
+
+
+def test_checkpoints_are_numbered_kept_and_a_partial_one_is_ignored(tmp_path):
+    table = filled_table()
+    paths = [checkpoint.write(tmp_path, table.state(), keep=2) for _ in range(3)]
+    assert checkpoint.checkpoints(tmp_path) == paths[1:]
+    (tmp_path / "buffer-00000009.ckpt.partial").write_bytes(b"half a file")  # killed while saving
+    assert checkpoint.latest(tmp_path) == paths[-1]
+
+
+@pytest.mark.parametrize("damage", ["magic", "truncate"])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(tmp_path, damage):
+    path = checkpoint.write(tmp_path, filled_table().state())
+    data = path.read_bytes()
+    path.write_bytes(b"x" + data[1:] if damage == "magic" else data[:-100])
+    with pytest.raises(checkpoint.CheckpointError, match=path.name):
+        checkpoint.read(path)
+
+
+def test_a_server_saves_when_it_stops_and_a_new_one_restores_it(tmp_path):
+    config = BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path), checkpoint_every_s=0)
+    server = BufferServer(config).start()
+    client = BufferClient(server.address, timeout_s=5.0)
+    client.insert(*[make_group(seed=i, prompt_id=f"p{i}") for i in range(5)])
+    client.set_learner_version(1)
+    client.close()
+    server.stop()
+    again = BufferServer(config).start()
+    try:
+        assert again.restored_from == checkpoint.latest(tmp_path)
+        assert again.table.summary()["size"] == 5 and again.table.learner_version == 1
+    finally:
+        again.stop()
+
+
+def test_the_client_keeps_acknowledged_groups_until_a_checkpoint_holds_them(tmp_path):
+    server = BufferServer(BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path), checkpoint_every_s=0)).start()
+    client = BufferClient(server.address, timeout_s=5.0)
+    try:
+        client.insert(*[make_group(seed=i, prompt_id=f"a{i}") for i in range(3)])
+        assert client.unsaved == 3
+        client.checkpoint()
+        client.insert(make_group(seed=9, prompt_id="b"))
+        assert client.unsaved == 1  # the checkpoint holds the first three
+    finally:
+        client.close()
+        server.stop()
+    plain = BufferServer(BufferConfig(timeout_s=5.0)).start()  # no checkpoints: nothing to keep
+    client = BufferClient(plain.address, timeout_s=5.0)
+    try:
+        client.insert(make_group(seed=1))
+        assert client.unsaved == 0
+    finally:
+        client.close()
+        plain.stop()
+
+
+def test_kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice(tmp_path):
+    config = BufferConfig(timeout_s=3.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
+                          table=TableConfig(max_size=4096, max_staleness=100))
+    process = BufferProcess(config, tmp_path / "buffer.log").start()
+    client = BufferClient(process.address, timeout_s=3.0, retries=5)
+    sent = []
+    try:
+        for i in range(30):
+            group = make_group(seed=i, prompt_id=f"g{i}")
+            assert client.insert(group)["stored"] == [True]
+            sent.append(group.id)
+            if i == 11:
+                client.checkpoint()     # groups 0-11 are on disk; 12-29 only in the server's memory
+        assert client.unsaved == 18
+        os.kill(process.process.pid, signal.SIGKILL)
+        process.process.wait(10)
+        process.check()                 # the launcher's check: restarts it from the checkpoint
+        assert process.restarts == 1 and process.info["groups"] == 12
+        late = make_group(seed=99, prompt_id="late")
+        client.insert(late)             # answered by the new server: the 18 are re-sent once
+        sent.append(late.id)
+        assert client.resent_groups == 18
+        stats = client.stats()
+        assert stats["size"] == len(sent) == 31
+        groups, _, _ = client.sample(31, timeout_s=5.0)
+        assert sorted(g.id for g in groups) == sorted(sent)  # each exactly once
+    finally:
+        client.close()
+        process.stop()
+
+
+def test_a_buffer_process_that_keeps_dying_fails_naming_its_log(tmp_path):
+    process = BufferProcess(BufferConfig(max_restarts=0), tmp_path / "buffer.log").start()
+    os.kill(process.process.pid, signal.SIGKILL)
+    process.process.wait(10)
+    with pytest.raises(BufferError, match="max_restarts=0.*buffer.log"):
+        process.check()
+
+
+def test_python_m_buffer_refuses_a_bad_key_naming_it():
+    result = subprocess.run([sys.executable, "-m", "buffer", "table.max_size=0"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "table.max_size" in result.stderr
+
+
+def test_python_m_buffer_serves_until_sigterm_and_saves(tmp_path):
+    process = BufferProcess(BufferConfig(checkpoint_dir=str(tmp_path), checkpoint_every_s=0),
+                            tmp_path / "log").start()
+    client = BufferClient(process.address, timeout_s=5.0)
+    client.insert(make_group(seed=1))
+    client.close()
+    t = time.monotonic()
+    process.stop()
+    assert time.monotonic() - t < 10 and process.process.returncode == 0
+    assert len(checkpoint.read(checkpoint.latest(tmp_path))["items"]) == 1
