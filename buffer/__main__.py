@@ -3,6 +3,7 @@
     python -m buffer [key=value ...]        # keys of BufferConfig (buffer/server.py), e.g.
     python -m buffer port=5555 checkpoint_dir=/data/buffer table.max_size=4096
 
+With ASYNCRL_BUFFER_TOKEN set, only clients holding that token may move the learner version.
 It restores the newest checkpoint in checkpoint_dir (restore=true), prints one JSON line
 {"address", "pid", "restored_from", "groups"} once it serves, and serves until SIGTERM or
 SIGINT, after which it writes a last checkpoint and exits 0 (1 if the serving loop failed).
@@ -29,7 +30,7 @@ def main(argv=None) -> int:
     seed = int(os.environ.get("ASYNCRL_BUFFER_SEED", "0"))
     try:
         config = load_config(BufferConfig, [], args)
-        server = BufferServer(config, seed=seed)
+        server = BufferServer(config, seed=seed, version_token=os.environ.get("ASYNCRL_BUFFER_TOKEN", ""))
     except ConfigError as e:
         print(f"python -m buffer: {e}", file=sys.stderr)
         return 2

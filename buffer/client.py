@@ -36,8 +36,9 @@ class BufferTimeout(BufferError):
 
 
 class BufferClient:
-    def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3):
+    def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3, version_token: str = ""):
         self.address = address
+        self.version_token = version_token  # what set_learner_version shows the server
         self.timeout_s = timeout_s
         self.retries = retries
         self._context = zmq.Context.instance()
@@ -131,7 +132,7 @@ class BufferClient:
         return groups, list(reply["staleness"]), int(reply["learner_version"])
 
     def set_learner_version(self, version: int) -> dict:
-        return self._call("set_version", version=int(version))
+        return self._call("set_version", version=int(version), token=self.version_token)
 
     def stats(self) -> dict:
         return self._call("stats")

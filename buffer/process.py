@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import select
 import subprocess
 import sys
@@ -35,6 +36,7 @@ def overrides(config: BufferConfig, prefix: str = "") -> list:
 class BufferProcess:
     def __init__(self, config: BufferConfig, log_path, seed: int = 0, startup_timeout_s: float = 60.0):
         self.config = dataclasses.replace(config)
+        self.version_token = secrets.token_hex(16)  # the learner's alone: nobody else moves the version
         self.log_path, self.seed, self.startup_timeout_s = Path(log_path), seed, startup_timeout_s
         self.process: subprocess.Popen | None = None
         self.address = ""
@@ -44,7 +46,8 @@ class BufferProcess:
     def start(self) -> "BufferProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
-        env = dict(os.environ, ASYNCRL_BUFFER_SEED=str(self.seed), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, ASYNCRL_BUFFER_SEED=str(self.seed), PYTHONUNBUFFERED="1",
+                   ASYNCRL_BUFFER_TOKEN=self.version_token)
         self.process = subprocess.Popen([sys.executable, "-m", "buffer", *overrides(self.config)],
                                         stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         log.close()

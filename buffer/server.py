@@ -6,7 +6,8 @@ decoded (a request without a valid rid frame gets rid 0, which no client uses). 
 a map with `op`. Ops:
   insert      {groups}           -> {stored: one bool per group, size, learner_version}
   sample      {n, timeout_s}     -> {groups, staleness, learner_version}; waits for n groups
-  set_version {version}          -> {learner_version, dropped}
+  set_version {version, token}   -> {learner_version, dropped}; with a version token set, only
+                                    a request carrying it (the learner's) may move the version
   stats       {}                 -> the table's summary
   checkpoint  {}                 -> {path}: the table written to checkpoint_dir now
 Every reply also carries the server's `incarnation` (new at each start) and `checkpoint_seq`
@@ -22,6 +23,7 @@ anyway, check() and stop() raise the cause.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import math
 import threading
@@ -40,6 +42,7 @@ from common.rollout import RolloutGroup, SchemaError
 from common.wire import WireError, decode, encode, split_rid, with_rid
 
 log = logging.getLogger(__name__)
+MAX_VERSION = 2**53  # a policy version past this is not one a learner publishes
 
 
 @dataclass
@@ -98,8 +101,11 @@ class _PendingSample:
 
 
 class BufferServer:
-    def __init__(self, config: BufferConfig, seed: int = 0):
+    def __init__(self, config: BufferConfig, seed: int = 0, version_token: str = ""):
+        """`version_token`: when set, only requests carrying it may move the learner version
+        (the launcher gives it to the learner alone)."""
         self.config = config
+        self._version_token = version_token
         self.table = Table(config.table, seed=seed)
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
@@ -267,8 +273,13 @@ class BufferServer:
         return None  # answered by _serve_pending
 
     def _op_set_version(self, identity, rid, request):
+        if self._version_token and not hmac.compare_digest(str(request.get("token", "")), self._version_token):
+            raise RequestError("set_version refused: only the learner may move the version (wrong or missing token)")
+        version = _number(request, "version", int)
+        if not 0 <= version <= MAX_VERSION:
+            raise RequestError(f"set_version refused: version {version} lies outside [0, {MAX_VERSION}]")
         before = self.table.stats.dropped_stale
-        self.table.set_learner_version(_number(request, "version", int))
+        self.table.set_learner_version(version)
         return {"learner_version": self.table.learner_version,
                 "dropped": self.table.stats.dropped_stale - before}
 

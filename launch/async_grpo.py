@@ -53,7 +53,7 @@ def main(config: Config) -> Path:
         buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s)
         group, in_bundle = cluster.place_learners(config)
         weights = cluster.start_weight_channel(config, in_bundle[0])
-        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle)
+        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle, buffer.version_token)
         actors = cluster.start_actors(config, model_path, buffer.address, weights, in_bundle)
         first_step = 0
         if resume_from is not None:  # the learner publishes what it resumed with; the actors follow

@@ -106,8 +106,10 @@ def start_weight_channel(config: Config, rank0) -> object:
     return RayWeightChannel(store, timeout_s=config.run.weights_timeout_s)
 
 
-def start_learners(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list) -> list:
-    """One Ray actor per learner rank, each in its bundle of the learners' placement group."""
+def start_learners(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list,
+                   buffer_token: str = "") -> list:
+    """One Ray actor per learner rank, each in its bundle of the learners' placement group;
+    `buffer_token` lets them (alone) move the buffer's version."""
     t = config.trainer
     master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
     remote = ray.remote(Learner)
@@ -117,7 +119,7 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
         gpus[0] = COLOCATED_SHARE
     ranks = [remote.options(num_gpus=gpus[i], num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
-                     weights, master_addr, master_port, config.run.seed)
+                     weights, master_addr, master_port, config.run.seed, buffer_token)
              for i in range(t.world_size)]
     get([r.__ray_ready__.remote() for r in ranks], config.run.startup_timeout_s, "learner start-up")
     return ranks

@@ -132,7 +132,7 @@ class TrainerConfig:
 class Learner:
     def __init__(self, rank: int, model_path: str, dtype: str, trainer: TrainerConfig, loss: LossConfig,
                  buffer_address: str, buffer_timeout_s: float, weights,
-                 master_addr: str = "127.0.0.1", master_port: int = 0, seed: int = 0):
+                 master_addr: str = "127.0.0.1", master_port: int = 0, seed: int = 0, buffer_token: str = ""):
         self.rank, self.world_size, self.config, self.loss_config = rank, trainer.world_size, trainer, loss
         transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.weights = weights.sender() if rank == 0 else None  # a channel spec (common/weights.py)
@@ -170,7 +170,7 @@ class Learner:
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(trainer, step))
-        self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
+        self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s, version_token=buffer_token)
         self.model_path = model_path
         self.step_count = 0
         self.version = 0

@@ -151,3 +151,21 @@ def test_python_m_buffer_serves_until_sigterm_and_saves(tmp_path):
     process.stop()
     assert time.monotonic() - t < 10 and process.process.returncode == 0
     assert len(checkpoint.read(checkpoint.latest(tmp_path))["items"]) == 1
+
+
+def test_only_the_token_holder_moves_the_version_and_an_absurd_version_is_refused():
+    server = BufferServer(BufferConfig(timeout_s=5.0), version_token="s3cret").start()
+    learner = BufferClient(server.address, timeout_s=5.0, version_token="s3cret")
+    stranger = BufferClient(server.address, timeout_s=5.0)
+    try:
+        learner.insert(make_group(version=0, seed=1))
+        with pytest.raises(BufferError, match="only the learner may move the version"):
+            stranger.set_learner_version(2**63 - 1)
+        with pytest.raises(BufferError, match="outside"):
+            learner.set_learner_version(2**62)
+        assert learner.set_learner_version(1)["learner_version"] == 1
+        assert stranger.stats()["size"] == 1  # nothing was dropped as stale by the refused requests
+    finally:
+        learner.close()
+        stranger.close()
+        server.stop()
