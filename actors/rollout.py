@@ -16,9 +16,12 @@ more than `max_hung_env_calls` are hung at once the loop raises EnvironmentsExha
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from numbers import Real
 
@@ -46,6 +49,9 @@ class RolloutConfig:
     """An episode still running after this many seconds is ended (error set) and counted."""
     max_hung_env_calls: int = 16
     """Environment calls that may be hung past their deadline at once before the actor fails."""
+    env_threads: int = 32
+    """Threads that run environment calls (reset and step), started as needed; a call hung past
+    its deadline keeps its thread, so up to max_hung_env_calls more are started."""
 
     def validate(self):
         check(self.group_size >= 2, "group_size", f"GRPO needs >= 2 completions per prompt, got {self.group_size}")
@@ -55,6 +61,7 @@ class RolloutConfig:
         check(self.env_timeout_s > 0, "env_timeout_s", "must be > 0")
         check(self.max_episode_s > 0, "max_episode_s", "must be > 0")
         check(self.max_hung_env_calls >= 0, "max_hung_env_calls", "must be >= 0")
+        check(self.env_threads >= 1, "env_threads", f"must be >= 1, got {self.env_threads}")
 
 
 class EnvironmentsExhausted(RuntimeError):
@@ -75,9 +82,12 @@ class ChatRenderer:
     puts after it, and a turn cut at max_new_tokens gets its end-of-turn marker.
     """
 
-    def __init__(self, tokenizer, stop_token_ids: list = ()):
+    def __init__(self, tokenizer, stop_token_ids: list = (), cache_size: int = 1024):
         self.tokenizer = tokenizer
         self.stop_texts = {t: tokenizer.decode([t], skip_special_tokens=False) for t in stop_token_ids}
+        # A group's G episodes open with the same messages: render and tokenize them once.
+        self._prompts: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
 
     def text(self, messages: list, add_generation_prompt: bool) -> str:
         if self.tokenizer.chat_template:
@@ -89,7 +99,15 @@ class ChatRenderer:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt(self, messages: list) -> list:
-        return self.encode(self.text(messages, add_generation_prompt=True))
+        key = json.dumps(messages, sort_keys=True, default=str)
+        tokens = self._prompts.get(key)
+        if tokens is None:
+            tokens = self._prompts[key] = self.encode(self.text(messages, add_generation_prompt=True))
+            if len(self._prompts) > self._cache_size:
+                self._prompts.popitem(last=False)
+        else:
+            self._prompts.move_to_end(key)
+        return list(tokens)
 
     def after_turn(self, history: list, sampled: list, observation: list) -> list:
         """Tokens that follow a policy turn's sampled tokens up to the next generation prompt.
@@ -158,6 +176,7 @@ class EpisodeRunner:
         self.episodes = self.episodes_timed_out = self.groups_unusable = 0
         self.hung_env_calls = 0
         self._hung_lock = threading.Lock()
+        self._env_threads = DaemonThreads(config.env_threads + config.max_hung_env_calls, "env")
 
     # -- groups and episodes ----------------------------------------------------------------
     async def group(self, task: dict, actor_id: int = 0) -> RolloutGroup | None:
@@ -224,7 +243,7 @@ class EpisodeRunner:
 
     # -- environment calls ------------------------------------------------------------------
     async def _env_call(self, fn, *args):
-        """Run an environment call on a thread of its own with a deadline; (result, error)."""
+        """Run an environment call on an environment thread with a deadline; (result, error)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         state = {"abandoned": False}
@@ -242,7 +261,7 @@ class EpisodeRunner:
                     return
             settle_from_thread(loop, future, result, error)
 
-        threading.Thread(target=target, name=f"env-{fn.__qualname__}", daemon=True).start()
+        self._env_threads.submit(target)
         try:
             result = await asyncio.wait_for(asyncio.shield(future), self.config.env_timeout_s)
         except asyncio.TimeoutError:
@@ -260,3 +279,29 @@ class EpisodeRunner:
             return None, f"environment {fn.__qualname__} raised {type(e).__name__}: {e}"
         return result, ""
 
+
+
+class DaemonThreads:
+    """At most `limit` daemon threads taking jobs from one queue, started only when every
+    started one is busy. Daemon: a job that never returns (a hung environment) cannot keep the
+    process from exiting, which a ThreadPoolExecutor's threads would."""
+
+    def __init__(self, limit: int, name: str):
+        self.limit, self.name = limit, name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.started = self._idle = 0
+
+    def submit(self, job) -> None:
+        with self._lock:
+            if self._idle <= 0 and self.started < self.limit:
+                self.started += 1
+                threading.Thread(target=self._work, name=f"{self.name}-{self.started}", daemon=True).start()
+            self._idle -= 1  # claimed now, so a burst of submits starts the threads it needs
+        self._jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+            self._jobs.get()()

@@ -1,0 +1,112 @@
+"""CPU cost of the rollout loop itself, per episode, without an engine's compute: how many
+episodes per second one actor process can drive at most, whatever the GPU does.
+
+    python -m bench.rollout_overhead [--episodes 4096] [--group-size 8] [--model PATH] [--profile]
+
+The engine here answers every request at once with a fixed completion (an instrument that
+isolates the loop's CPU time; a real engine only adds to it). The environment is the default
+job's (arithmetic) with the default model's chat template, unless --model names another
+Hugging Face folder. Reported: microseconds of wall-clock per episode and per group (render,
+tokenize, environment calls, decode, group assembly and its wire encoding), and with
+--profile the top functions by cumulative time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import os
+import pstats
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from actors.engine import Engine, Sample  # noqa: E402
+
+
+class InstantEngine(Engine):
+    """Answers every request at once with the same tokens (bench instrument)."""
+
+    def __init__(self, completion: list):
+        self.completion = completion
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    async def generate(self, prompt, max_new_tokens, temperature):
+        n = min(len(self.completion), max_new_tokens)
+        return Sample(self.completion[:n], [-0.5] * n, [0] * n, "stop")
+
+    def start_weight_updates(self, receiver):
+        pass
+
+    def check(self):
+        pass
+
+    def close(self):
+        pass
+
+    def stats(self):
+        return {"weight_swaps": 0}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=4096)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--inflight", type=int, default=256, help="episodes in flight")
+    parser.add_argument("--model", help="a Hugging Face folder (default: the default job's model)")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from actors.rollout import EpisodeRunner, RolloutConfig
+    from common.wire import encode
+    from envs import registry
+    from launch.models import ModelConfig, resolve
+
+    model = args.model or resolve(ModelConfig(), "/tmp", 0)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    completion = tokenizer("42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    make_env = registry.factory(registry.EnvConfig(name="arithmetic"))
+    runner = EpisodeRunner(InstantEngine(completion), tokenizer, make_env,
+                           RolloutConfig(group_size=args.group_size, max_new_tokens=24, temperature=0.7),
+                           [tokenizer.eos_token_id])
+    source, rng = make_env(), random.Random(0)
+    groups = args.episodes // args.group_size
+
+    async def drive():
+        pending, done = set(), 0
+        started = 0
+        while done < groups:
+            while started < groups and len(pending) * args.group_size < args.inflight:
+                pending.add(asyncio.ensure_future(runner.group(source.sample(rng))))
+                started += 1
+            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in finished:
+                encode(f.result().to_wire())  # what an insert sends
+                done += 1
+
+    profiler = cProfile.Profile() if args.profile else None
+    t = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    asyncio.run(drive())
+    if profiler:
+        profiler.disable()
+    seconds = time.perf_counter() - t
+    if profiler:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+    print(json.dumps({"episodes": groups * args.group_size, "seconds": round(seconds, 3),
+                      "us_per_episode": round(seconds / (groups * args.group_size) * 1e6, 1),
+                      "episodes_per_s": round(groups * args.group_size / seconds),
+                      "env_s": round(runner.env_s, 3), "model": model}))
+
+
+if __name__ == "__main__":
+    main()
