@@ -104,15 +104,24 @@ class BufferClient:
                 self.insert(*lost[i:i + RESEND_BATCH])
             self.resent_groups += len(lost)
 
-    def insert(self, *groups: RolloutGroup) -> dict:
+    def insert(self, *groups: RolloutGroup, priorities: list | None = None, timeout_s: float | None = None) -> dict:
         """Store groups in one request: all or, if any is malformed, none. Returns
         {stored: [bool per group; False for an id stored before], size, learner_version}.
         Until a checkpoint of the server holds them, the groups are kept here, and re-sent to
         a server that restarted (from its newest checkpoint) in the meantime."""
-        reply = self._call("insert", groups=[g.to_wire() for g in groups])
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        fields = {"groups": [g.to_wire() for g in groups], "timeout_s": timeout_s}
+        if priorities is not None:
+            fields["priorities"] = [float(p) for p in priorities]
+        # the server answers an insert its rate limiter holds past timeout_s; give the reply time
+        reply = self._call("insert", deadline_s=timeout_s + 10.0, **fields)
         if reply.get("checkpoints"):
             self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in groups]
         return reply
+
+    def update_priorities(self, priorities: dict) -> dict:
+        """Set the priorities of groups by id ({id: priority}); {updated: how many are held}."""
+        return self._call("update_priorities", ids=list(priorities), priorities=[float(p) for p in priorities.values()])
 
     @property
     def unsaved(self) -> int:

@@ -4,7 +4,10 @@ A request or reply is [rid, header, *array frames] (common/wire.py): the rid fra
 request id) leads, and every reply echoes it, even to a request that is oversize or cannot be
 decoded (a request without a valid rid frame gets rid 0, which no client uses). The header is
 a map with `op`. Ops:
-  insert      {groups}           -> {stored: one bool per group, size, learner_version}
+  insert      {groups, priorities?, timeout_s?}
+                                 -> {stored: one bool per group, size, learner_version, seq};
+                                    waits while the rate limiter holds it (error at timeout_s)
+  update_priorities {ids, priorities} -> {updated: how many of the ids are held}
   sample      {n, timeout_s}     -> {groups, staleness, learner_version}; waits for n groups
   set_version {version, token}   -> {learner_version, dropped}; with a version token set, only
                                     a request carrying it (the learner's) may move the version
@@ -83,6 +86,12 @@ class RequestError(ValueError):
     pass
 
 
+def _priority(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise RequestError(f"a priority must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _number(request: dict, key: str, kind: type = float, default=None):
     """request[key] as a finite int (kind=int) or number; RequestError naming the key if not."""
     value = request.get(key, default)
@@ -97,6 +106,15 @@ class _PendingSample:
     identity: bytes
     rid: int
     n: int
+    deadline: float
+
+
+@dataclass
+class _PendingInsert:
+    identity: bytes
+    rid: int
+    groups: list
+    priorities: list
     deadline: float
 
 
@@ -135,6 +153,7 @@ class BufferServer:
                 log.info("buffer: restored %d groups from %s", len(self.table), newest)
         self._next_checkpoint = time.monotonic() + (config.checkpoint_every_s or math.inf)
         self._pending: list[_PendingSample] = []
+        self._pending_inserts: list[_PendingInsert] = []  # held by the rate limiter, in arrival order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -194,8 +213,8 @@ class BufferServer:
             if time.monotonic() >= self._next_checkpoint:
                 self.checkpoint()
             wait_ms = 100
-            if self._pending:
-                soonest = min(p.deadline for p in self._pending)
+            if self._pending or self._pending_inserts:
+                soonest = min(p.deadline for p in self._pending + self._pending_inserts)
                 wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
             if poller.poll(wait_ms):
                 # Drain what has arrived before serving samples, so inserts are seen first.
@@ -259,9 +278,30 @@ class BufferServer:
         for i, g in enumerate(groups):
             if first.setdefault(g.id, i) != i:
                 raise RequestError(f"group {i}: id {g.id!r} repeats group {first[g.id]}'s")
-        stored = [self.table.insert(g) for g in groups]
+        priorities = request.get("priorities")
+        if priorities is None:
+            priorities = [1.0] * len(groups)
+        if not isinstance(priorities, list) or len(priorities) != len(groups):
+            raise RequestError(f"'priorities' must be a list of one number per group ({len(groups)})")
+        priorities = [_priority(p) for p in priorities]
+        timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
+        if self._pending_inserts or not self.table.can_insert(len(groups)):  # the rate limiter holds it
+            self._pending_inserts.append(_PendingInsert(identity, rid, groups, priorities,
+                                                        time.monotonic() + timeout_s))
+            return None
+        return self._store(groups, priorities)
+
+    def _store(self, groups: list, priorities: list) -> dict:
+        stored = [self.table.insert(g, p) for g, p in zip(groups, priorities)]
         return {"stored": stored, "size": len(self.table), "learner_version": self.table.learner_version,
                 "seq": self.table.stats.inserts}  # covered once checkpoint_seq reaches it
+
+    def _op_update_priorities(self, identity, rid, request):
+        ids, priorities = request.get("ids"), request.get("priorities")
+        if not (isinstance(ids, list) and isinstance(priorities, list) and len(ids) == len(priorities)):
+            raise RequestError("update_priorities needs 'ids' and 'priorities', lists of one length")
+        values = {str(i): _priority(p) for i, p in zip(ids, priorities)}
+        return {"updated": self.table.update_priorities(values)}
 
     def _op_sample(self, identity, rid, request):
         n = _number(request, "n", int)
@@ -284,7 +324,8 @@ class BufferServer:
                 "dropped": self.table.stats.dropped_stale - before}
 
     def _op_stats(self, identity, rid, request):
-        return self.table.summary()
+        return {**self.table.summary(), "held_inserts": len(self._pending_inserts),
+                "waiting_samples": len(self._pending)}
 
     def _op_checkpoint(self, identity, rid, request):
         if not self.config.checkpoint_dir:
@@ -297,7 +338,19 @@ class BufferServer:
         client; a sample whose client is gone takes nothing and is forgotten. (ZeroMQ learns of
         a disconnect within milliseconds on loopback; a client lost in that window, or after
         its reply was sent, loses the groups: there is no delivery receipt.)"""
-        now, still = time.monotonic(), []
+        now, waiting = time.monotonic(), []
+        for p in self._pending_inserts:  # in arrival order: one held insert holds those behind it
+            if now >= p.deadline:
+                self._reply(p.identity, p.rid, {
+                    "ok": False, "error": f"timeout: the rate limiter ({self.table.config.rate_limiter}) held this "
+                    f"insert of {len(p.groups)} group(s) past its deadline: the learner is not sampling "
+                    f"(size {len(self.table)}, samples {self.table.stats.samples}, inserts {self.table.stats.inserts})"})
+            elif not waiting and self.table.can_insert(len(p.groups)):
+                self._reply(p.identity, p.rid, self._store(p.groups, p.priorities))
+            else:
+                waiting.append(p)
+        self._pending_inserts = waiting
+        still = []
         for p in self._pending:
             if now >= p.deadline:
                 self._reply(p.identity, p.rid, {
@@ -311,3 +364,6 @@ class BufferServer:
                     "learner_version": self.table.learner_version}):
                 self.table.mark_sampled(groups)
         self._pending = still
+        if self._pending_inserts and self._pending_inserts[0].deadline > now and \
+                self.table.can_insert(len(self._pending_inserts[0].groups)):
+            self._serve_pending()  # the samples made room for a held insert

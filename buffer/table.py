@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from common.config import check
 from common.rollout import RolloutGroup
 
-SELECTORS = ("fifo", "lifo", "uniform")
+SELECTORS = ("fifo", "lifo", "uniform", "prioritized", "max_heap", "min_heap")
+RATE_LIMITERS = ("min_size", "ratio", "queue")
 
 
 @dataclass
@@ -22,7 +23,24 @@ class TableConfig:
     """A group is never sampled once learner_version - group.version exceeds this; it is
     dropped and counted in `dropped_stale`."""
     selector: str = "fifo"
-    """Which groups a sample takes: fifo (oldest first), lifo (newest first) or uniform."""
+    """Which groups a sample takes: fifo (oldest first), lifo (newest first), uniform,
+    prioritized (drawn with probability proportional to priority ** priority_exponent),
+    max_heap or min_heap (highest or lowest priority first; ties oldest first). A group's
+    priority is given at insert (default 1.0) and changed by update_priorities."""
+    priority_exponent: float = 1.0
+    """The exponent of the prioritized selector (0: uniform)."""
+    rate_limiter: str = "min_size"
+    """When inserts and samples may go ahead (one mechanism, three presets):
+    min_size: samples wait for min_size_to_sample groups, inserts never wait;
+    ratio: also keep samples per insert near samples_per_insert, within error_buffer: inserts
+    wait when the learner falls behind, samples when the actors do;
+    queue: inserts wait while the table is full (nothing is evicted); needs fifo and
+    max_times_sampled=1."""
+    samples_per_insert: float = 1.0
+    """ratio: group hand-outs per inserted group. A group removed unsampled (stale, evicted)
+    counts as sampled here, or a staleness drop could stop the actors for ever."""
+    error_buffer: float = 8.0
+    """ratio: how far (in hand-outs) samples may run ahead of or behind the ratio."""
     max_times_sampled: int = 1
     """A group is removed after this many samples (counted in `consumed`); 0 keeps it until
     evicted or stale."""
@@ -36,12 +54,28 @@ class TableConfig:
         check(self.max_times_sampled >= 0, "max_times_sampled", "must be >= 0")
         check(1 <= self.min_size_to_sample <= self.max_size, "min_size_to_sample",
               f"must lie in [1, max_size={self.max_size}], got {self.min_size_to_sample}")
+        check(self.priority_exponent >= 0, "priority_exponent", f"must be >= 0, got {self.priority_exponent}")
+        check(self.rate_limiter in RATE_LIMITERS, "rate_limiter",
+              f"must be one of {RATE_LIMITERS}, got {self.rate_limiter!r}")
+        check(self.samples_per_insert > 0, "samples_per_insert", f"must be > 0, got {self.samples_per_insert}")
+        if self.rate_limiter == "ratio":
+            # an insert moves the balance by +samples_per_insert, a hand-out by -1: the window
+            # must fit both, or neither could ever go ahead (Reverb refuses the same)
+            check(2 * self.error_buffer >= max(1.0, self.samples_per_insert), "error_buffer",
+                  f"must be >= max(1, samples_per_insert) / 2 = {max(1.0, self.samples_per_insert) / 2:g} "
+                  f"with rate_limiter=ratio, got {self.error_buffer:g}: inserts and samples would both wait for ever")
+        if self.rate_limiter == "queue":
+            check(self.selector == "fifo", "selector", f"must be fifo with rate_limiter=queue, got {self.selector!r}")
+            check(self.max_times_sampled == 1, "max_times_sampled",
+                  f"must be 1 with rate_limiter=queue, got {self.max_times_sampled}")
 
 
 @dataclass
 class _Entry:
     group: RolloutGroup
     times_sampled: int = 0
+    priority: float = 1.0
+    order: int = 0  # insertion number: ties of the heap selectors go to the oldest
 
 
 @dataclass
@@ -54,6 +88,7 @@ class TableStats:
     consumed: int = 0         # groups removed because they were sampled max_times_sampled times
     dropped_stale: int = 0    # groups removed (or refused on arrival) as too stale, sampled or not
     evicted: int = 0          # groups removed, sampled or not, because the table was full
+    unsampled_credit: int = 0  # hand-outs that removed groups will never have (the ratio limiter's)
     staleness: Counter = field(default_factory=Counter)  # staleness at sampling -> hand-outs
 
 
@@ -70,7 +105,7 @@ class Table:
     def __len__(self) -> int:
         return len(self._items)
 
-    def insert(self, group: RolloutGroup) -> bool:
+    def insert(self, group: RolloutGroup, priority: float = 1.0) -> bool:
         """Store the group; False if its id was stored before (a re-sent insert)."""
         if group.id in self._seen:
             self.stats.duplicates += 1
@@ -82,11 +117,47 @@ class Table:
         if self.staleness(group) > self.config.max_staleness:  # arrived too late to be used
             self.stats.dropped_stale += 1
             return True
-        self._items[group.id] = _Entry(group)
+        self._items[group.id] = _Entry(group, priority=float(priority), order=self.stats.inserts)
         while len(self._items) > self.config.max_size:
-            self._items.popitem(last=False)
+            self._remove_unsampled(next(iter(self._items)))
             self.stats.evicted += 1
         return True
+
+    def _remove_unsampled(self, key: str) -> None:
+        """Remove a group that leaves without (all its) hand-outs; the ratio limiter counts
+        what it will never hand out as handed out."""
+        entry = self._items.pop(key)
+        if self.config.max_times_sampled:
+            self.stats.unsampled_credit += self.config.max_times_sampled - entry.times_sampled
+        elif entry.times_sampled == 0:
+            self.stats.unsampled_credit += 1
+
+    # -- the rate limiter -------------------------------------------------------------------
+    def _balance(self) -> float:
+        """inserts x samples_per_insert - hand-outs (a removed unsampled group counted as handed out)."""
+        s = self.stats
+        return s.inserts * self.config.samples_per_insert - s.samples - s.unsampled_credit
+
+    def can_insert(self, n: int = 1) -> bool:
+        """Whether n groups may be inserted now (else the insert waits)."""
+        c = self.config
+        if c.rate_limiter == "queue":
+            return len(self._items) + n <= c.max_size
+        if c.rate_limiter == "ratio":
+            # n at once would never fit a small window: admit them if one more would
+            most = c.samples_per_insert * c.min_size_to_sample + c.error_buffer
+            return self._balance() + c.samples_per_insert <= most
+        return True
+
+    def update_priorities(self, priorities: dict) -> int:
+        """Set the priority of each id held; returns how many were held (others are gone)."""
+        held = 0
+        for key, value in priorities.items():
+            entry = self._items.get(key)
+            if entry is not None:
+                entry.priority = float(value)
+                held += 1
+        return held
 
     def set_learner_version(self, version: int) -> None:
         self.learner_version = max(self.learner_version, int(version))
@@ -98,14 +169,20 @@ class Table:
     def drop_stale(self) -> int:
         stale = [k for k, e in self._items.items() if self.staleness(e.group) > self.config.max_staleness]
         for k in stale:
-            del self._items[k]
+            self._remove_unsampled(k)
         self.stats.dropped_stale += len(stale)
         return len(stale)
 
     def can_sample(self, n: int) -> bool:
         # Staleness only grows when the version moves (drop_stale) or a group arrives (insert),
         # so every held group is fresh here without a scan.
-        return len(self._items) >= max(n, self.config.min_size_to_sample)
+        c = self.config
+        if len(self._items) < max(n, c.min_size_to_sample):
+            return False
+        if c.rate_limiter == "ratio":
+            least = c.samples_per_insert * c.min_size_to_sample - c.error_buffer
+            return self._balance() - 1 >= least  # (n at once: admitted if one hand-out would be)
+        return True
 
     def sample(self, n: int) -> list[RolloutGroup] | None:
         """n distinct groups chosen by the selector, or None if too few are held."""
@@ -119,13 +196,25 @@ class Table:
         until mark_sampled, so a sample whose reply cannot be delivered takes nothing."""
         if not self.can_sample(n):
             return None
-        keys = list(self._items)
-        if self.config.selector == "fifo":
+        keys, selector = list(self._items), self.config.selector
+        if selector == "fifo":
             chosen = keys[:n]
-        elif self.config.selector == "lifo":
+        elif selector == "lifo":
             chosen = keys[-n:][::-1]
-        else:
+        elif selector == "uniform":
             chosen = self._rng.sample(keys, n)
+        elif selector in ("max_heap", "min_heap"):
+            sign = -1.0 if selector == "max_heap" else 1.0
+            chosen = sorted(keys, key=lambda k: (sign * self._items[k].priority, self._items[k].order))[:n]
+        else:  # prioritized: n distinct draws, each with probability ~ priority ** exponent
+            chosen, left = [], keys
+            weights = [self._items[k].priority ** self.config.priority_exponent for k in left]
+            for _ in range(n):
+                total = sum(weights)
+                i = self._rng.choices(range(len(left)), weights=weights)[0] if total > 0 else \
+                    self._rng.randrange(len(left))
+                chosen.append(left[i])
+                left, weights = left[:i] + left[i + 1:], weights[:i] + weights[i + 1:]
         return [self._items[k].group for k in chosen]
 
     def mark_sampled(self, groups: list[RolloutGroup]) -> None:
@@ -146,24 +235,25 @@ class Table:
         across a restart), the learner version, the counters and the RNG."""
         s = self.stats
         return {"learner_version": self.learner_version,
-                "items": [[e.group.to_wire(), e.times_sampled] for e in self._items.values()],
+                "items": [[e.group.to_wire(), e.times_sampled, e.priority, e.order] for e in self._items.values()],
                 "seen": list(self._seen),
                 "stats": {"inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
                           "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
+                          "unsampled_credit": s.unsampled_credit,
                           "staleness": [[k, v] for k, v in s.staleness.items()]},
                 "rng": _jsonable_rng(self._rng.getstate())}
 
     def restore(self, state: dict) -> None:
         """Become the table `state()` described (its groups validated again)."""
         self._items = OrderedDict()
-        for data, times_sampled in state["items"]:
+        for data, times_sampled, priority, order in state["items"]:
             group = RolloutGroup.from_wire(data)
-            self._items[group.id] = _Entry(group, int(times_sampled))
+            self._items[group.id] = _Entry(group, int(times_sampled), float(priority), int(order))
         self._seen = OrderedDict((str(k), None) for k in state["seen"])
         self.learner_version = int(state["learner_version"])
         st = dict(state["stats"])
         self.stats = TableStats(**{k: int(st[k]) for k in ("inserts", "duplicates", "samples", "consumed",
-                                                         "dropped_stale", "evicted")},
+                                                         "dropped_stale", "evicted", "unsampled_credit")},
                                 staleness=Counter({int(k): int(v) for k, v in st["staleness"]}))
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
@@ -178,6 +268,7 @@ class Table:
             "inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
             "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
             "staleness_histogram": {str(k): v for k, v in sorted(s.staleness.items())},
+            "rate_limiter": self.config.rate_limiter, "balance": self._balance(),
         }
 
 

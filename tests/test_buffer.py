@@ -264,3 +264,43 @@ def test_a_port_in_use_is_refused_naming_the_address_and_the_key(buffer_server):
     taken = buffer_server()
     with pytest.raises(ConfigError, match=rf"'buffer.port'.*tcp://127.0.0.1:{taken.port}.*in use"):
         BufferServer(BufferConfig(port=taken.port))
+
+
+def test_a_rate_limited_insert_waits_for_the_learner_and_a_sample_releases_it(buffer_server):
+    import threading
+
+    from buffer.client import BufferClient
+    server = buffer_server(rate_limiter="ratio", samples_per_insert=1.0, error_buffer=1.0, min_size_to_sample=1)
+    actor, learner = BufferClient(server.address, timeout_s=5.0), BufferClient(server.address, timeout_s=5.0)
+    try:
+        actor.insert(make_group(seed=1, prompt_id="a"))
+        actor.insert(make_group(seed=2, prompt_id="b"))      # the window: 2 inserts ahead of samples
+        done = {}
+        waiting = threading.Thread(target=lambda: done.update(reply=actor.insert(make_group(seed=3, prompt_id="c"))))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive()                              # held by the rate limiter
+        groups, _, _ = learner.sample(1, timeout_s=2.0)
+        waiting.join(3.0)
+        assert not waiting.is_alive() and done["reply"]["stored"] == [True]
+        with pytest.raises(BufferError, match=r"rate limiter \(ratio\) held this insert"):
+            actor.insert(make_group(seed=4, prompt_id="d"), timeout_s=0.3)
+    finally:
+        actor.close()
+        learner.close()
+
+
+def test_priorities_given_at_insert_and_updated_choose_what_a_max_heap_samples(buffer_server):
+    from buffer.client import BufferClient
+    server = buffer_server(selector="max_heap", max_times_sampled=0)
+    client = BufferClient(server.address, timeout_s=5.0)
+    try:
+        a, b, c = (make_group(seed=i, prompt_id=p) for i, p in enumerate("abc"))
+        client.insert(a, b, c, priorities=[1.0, 5.0, 3.0])
+        assert [g.prompt_id for g in client.sample(2, timeout_s=2.0)[0]] == ["b", "c"]
+        assert client.update_priorities({a.id: 9.0, "gone": 1.0})["updated"] == 1
+        assert client.sample(1, timeout_s=2.0)[0][0].prompt_id == "a"
+        with pytest.raises(BufferError, match="priority must be a finite number >= 0"):
+            client.insert(make_group(seed=7), priorities=[-1.0])
+    finally:
+        client.close()
