@@ -159,11 +159,10 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                 await asyncio.sleep(0.02)
                 continue
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-            for finished in done:
-                group = finished.result()
-                if group is not None:
-                    a.buffered = (await _buffer_call(a, a.buffer.insert, group))["size"]
-                    a.groups += 1
+            groups = [g for g in (finished.result() for finished in done) if g is not None]
+            if groups:  # the groups that ended together go in one request
+                a.buffered = (await _buffer_call(a, a.buffer.insert, *groups))["size"]
+                a.groups += len(groups)
     finally:
         a._loop = None
         for task in inflight:

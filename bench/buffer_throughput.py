@@ -8,6 +8,7 @@ client, as in a run (the buffer lives in the launcher's process, actors and lear
   asyncrl       BufferClient.insert of one group per request (acknowledged, validated,
                 deduplicated), then sample(64)
   asyncrl x8    the same with 8 groups per insert request (an actor inserts a batch at once)
+  asyncrl w16   one group per insert request, 16 requests in flight (BufferClient.insert_many)
   ray queue     ray.util.queue.Queue put / get_nowait_batch(64) of the same RolloutGroup objects
 Prints one table row per (system, size): messages/s and GB/s of the round trip, and the ratio
 to raw pyzmq. Usage: python bench/buffer_throughput.py [--seconds 3]
@@ -86,7 +87,7 @@ def _serve(port_queue):
     server.serve()
 
 
-def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1) -> tuple:
+def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1, window: int = 1) -> tuple:
     addresses = mp.get_context("spawn").Queue()
     child = mp.get_context("spawn").Process(target=_serve, args=(addresses,), daemon=True)
     child.start()
@@ -96,11 +97,19 @@ def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1) -> tuple:
     size = sum(len(f) for f in encode(templates[0].to_wire()))
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
+        batches = []
         for _ in range(64 // per_insert):
+            batch = []
             for t in templates:
                 t.id = f"{n}"
                 n += 1
-            actor.insert(*templates)
+                batch.append(RolloutGroup(**t.to_wire()))
+            batches.append(batch)
+        if window > 1:
+            actor.insert_many(batches, window=window)
+        else:
+            for batch in batches:
+                actor.insert(*batch)
         got, _, _ = learner.sample(64)
         assert len(got) == 64
     dt = time.perf_counter() - t0
@@ -138,7 +147,8 @@ def main():
     for tokens in args.tokens:
         base = raw_pyzmq(tokens, args.seconds)
         rows = [("raw pyzmq", base), ("asyncrl", asyncrl_buffer(tokens, args.seconds)),
-                ("asyncrl x8", asyncrl_buffer(tokens, args.seconds, per_insert=8))]
+                ("asyncrl x8", asyncrl_buffer(tokens, args.seconds, per_insert=8)),
+                ("asyncrl w16", asyncrl_buffer(tokens, args.seconds, window=16))]
         if not args.no_ray:
             rows.append(("ray queue", ray_queue(tokens, args.seconds)))
         for name, (rate, gbps, size) in rows:

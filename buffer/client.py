@@ -27,6 +27,11 @@ from common.wire import WireError, decode, encode, split_rid, with_rid
 RESEND_BATCH = 64  # groups per re-sent insert
 
 
+def _grace(timeout_s: float) -> float:
+    """Time past a server-side deadline for its error reply to arrive."""
+    return min(10.0, 1.0 + timeout_s)
+
+
 class BufferError(RuntimeError):
     """The buffer server refused a request, did not answer in time, or stopped serving."""
 
@@ -114,10 +119,55 @@ class BufferClient:
         if priorities is not None:
             fields["priorities"] = [float(p) for p in priorities]
         # the server answers an insert its rate limiter holds past timeout_s; give the reply time
-        reply = self._call("insert", deadline_s=timeout_s + 10.0, **fields)
+        reply = self._call("insert", deadline_s=timeout_s + _grace(timeout_s), **fields)
         if reply.get("checkpoints"):
             self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in groups]
         return reply
+
+    def insert_many(self, batches: list, window: int = 16, timeout_s: float | None = None) -> list:
+        """insert() for many requests (each a list of groups) with up to `window` of them in
+        flight, acknowledged as they land; the replies in order. An attempt that gets no reply
+        by its deadline reconnects and re-sends what is unacknowledged (ids are unique, so a
+        request the server had stored is refused, not stored twice)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        messages = [encode({"op": "insert", "groups": [g.to_wire() for g in groups], "timeout_s": timeout_s})
+                    for groups in batches]
+        replies: list = [None] * len(messages)
+        for attempt in range(1 + self.retries):
+            todo = [i for i, r in enumerate(replies) if r is None]
+            flying: dict = {}  # rid -> index
+            deadline = time.monotonic() + timeout_s + _grace(timeout_s)
+            while todo or flying:
+                while todo and len(flying) < window:
+                    i = todo.pop(0)
+                    rid = next(self._rids)
+                    self._socket.send_multipart(with_rid(rid, messages[i]), copy=False)
+                    flying[rid] = i
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
+                    break
+                try:
+                    rid, body = split_rid(self._socket.recv_multipart(copy=False))
+                    reply = decode(body)
+                except WireError as e:
+                    raise BufferError(f"buffer at {self.address} sent a malformed reply to insert: {e}") from None
+                i = flying.pop(rid, None)
+                if i is None:
+                    continue  # a late reply to an abandoned attempt
+                if not isinstance(reply, dict) or not reply.get("ok"):
+                    error = reply.get("error") if isinstance(reply, dict) else reply
+                    raise BufferError(f"buffer at {self.address} refused insert: {error}")
+                self._observe(reply)
+                if reply.get("checkpoints"):
+                    self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in batches[i]]
+                replies[i] = reply
+                deadline = time.monotonic() + timeout_s + _grace(timeout_s)  # each landing restarts the clock
+            if all(r is not None for r in replies):
+                return replies
+            self._connect()
+        missing = sum(r is None for r in replies)
+        raise BufferTimeout(f"buffer at {self.address} did not acknowledge {missing} of {len(replies)} inserts "
+                            f"within {timeout_s:.1f}s ({1 + self.retries} attempt(s)); is the server running?")
 
     def update_priorities(self, priorities: dict) -> dict:
         """Set the priorities of groups by id ({id: priority}); {updated: how many are held}."""

@@ -304,3 +304,25 @@ def test_priorities_given_at_insert_and_updated_choose_what_a_max_heap_samples(b
             client.insert(make_group(seed=7), priorities=[-1.0])
     finally:
         client.close()
+
+
+def test_many_inserts_in_flight_are_acknowledged_in_order_and_stored_once(buffer_server):
+    server = buffer_server(max_size=1000)
+    client = BufferClient(server.address, timeout_s=5.0)
+    try:
+        batches = [[make_group(seed=i, prompt_id=f"p{i}")] for i in range(40)]
+        replies = client.insert_many(batches, window=8)
+        assert [r["stored"] for r in replies] == [[True]] * 40
+        again = client.insert_many(batches[:5], window=8)      # re-sent: refused, not stored twice
+        assert [r["stored"] for r in again] == [[False]] * 5 and client.stats()["size"] == 40
+    finally:
+        client.close()
+
+
+def test_many_inserts_to_a_dead_server_fail_within_their_deadline():
+    client = BufferClient("tcp://127.0.0.1:9", timeout_s=0.2, retries=1)
+    t = time.monotonic()
+    with pytest.raises(BufferTimeout, match="did not acknowledge 3 of 3"):
+        client.insert_many([[make_group(seed=i)] for i in range(3)], window=2, timeout_s=0.2)
+    assert time.monotonic() - t < 30
+    client.close()
