@@ -90,6 +90,7 @@ class TableStats:
     evicted: int = 0          # groups removed, sampled or not, because the table was full
     unsampled_credit: int = 0  # hand-outs that removed groups will never have (the ratio limiter's)
     staleness: Counter = field(default_factory=Counter)  # staleness at sampling -> hand-outs
+    dropped_staleness: Counter = field(default_factory=Counter)  # staleness when dropped -> groups
 
 
 class Table:
@@ -116,6 +117,7 @@ class Table:
         self.stats.inserts += 1
         if self.staleness(group) > self.config.max_staleness:  # arrived too late to be used
             self.stats.dropped_stale += 1
+            self.stats.dropped_staleness[self.staleness(group)] += 1
             return True
         self._items[group.id] = _Entry(group, priority=float(priority), order=self.stats.inserts)
         while len(self._items) > self.config.max_size:
@@ -169,6 +171,7 @@ class Table:
     def drop_stale(self) -> int:
         stale = [k for k, e in self._items.items() if self.staleness(e.group) > self.config.max_staleness]
         for k in stale:
+            self.stats.dropped_staleness[self.staleness(self._items[k].group)] += 1
             self._remove_unsampled(k)
         self.stats.dropped_stale += len(stale)
         return len(stale)
@@ -240,7 +243,8 @@ class Table:
                 "stats": {"inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
                           "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
                           "unsampled_credit": s.unsampled_credit,
-                          "staleness": [[k, v] for k, v in s.staleness.items()]},
+                          "staleness": [[k, v] for k, v in s.staleness.items()],
+                          "dropped_staleness": [[k, v] for k, v in s.dropped_staleness.items()]},
                 "rng": _jsonable_rng(self._rng.getstate())}
 
     def restore(self, state: dict) -> None:
@@ -254,7 +258,8 @@ class Table:
         st = dict(state["stats"])
         self.stats = TableStats(**{k: int(st[k]) for k in ("inserts", "duplicates", "samples", "consumed",
                                                          "dropped_stale", "evicted", "unsampled_credit")},
-                                staleness=Counter({int(k): int(v) for k, v in st["staleness"]}))
+                                staleness=Counter({int(k): int(v) for k, v in st["staleness"]}),
+                                dropped_staleness=Counter({int(k): int(v) for k, v in st.get("dropped_staleness", [])}))
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
         self.drop_stale()  # the table's own bound, in case the config changed
@@ -268,6 +273,7 @@ class Table:
             "inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
             "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
             "staleness_histogram": {str(k): v for k, v in sorted(s.staleness.items())},
+            "dropped_staleness_histogram": {str(k): v for k, v in sorted(s.dropped_staleness.items())},
             "rate_limiter": self.config.rate_limiter, "balance": self._balance(),
         }
 

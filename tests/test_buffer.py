@@ -13,6 +13,7 @@ from buffer.client import BufferClient, BufferError, BufferTimeout
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, validate
+from common.wire import encode
 from tests.conftest import make_group
 
 
@@ -46,8 +47,10 @@ def test_groups_past_the_staleness_bound_are_dropped_and_never_sampled(buffer_se
     assert groups[0].id == fresh.id and staleness == [0] and version == 3
     stats = client.stats()
     assert stats["dropped_stale"] == 1 and stats["staleness_histogram"] == {"0": 1}
+    assert stats["dropped_staleness_histogram"] == {"3": 1}  # what was dropped, and how stale
     late = make_group(version=0, seed=3)  # arrives already too stale
     client.insert(late)
+    assert client.stats()["dropped_staleness_histogram"] == {"3": 2}
     with pytest.raises(BufferError, match="timeout: fewer than 1 fresh groups"):
         client.sample(1, timeout_s=0.3)
     assert client.stats()["dropped_stale"] == 2
@@ -326,3 +329,53 @@ def test_many_inserts_to_a_dead_server_fail_within_their_deadline():
         client.insert_many([[make_group(seed=i)] for i in range(3)], window=2, timeout_s=0.2)
     assert time.monotonic() - t < 30
     client.close()
+
+
+def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_correctly(buffer_server):
+    """Random frames, random msgpack of the wrong shape, and valid requests with one field
+    broken: each gets an error reply (or none, for one whose rid frame is unreadable) and is
+    counted; afterwards the server still stores and samples correctly."""
+    rng = random.Random(7)
+    server = buffer_server(max_size=64)
+    good = make_group(seed=1).to_wire()
+    broken_fields = [("op", 3), ("op", "drop_table"), ("groups", "x"), ("groups", [{"tokens": 1}]), ("n", -1),
+                     ("n", 2**64 - 1), ("timeout_s", float("nan")), ("version", "1"), ("priorities", [float("inf")])]
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(server.address)
+    sent = 0
+    try:
+        for i in range(3000):
+            kind = i % 3
+            if kind == 0:
+                frames = [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 24)))
+                          for _ in range(rng.randrange(1, 4))]
+            elif kind == 1:
+                payload = rng.choice([[1, 2], "op", {"op": None}, {1: 2}, None, 3.5, {"op": "insert"}])
+                frames = [(i + 1).to_bytes(8, "big"), msgpack.packb(payload)]
+            else:
+                key, value = rng.choice(broken_fields)
+                op = {"groups": "insert", "priorities": "insert", "n": "sample", "timeout_s": "sample",
+                      "version": "set_version"}.get(key, "insert")
+                request = {"op": op, "groups": [good], "n": 1, "timeout_s": 0.01, "version": 1}
+                request[key] = value
+                frames = [(i + 1).to_bytes(8, "big"), *encode(request)]
+            sock.send_multipart(frames)
+            sent += 1
+        replies = 0
+        while sock.poll(2000):
+            sock.recv_multipart()
+            replies += 1
+            if replies == sent:
+                break
+        assert replies >= 2000  # every request with a readable rid frame was answered
+        assert server.errors >= 2000 and server.check() is None
+    finally:
+        sock.close()
+    client = BufferClient(server.address, timeout_s=5.0)
+    try:
+        assert client.insert(make_group(seed=2, prompt_id="after"))["stored"] == [True]
+        assert client.stats()["size"] == 1  # nothing malformed was stored
+        assert client.sample(1, timeout_s=2.0)[0][0].prompt_id == "after"
+    finally:
+        client.close()
