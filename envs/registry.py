@@ -15,6 +15,7 @@ from envs.base import Environment
 
 BUILTIN = {
     "arithmetic": "envs.arithmetic:ArithmeticEnv",
+    "math": "envs.math:MathEnv",
     "token_match": "envs.token_match:TokenMatchEnv",
 }
 ENTRY_POINT_GROUP = "asyncrl.envs"
