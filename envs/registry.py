@@ -7,6 +7,7 @@ point in the group `asyncrl.envs` and naming it.
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
@@ -17,6 +18,7 @@ BUILTIN = {
     "arithmetic": "envs.arithmetic:ArithmeticEnv",
     "math": "envs.math:MathEnv",
     "token_match": "envs.token_match:TokenMatchEnv",
+    "wordle": "envs.wordle:WordleEnv",
 }
 ENTRY_POINT_GROUP = "asyncrl.envs"
 
@@ -46,6 +48,26 @@ def resolve(name: str) -> type[Environment]:
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
         raise ConfigError("env.name", f"{name!r} is {cls!r}, not a subclass of envs.base.Environment")
     return cls
+
+
+def available() -> list:
+    """(name, where, one line) of every environment a name finds: the built-ins, then the
+    entry points of group asyncrl.envs (one that fails to load says why)."""
+    found = []
+    for name, path in BUILTIN.items():
+        found.append((name, path, _summary(_import(path))))
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            found.append((ep.name, ep.value, _summary(ep.load())))
+        except Exception as e:  # a broken plug-in is listed with its error, not hidden
+            found.append((ep.name, ep.value, f"(fails to load: {type(e).__name__}: {e})"))
+    return found
+
+
+def _summary(cls) -> str:
+    doc = (cls.__doc__ or "").strip() or (importlib.import_module(cls.__module__).__doc__ or "").strip()
+    first = doc.split("\n\n")[0].replace("\n", " ") if doc else ""
+    return re.split(r"(?<=[.:])\s", first, maxsplit=1)[0]  # its first sentence
 
 
 def factory(config: EnvConfig):

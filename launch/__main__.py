@@ -23,6 +23,7 @@ examples:
   python -m launch sync_grpo --config tiny --actors 2        # the same, synchronous, for comparison
   python -m launch async_grpo --actors 4 --learner-gpus 16 model.name=Qwen/Qwen2.5-0.5B-Instruct
   python -m launch export RUN_DIR                            # a checkpoint as a Hugging Face folder
+  python -m launch envs                                      # the environments env.name can name
 """
 
 
@@ -53,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"export": "launch.export"}  # commands on a run folder, with arguments of their own
+COMMANDS = {"export": "launch.export", "envs": "launch.envs"}  # commands with arguments of their own
 
 
 def main(argv=None) -> int:
