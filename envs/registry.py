@@ -17,6 +17,7 @@ from envs.base import Environment
 BUILTIN = {
     "arithmetic": "envs.arithmetic:ArithmeticEnv",
     "math": "envs.math:MathEnv",
+    "math_tools": "envs.tools:MathToolsEnv",
     "token_match": "envs.token_match:TokenMatchEnv",
     "wordle": "envs.wordle:WordleEnv",
 }
