@@ -68,7 +68,7 @@ def available() -> list:
 def _summary(cls) -> str:
     doc = (cls.__doc__ or "").strip() or (importlib.import_module(cls.__module__).__doc__ or "").strip()
     first = doc.split("\n\n")[0].replace("\n", " ") if doc else ""
-    return re.split(r"(?<=[.:])\s", first, maxsplit=1)[0]  # its first sentence
+    return re.split(r"(?<=\.)\s", first, maxsplit=1)[0]  # its first sentence
 
 
 def factory(config: EnvConfig):
