@@ -3,8 +3,8 @@ episodes per second one actor process can drive at most, whatever the GPU does.
 
     python -m bench.rollout_overhead [--episodes 4096] [--group-size 8] [--model PATH] [--profile]
 
-The engine here answers every request at once with a fixed completion (an instrument that
-isolates the loop's CPU time; a real engine only adds to it). The environment is the default
+The engine here (actors/engines/scripted.py) answers every request at once with a fixed
+completion, which isolates the loop's CPU time; a real engine only adds to it. The environment is the default
 job's (arithmetic) with the default model's chat template, unless --model names another
 Hugging Face folder. Reported: microseconds of wall-clock per episode and per group (render,
 tokenize, environment calls, decode, group assembly and its wire encoding), and with
@@ -24,34 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from actors.engine import Engine, Sample  # noqa: E402
-
-
-class InstantEngine(Engine):
-    """Answers every request at once with the same tokens (bench instrument)."""
-
-    def __init__(self, completion: list):
-        self.completion = completion
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    async def generate(self, prompt, max_new_tokens, temperature):
-        n = min(len(self.completion), max_new_tokens)
-        return Sample(self.completion[:n], [-0.5] * n, [0] * n, "stop")
-
-    def start_weight_updates(self, receiver):
-        pass
-
-    def check(self):
-        pass
-
-    def close(self):
-        pass
-
-    def stats(self):
-        return {"weight_swaps": 0}
+from actors.engines.scripted import ScriptedEngine  # noqa: E402
 
 
 def main():
@@ -72,9 +45,10 @@ def main():
 
     model = args.model or resolve(ModelConfig(), "/tmp", 0)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    completion = tokenizer("42", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     make_env = registry.factory(registry.EnvConfig(name="arithmetic"))
-    runner = EpisodeRunner(InstantEngine(completion), tokenizer, make_env,
+    # every request answered at once with "42": only the loop's CPU is timed (the engine's
+    # decode of each prompt counts too, a few µs)
+    runner = EpisodeRunner(ScriptedEngine(tokenizer, lambda text: "42"), tokenizer, make_env,
                            RolloutConfig(group_size=args.group_size, max_new_tokens=24, temperature=0.7),
                            [tokenizer.eos_token_id])
     source, rng = make_env(), random.Random(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from actors.engine import Engine, Sample
+from actors.engines.scripted import ScriptedEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from envs import registry
 from tests.conftest import build_chat_model
@@ -26,35 +26,14 @@ def example_module(tmp_path) -> str:
     return "envs_example.guess:GuessTheNumber"
 
 
-class Bisector(Engine):
-    """This test's policy: bisects on the hints so far."""
-
-    def __init__(self, tokenizer, high):
-        self.tokenizer, self.high = tokenizer, high
-
-    @property
-    def version(self):
-        return 0
-
-    async def generate(self, prompt, max_new_tokens, temperature):
-        low, high = 1, self.high
-        for guess, hint in re.findall(r"(\d+) is wrong; go (higher|lower)", self.tokenizer.decode(prompt)):
-            low, high = (int(guess) + 1, high) if hint == "higher" else (low, int(guess) - 1)
-        tokens = self.tokenizer(f"{(low + high) // 2}", add_special_tokens=False)["input_ids"]
-        tokens.append(self.tokenizer.eos_token_id)
-        return Sample(tokens, [-0.1] * len(tokens), [0] * len(tokens), "stop")
-
-    def start_weight_updates(self, receiver):
-        pass
-
-    def check(self):
-        pass
-
-    def close(self):
-        pass
-
-    def stats(self):
-        return {"weight_swaps": 0}
+def bisector(high: int):
+    """This test's policy: bisect on the hints so far."""
+    def reply(text: str) -> str:
+        low, top = 1, high
+        for guess, hint in re.findall(r"(\d+) is wrong; go (higher|lower)", text):
+            low, top = (int(guess) + 1, top) if hint == "higher" else (low, int(guess) - 1)
+        return str((low + top) // 2)
+    return reply
 
 
 def test_the_documented_example_environment_plays_through_the_rollout_loop(tmp_path):
@@ -62,7 +41,7 @@ def test_the_documented_example_environment_plays_through_the_rollout_loop(tmp_p
     try:
         make_env = registry.factory(registry.EnvConfig(name=name, args={"high": 50}))
         tokenizer = AutoTokenizer.from_pretrained(build_chat_model(tmp_path / "m", "chatml"))
-        runner = EpisodeRunner(Bisector(tokenizer, 50), tokenizer, make_env,
+        runner = EpisodeRunner(ScriptedEngine(tokenizer, bisector(50)), tokenizer, make_env,
                                RolloutConfig(group_size=2, max_new_tokens=8, max_turns=6))
         source, rng = make_env(), random.Random(0)
         groups = runner.run([source.sample(rng) for _ in range(4)])

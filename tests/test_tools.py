@@ -6,7 +6,7 @@ import time
 import pytest
 from transformers import AutoTokenizer
 
-from actors.engine import Engine, Sample
+from actors.engines.scripted import ScriptedEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from envs import registry
 from envs.tools import calculator, run_python, tool_calls
@@ -50,44 +50,18 @@ def test_python_refuses_sockets():
     assert "network access is not allowed" in out
 
 
-class ToolUser(Engine):
-    """The policy of this test: asks the calculator first, then answers with what it said."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    @property
-    def version(self):
-        return 0
-
-    async def generate(self, prompt, max_new_tokens, temperature):
-        text = self.tokenizer.decode(prompt)
-        if "<result" not in text:
-            question = text.rsplit("What is ", 1)[1].split("?", 1)[0]
-            reply = f'<tool name="calculator">{question}</tool>'
-        else:
-            reply = "The answer is " + text.rsplit('<result name="calculator">', 1)[1].split("</result>", 1)[0]
-        tokens = self.tokenizer(reply, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-        return Sample(tokens, [-0.1] * len(tokens), [0] * len(tokens), "stop")
-
-    def start_weight_updates(self, receiver):
-        pass
-
-    def check(self):
-        pass
-
-    def close(self):
-        pass
-
-    def stats(self):
-        return {"weight_swaps": 0}
+def tool_user(text: str) -> str:
+    """This test's policy: ask the calculator first, then answer with what it said."""
+    if "<result" not in text:
+        return f'<tool name="calculator">{text.rsplit("What is ", 1)[1].split("?", 1)[0]}</tool>'
+    return "The answer is " + text.rsplit('<result name="calculator">', 1)[1].split("</result>", 1)[0]
 
 
 def test_tool_use_through_the_rollout_loop_masks_tool_output_and_scores_the_answer(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(build_chat_model(tmp_path / "m", "chatml"))
     make_env = registry.factory(registry.EnvConfig(name="math_tools", args={"max_value": 999}))
-    runner = EpisodeRunner(ToolUser(tokenizer), tokenizer, make_env,
-                           RolloutConfig(group_size=2, max_new_tokens=32, max_turns=3, max_seq_len=4096))
+    runner = EpisodeRunner(ScriptedEngine(tokenizer, tool_user), tokenizer, make_env,
+                           RolloutConfig(group_size=2, max_new_tokens=96, max_turns=3, max_seq_len=4096))
     source = make_env()
     import random
     tasks = [source.sample(random.Random(i)) for i in range(6)]

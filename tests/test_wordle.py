@@ -9,7 +9,7 @@ import sys
 import pytest
 from transformers import AutoTokenizer
 
-from actors.engine import Engine, Sample
+from actors.engines.scripted import ScriptedEngine
 from actors.rollout import EpisodeRunner, RolloutConfig
 from envs import registry
 from envs.wordle import WORDS, WordleEnv, feedback
@@ -27,42 +27,18 @@ def test_feedback_marks_letters_as_wordle_does(guess, secret, marks):
     assert feedback(guess, secret) == marks
 
 
-class Solver(Engine):
-    """The policy of this test: reads the feedback so far in the conversation and guesses the
-    first word that agrees with all of it."""
-
-    def __init__(self, tokenizer, words):
-        self.tokenizer, self.words = tokenizer, words
-
-    @property
-    def version(self):
-        return 0
-
-    async def generate(self, prompt, max_new_tokens, temperature):
-        text = self.tokenizer.decode(prompt)
+def solver(words):
+    """This test's policy: guess the first word that agrees with all the feedback so far."""
+    def reply(text: str) -> str:
         seen = re.findall(r"([A-Z]{5}): ([GY.]{5})\.", text)
-        candidates = [w for w in self.words if all(feedback(g.lower(), w) == m for g, m in seen)]
-        tokens = self.tokenizer(f"My guess: {candidates[0]}", add_special_tokens=False)["input_ids"]
-        tokens.append(self.tokenizer.eos_token_id)
-        return Sample(tokens, [-0.1] * len(tokens), [0] * len(tokens), "stop")
-
-    def start_weight_updates(self, receiver):
-        pass
-
-    def check(self):
-        pass
-
-    def close(self):
-        pass
-
-    def stats(self):
-        return {"weight_swaps": 0}
+        return "My guess: " + next(w for w in words if all(feedback(g.lower(), w) == m for g, m in seen))
+    return reply
 
 
 def test_a_scripted_solver_wins_every_game_through_the_rollout_loop(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(build_chat_model(tmp_path / "m", "chatml"))
     make_env = registry.factory(registry.EnvConfig(name="wordle", args={"progress_reward": 0.1}))
-    runner = EpisodeRunner(Solver(tokenizer, WORDS), tokenizer, make_env,
+    runner = EpisodeRunner(ScriptedEngine(tokenizer, solver(WORDS)), tokenizer, make_env,
                            RolloutConfig(group_size=2, max_new_tokens=16, max_turns=6))
     tasks = [{"id": w, "secret": w} for w in WORDS]
 
