@@ -33,6 +33,8 @@ def main(argv=None) -> int:
         server = BufferServer(config, seed=seed, version_token=os.environ.get("ASYNCRL_BUFFER_TOKEN", ""))
     except ConfigError as e:
         print(f"python -m buffer: {e}", file=sys.stderr)
+        key = e.key if e.key.startswith("buffer.") else f"buffer.{e.key}"
+        print(json.dumps({"config_error": {"key": key, "message": e.message}}), flush=True)  # for the launcher
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server._stop.set())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from buffer.client import BufferError
 from buffer.server import BufferConfig
+from common.config import ConfigError
 
 
 def overrides(config: BufferConfig, prefix: str = "") -> list:
@@ -54,13 +55,21 @@ class BufferProcess:
         deadline, line = time.monotonic() + self.startup_timeout_s, ""
         while not line:
             left = deadline - time.monotonic()
-            if self.process.poll() is not None or left <= 0:
+            if self.process.poll() is not None:
+                line = self.process.stdout.readline()  # what it said before it exited, if anything
+                if not line:
+                    raise BufferError(f"the buffer process exited with code {self.process.poll()} before serving; "
+                                      f"its log: {self.log_path}: {self._tail()}")
+            elif left <= 0:
                 self.process.kill()
-                raise BufferError(f"the buffer process did not start within {self.startup_timeout_s:.0f}s "
-                                  f"(exit code {self.process.poll()}); its log: {self.log_path}: {self._tail()}")
-            if select.select([self.process.stdout], [], [], min(left, 0.5))[0]:
+                raise BufferError(f"the buffer process did not start within {self.startup_timeout_s:.0f}s; "
+                                  f"its log: {self.log_path}: {self._tail()}")
+            elif select.select([self.process.stdout], [], [], min(left, 0.5))[0]:
                 line = self.process.stdout.readline()
         self.info = json.loads(line)
+        if "config_error" in self.info:  # a setting it refused: fails at start, naming the key
+            self.process.wait(10)
+            raise ConfigError(self.info["config_error"]["key"], self.info["config_error"]["message"])
         self.address = self.info["address"]
         # A restart must come back where the clients look: the same host and port.
         self.config.port = int(self.address.rsplit(":", 1)[1])
