@@ -236,8 +236,9 @@ def make_env():
 
     class CountEnv(Environment):
         """Reward: the share of reply tokens below 1000 (any cheap single-turn check will do)."""
-        def sample(self, rng):
-            raise NotImplementedError
+        def sample(self, rng):  # the bench builds its tasks itself (the same prompts as bare vLLM's)
+            p = prompts(rng, 1)[0]
+            return {"id": f"sampled-{rng.getrandbits(32)}", "prompt": " ".join(f"t{t}" for t in p)}
 
         def reset(self, task):
             return [{"role": "user", "content": task["prompt"]}]

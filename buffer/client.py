@@ -120,9 +120,13 @@ class BufferClient:
             fields["priorities"] = [float(p) for p in priorities]
         # the server answers an insert its rate limiter holds past timeout_s; give the reply time
         reply = self._call("insert", deadline_s=timeout_s + _grace(timeout_s), **fields)
+        self._keep(reply, groups)
+        return reply
+
+    def _keep(self, reply: dict, groups) -> None:
+        """Keep acknowledged groups until a checkpoint of a checkpointing server holds them."""
         if reply.get("checkpoints"):
             self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in groups]
-        return reply
 
     def insert_many(self, batches: list, window: int = 16, timeout_s: float | None = None) -> list:
         """insert() for many requests (each a list of groups) with up to `window` of them in
@@ -158,8 +162,7 @@ class BufferClient:
                     error = reply.get("error") if isinstance(reply, dict) else reply
                     raise BufferError(f"buffer at {self.address} refused insert: {error}")
                 self._observe(reply)
-                if reply.get("checkpoints"):
-                    self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in batches[i]]
+                self._keep(reply, batches[i])
                 replies[i] = reply
                 deadline = time.monotonic() + timeout_s + _grace(timeout_s)  # each landing restarts the clock
             if all(r is not None for r in replies):

@@ -25,9 +25,13 @@ class MetricsLogger:
         self.total_steps, self.stream = total_steps, stream
         self.started = time.monotonic()
 
-    def log(self, metrics: dict) -> None:
+    def _write(self, metrics: dict) -> dict:
         metrics = {"time_s": round(time.monotonic() - self.started, 3), **metrics}
         self._file.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        return metrics
+
+    def log(self, metrics: dict) -> None:
+        metrics = self._write(metrics)
         shown = " | ".join(f"{label} {fmt.format(metrics[key])}" for key, label, fmt in PROGRESS
                            if isinstance(metrics.get(key), (int, float)))
         print(f"step {metrics.get('step')}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s",
@@ -36,8 +40,7 @@ class MetricsLogger:
     def log_eval(self, metrics: dict) -> None:
         """A held-out evaluation's row ("kind": "eval"; its `step` is the learner step whose
         weights it scored)."""
-        metrics = {"time_s": round(time.monotonic() - self.started, 3), "kind": "eval", **metrics}
-        self._file.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        metrics = self._write({"kind": "eval", **metrics})
         print(f"eval of step {metrics.get('step')} (version {metrics.get('weights/version')}) | held-out reward "
               f"{metrics.get('eval/reward', float('nan')):.3f} over {metrics.get('eval/tasks')} tasks | "
               f"{metrics.get('eval/s', 0):.1f}s", file=self.stream, flush=True)

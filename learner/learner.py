@@ -256,8 +256,9 @@ class Learner:
         if not self.config.micro_batch_tokens:
             return [mb.split(self.config.micro_batch_rows) for mb in minibatches]
         budget = self.config.micro_batch_tokens
-        counts = self._all_reduce([float(len(mb.pack(budget))) for mb in minibatches], op=dist.ReduceOp.MAX)
-        return [mb.pack(budget, count=int(n)) for mb, n in zip(minibatches, counts)]
+        packed = [mb.pack(budget) for mb in minibatches]
+        counts = self._all_reduce([float(len(p)) for p in packed], op=dist.ReduceOp.MAX)
+        return [p if len(p) == n else mb.pack(budget, count=int(n)) for mb, p, n in zip(minibatches, packed, counts)]
 
     def _forward(self, model, micro, entropy: bool = False) -> tuple:
         with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.autocast):
