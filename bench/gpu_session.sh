@@ -5,11 +5,24 @@
 #   job      the GPU job (configs/gpu.yaml): sync_grpo then async_grpo, wall-clock to held-out accuracy
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
+#   actor    bench/actor_bench.py (ACTOR_ARGS, default: both shapes, --quick)
+# A part still running 30 s before its deadline gets the Python stacks of every process of the
+# machine written to $OUT/stacks-<part>.txt (py-spy, when staged): a hang names where it waits.
 set -u
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 export RAY_DEDUP_LOGS=0 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
+stacks_before() {  # stacks_before SECONDS PART: in the background, dump stacks if still running then
+  ( sleep "$1"; command -v py-spy >/dev/null || exit 0
+    for pid in $(pgrep -f python); do
+      [[ $pid == "$$" ]] && continue
+      echo "== pid $pid: $(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null | cut -c1-200)"
+      timeout 20 py-spy dump --pid "$pid" 2>&1 | head -150
+    done > "$OUT/stacks-$2.txt" 2>&1 ) &
+  echo $!
+}
+export PATH=/tmp/site/bin:$PATH
 for part in "$@"; do
   start=$(date +%s)
   case $part in
@@ -22,13 +35,23 @@ for part in "$@"; do
       done
       tail -25 "$OUT/job.txt" ;;
     learner)
+      watcher=$(stacks_before $(( ${LEARNER_TIMEOUT:-330} - 30 )) learner)
       timeout ${LEARNER_TIMEOUT:-330} python -m bench.learner_bench --out "$OUT/learner_bench.json" ${LEARNER_ARGS:-} \
         > "$OUT/learner.txt" 2>&1
+      kill "$watcher" 2>/dev/null
       tail -8 "$OUT/learner.txt" | cut -c1-600 ;;
     tests)
-      timeout ${TESTS_TIMEOUT:-250} python -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_vllm_engine.py tests/test_gpu.py} \
-        > "$OUT/tests.txt" 2>&1
+      watcher=$(stacks_before $(( ${TESTS_TIMEOUT:-250} - 30 )) tests)
+      timeout ${TESTS_TIMEOUT:-250} python -m pytest -q -p no:cacheprovider -o faulthandler_timeout=$(( ${TESTS_TIMEOUT:-250} - 40 )) \
+        ${TESTS:-tests/test_vllm_engine.py tests/test_gpu.py} > "$OUT/tests.txt" 2>&1
+      kill "$watcher" 2>/dev/null
       tail -15 "$OUT/tests.txt" ;;
+    actor)
+      watcher=$(stacks_before $(( ${ACTOR_TIMEOUT:-400} - 30 )) actor)
+      timeout ${ACTOR_TIMEOUT:-400} python -m bench.actor_bench ${ACTOR_ARGS:---models 0.5b,1.5b --quick} \
+        > "$OUT/actor.txt" 2>&1
+      kill "$watcher" 2>/dev/null
+      tail -25 "$OUT/actor.txt" | cut -c1-1500 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - start )) s"
