@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from actors.engines.hf import HFEngine
 from actors.evaluation import EvalConfig, TrainingTasks, held_out_tasks, play
+from actors.environments import ProcessEnvironments
 from actors.rollout import EpisodeRunner, RolloutConfig
 from buffer.client import BufferClient
 from common.config import check
@@ -78,6 +79,9 @@ class ActorsConfig:
         check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
 
 
+ENV_WORKERS_START_S = 120.0  # an environment's worker processes start (import it) within this
+
+
 class RolloutActor:
     def __init__(self, actor_id: int, model_path: str, dtype: str, actors: ActorsConfig,
                  rollout: RolloutConfig, env: registry.EnvConfig, buffer_address: str,
@@ -90,7 +94,11 @@ class RolloutActor:
                                   max_model_len=rollout.max_seq_len + rollout.max_new_tokens)
         self.engine.start_weight_updates(weights.receiver(actor_id))  # a channel spec (common/weights.py)
         make_env = registry.factory(env)
-        self.runner = EpisodeRunner(self.engine, tokenizer, make_env, rollout, stop_token_ids)
+        environments = make_env
+        if rollout.env_workers:  # started, and ready, before the first episode
+            environments = ProcessEnvironments(env, rollout.env_workers, rollout.env_timeout_s, rollout.env_threads)
+            environments.wait_ready(ENV_WORKERS_START_S)
+        self.runner = EpisodeRunner(self.engine, tokenizer, environments, rollout, stop_token_ids)
         self.eval_config = evaluation or EvalConfig()
         self.held_out = held_out_tasks(make_env(), self.eval_config)
         self.tasks = TrainingTasks(make_env(), self.held_out)  # never a held-out task
@@ -122,11 +130,8 @@ class RolloutActor:
         return asyncio.run_coroutine_threadsafe(coroutine, loop).result(self.eval_config.timeout_s)
 
     def stats(self) -> dict:
-        r = self.runner
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
-                "generated_tokens": r.generated_tokens, "env_s": r.env_s, "episodes": r.episodes,
-                "episodes_timed_out": r.episodes_timed_out, "groups_unusable": r.groups_unusable,
-                "hung_env_calls": r.hung_env_calls, "backpressure_s": self.backpressure_s,
+                **self.runner.stats(), "backpressure_s": self.backpressure_s,
                 "uptime_s": time.monotonic() - self.started, **self.engine.stats()}
 
 

@@ -2,33 +2,31 @@
 
 An episode renders its opening messages with the chat template, then alternates policy turns
 (one engine request each, awaited while every other episode goes on) and environment steps
-(each on a thread of its own with a deadline, so a slow one never stops the engine). Its
-token row is built as it happens: prompt and environment tokens with loss mask 0, policy
-tokens with mask 1, their behaviour log-probs and the version of the weights that sampled
-each. At every turn boundary the row equals the chat template's rendering of the
-conversation, with the policy's tokens kept exactly as sampled (ChatRenderer).
+(each with a deadline, run where rollout.env_workers says: threads of the actor's process, or
+worker processes that contain crashes and hangs; actors/environments.py), so a slow one never
+stops the engine. Its token row is built as it happens: prompt and environment tokens with
+loss mask 0, policy tokens with mask 1, their behaviour log-probs and the version of the
+weights that sampled each. At every turn boundary the row equals the chat template's
+rendering of the conversation, with the policy's tokens kept exactly as sampled (ChatRenderer).
 
 An environment that crashes, hangs or answers malformed ends its episode with `error` set;
-an episode past `max_episode_s` is ended and counted; the other episodes, and the run, go
-on. Environment calls abandoned at their deadline keep their thread until they return; when
-more than `max_hung_env_calls` are hung at once the loop raises EnvironmentsExhausted.
+an episode past `max_episode_s` is ended and counted; the other episodes, and the run, go on.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import math
-import queue
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from numbers import Real
 
-from actors.engine import Engine, settle_from_thread
+from actors.engine import Engine
+from actors.environments import EnvironmentsExhausted, ProcessEnvironments, ThreadEnvironments  # noqa: F401
 from common.config import check
 from common.rollout import RolloutGroup
-from envs.base import Environment, StepResult
+from envs.base import StepResult
 
 
 @dataclass
@@ -50,8 +48,14 @@ class RolloutConfig:
     max_hung_env_calls: int = 16
     """Environment calls that may be hung past their deadline at once before the actor fails."""
     env_threads: int = 32
-    """Threads that run environment calls (reset and step), started as needed; a call hung past
-    its deadline keeps its thread, so up to max_hung_env_calls more are started."""
+    """Threads that run environment calls (reset and step), started as needed: in the actor's
+    process (env_workers 0), where a call hung past its deadline keeps its thread, so up to
+    max_hung_env_calls more are started; else in each worker process."""
+    env_workers: int = 0
+    """0: environments run in the actor's process (a hung call keeps a thread; past
+    max_hung_env_calls the actor fails; a native crash ends the actor). N: in N worker processes
+    per actor, where an exception, a hang or a crash ends only the episodes it touches, the
+    worker is replaced and the run goes on (actors/environments.py)."""
 
     def validate(self):
         check(self.group_size >= 2, "group_size", f"GRPO needs >= 2 completions per prompt, got {self.group_size}")
@@ -62,10 +66,7 @@ class RolloutConfig:
         check(self.max_episode_s > 0, "max_episode_s", "must be > 0")
         check(self.max_hung_env_calls >= 0, "max_hung_env_calls", "must be >= 0")
         check(self.env_threads >= 1, "env_threads", f"must be >= 1, got {self.env_threads}")
-
-
-class EnvironmentsExhausted(RuntimeError):
-    """Too many environment calls are hung past their deadline; the actor cannot go on."""
+        check(self.env_workers >= 0, "env_workers", f"must be >= 0, got {self.env_workers}")
 
 
 _SENTINEL = "\u2063asyncrl-policy-turn\u2063"
@@ -125,7 +126,7 @@ class ChatRenderer:
 
 @dataclass
 class Episode:
-    env: Environment
+    env: object   # the episode's environment, as environments.open() gave it
     messages: list = field(default_factory=list)
     tokens: list = field(default_factory=list)
     loss_mask: list = field(default_factory=list)
@@ -167,16 +168,32 @@ def _step_error(result) -> str:
 
 
 class EpisodeRunner:
-    def __init__(self, engine: Engine, tokenizer, make_env, config: RolloutConfig, stop_token_ids: list = ()):
-        self.engine, self.make_env, self.config = engine, make_env, config
+    def __init__(self, engine: Engine, tokenizer, environments, config: RolloutConfig, stop_token_ids: list = ()):
+        """`environments`: where environment calls run (ThreadEnvironments, ProcessEnvironments),
+        or a callable that builds one environment (run on threads of this process)."""
+        self.engine, self.config = engine, config
+        if callable(environments) and not hasattr(environments, "call"):
+            environments = ThreadEnvironments(environments, config.env_timeout_s, config.env_threads,
+                                              config.max_hung_env_calls)
+        self.environments = environments
         stop_token_ids = list(stop_token_ids) or [tokenizer.eos_token_id]
         self.renderer = ChatRenderer(tokenizer, stop_token_ids)
         self.generated_tokens = 0
-        self.env_s = 0.0
         self.episodes = self.episodes_timed_out = self.groups_unusable = 0
-        self.hung_env_calls = 0
-        self._hung_lock = threading.Lock()
-        self._env_threads = DaemonThreads(config.env_threads + config.max_hung_env_calls, "env")
+
+    @property
+    def env_s(self) -> float:
+        return self.environments.stats()["env_s"]
+
+    @property
+    def hung_env_calls(self) -> int:
+        return self.environments.stats()["hung_env_calls"]
+
+    def stats(self) -> dict:
+        """The loop's counters and those of where its environments run."""
+        return {"generated_tokens": self.generated_tokens, "episodes": self.episodes,
+                "episodes_timed_out": self.episodes_timed_out, "groups_unusable": self.groups_unusable,
+                **self.environments.stats()}
 
     # -- groups and episodes ----------------------------------------------------------------
     async def group(self, task: dict, actor_id: int = 0) -> RolloutGroup | None:
@@ -195,7 +212,7 @@ class EpisodeRunner:
                       training: bool = True) -> Episode:
         """One episode of `task`, sampled at rollout.temperature and max_new_tokens unless given
         (evaluation plays greedy); `training=False` keeps it out of the rollout counters."""
-        episode = Episode(env=self.make_env())
+        episode = Episode(env=self.environments.open())
         self.episodes += training
         sampling = (self.config.temperature if temperature is None else temperature,
                     self.config.max_new_tokens if max_new_tokens is None else max_new_tokens, training)
@@ -204,10 +221,12 @@ class EpisodeRunner:
         except asyncio.TimeoutError:
             episode.error = f"episode exceeded rollout.max_episode_s={self.config.max_episode_s}"
             self.episodes_timed_out += training
+        finally:
+            self.environments.close(episode.env)
         return episode
 
     async def _play(self, e: Episode, task: dict, temperature: float, max_new_tokens: int, training: bool) -> None:
-        messages, e.error = await self._env_call(e.env.reset, task)
+        messages, e.error = await self.environments.call(e.env, "reset", task)
         if not e.error:
             e.error = _messages_error(messages, "environment reset") or ("" if messages else
                                                                           "environment reset returned no messages")
@@ -221,7 +240,7 @@ class EpisodeRunner:
             self.generated_tokens += len(sample.tokens) if training else 0
             history = list(e.messages)
             e.messages.append({"role": "assistant", "content": self.renderer.decode(sample.tokens)})
-            result, e.error = await self._env_call(e.env.step, e.messages)
+            result, e.error = await self.environments.call(e.env, "step", e.messages)
             e.error = e.error or _step_error(result)
             if e.error:
                 return
@@ -240,68 +259,3 @@ class EpisodeRunner:
         async def all_groups():
             return await asyncio.gather(*(self.group(t, actor_id) for t in tasks))
         return asyncio.run(all_groups())
-
-    # -- environment calls ------------------------------------------------------------------
-    async def _env_call(self, fn, *args):
-        """Run an environment call on an environment thread with a deadline; (result, error)."""
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        state = {"abandoned": False}
-
-        def target():
-            t, result, error = time.monotonic(), None, None
-            try:
-                result = fn(*args)
-            except Exception as e:  # the environment's own failure ends its episode, not the run
-                error = e
-            with self._hung_lock:
-                self.env_s += time.monotonic() - t
-                if state["abandoned"]:
-                    self.hung_env_calls -= 1
-                    return
-            settle_from_thread(loop, future, result, error)
-
-        self._env_threads.submit(target)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(future), self.config.env_timeout_s)
-        except asyncio.TimeoutError:
-            with self._hung_lock:
-                state["abandoned"] = True
-                self.hung_env_calls += 1
-                hung = self.hung_env_calls
-            if hung > self.config.max_hung_env_calls:
-                raise EnvironmentsExhausted(
-                    f"{hung} environment calls are hung past rollout.env_timeout_s={self.config.env_timeout_s}s "
-                    f"(rollout.max_hung_env_calls={self.config.max_hung_env_calls}); the environment "
-                    f"({fn.__qualname__}) has stopped answering") from None
-            return None, f"environment {fn.__qualname__} timed out after {self.config.env_timeout_s}s"
-        except Exception as e:
-            return None, f"environment {fn.__qualname__} raised {type(e).__name__}: {e}"
-        return result, ""
-
-
-
-class DaemonThreads:
-    """At most `limit` daemon threads taking jobs from one queue, started only when every
-    started one is busy. Daemon: a job that never returns (a hung environment) cannot keep the
-    process from exiting, which a ThreadPoolExecutor's threads would."""
-
-    def __init__(self, limit: int, name: str):
-        self.limit, self.name = limit, name
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self.started = self._idle = 0
-
-    def submit(self, job) -> None:
-        with self._lock:
-            if self._idle <= 0 and self.started < self.limit:
-                self.started += 1
-                threading.Thread(target=self._work, name=f"{self.name}-{self.started}", daemon=True).start()
-            self._idle -= 1  # claimed now, so a burst of submits starts the threads it needs
-        self._jobs.put(job)
-
-    def _work(self) -> None:
-        while True:
-            with self._lock:
-                self._idle += 1
-            self._jobs.get()()

@@ -24,6 +24,9 @@ from learner import checkpoint
 log = logging.getLogger(__name__)
 
 CONFIG_FILES = ["async_grpo"]  # configs/*.yaml applied over the dataclass defaults, before --config
+# the actors' environment counters, summed into every step's metrics as env/<name> (cumulative)
+ENV_COUNTERS = ("episodes_timed_out", "hung_env_calls", "env_workers", "env_worker_crashes", "env_workers_replaced",
+                "env_episodes_lost")
 
 
 def main(config: Config) -> Path:
@@ -117,6 +120,7 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
                 "buffer/dropped_stale": table["dropped_stale"], "buffer/evicted": table["evicted"],
                 "actor/tokens_per_s": (tokens - tokens_before) / max(now - time_before, 1e-9),
                 "actor/versions": [s["version"] for s in actor_stats],
+                **{f"env/{key}": sum(s.get(key, 0) for s in actor_stats) for key in ENV_COUNTERS},
             })
             tokens_before, time_before = tokens, now
             logger.log(metrics)

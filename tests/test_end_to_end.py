@@ -72,17 +72,20 @@ def test_held_out_evaluations_follow_the_learners_versions_and_show_it_learning(
 
 
 def test_sync_baseline_trains_strictly_on_policy(tmp_path):
-    result = launch("sync_grpo", tmp_path, "trainer.max_steps=6")
+    result = launch("sync_grpo", tmp_path, "trainer.max_steps=6")   # environments in worker processes
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert [m["weights/version"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(m["staleness/max"] == 0 for m in metrics)
     assert metrics[-1]["buffer/dropped_stale"] == 0  # no group was generated that could not be used
+    actors = yaml.safe_load((tmp_path / "config.yaml").read_text())["actors"]["count"]
+    assert metrics[-1]["env/env_workers"] == 2 * actors and metrics[-1]["env/env_worker_crashes"] == 0
 
 
 def test_a_dead_actor_fails_the_run_loudly_and_names_it(tmp_path):
     t = time.monotonic()
-    result = launch("async_grpo", tmp_path, "env.name=tests.faults:KillsItsActor", timeout=240)
+    # on the actor's threads (env_workers 0), the environment's exit is the actor's
+    result = launch("async_grpo", tmp_path, "env.name=tests.faults:KillsItsActor", "rollout.env_workers=0", timeout=240)
     assert result.returncode == 1
     assert "run failed: actor" in result.stderr and "failed" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - t < 200
