@@ -1,14 +1,15 @@
 """CPU cost of the rollout loop itself, per episode, without an engine's compute: how many
 episodes per second one actor process can drive at most, whatever the GPU does.
 
-    python -m bench.rollout_overhead [--episodes 4096] [--group-size 8] [--model PATH] [--profile]
+    python -m bench.rollout_overhead [--episodes 4096] [--group-size 8] [--env-workers N] [--model PATH] [--profile]
 
 The engine here (actors/engines/scripted.py) answers every request at once with a fixed
 completion, which isolates the loop's CPU time; a real engine only adds to it. The environment is the default
 job's (arithmetic) with the default model's chat template, unless --model names another
 Hugging Face folder. Reported: microseconds of wall-clock per episode and per group (render,
 tokenize, environment calls, decode, group assembly and its wire encoding), and with
---profile the top functions by cumulative time.
+--profile the top functions by cumulative time. --env-workers N runs the environments in N
+worker processes (rollout.env_workers) instead of threads of this process.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def main():
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--inflight", type=int, default=256, help="episodes in flight")
     parser.add_argument("--model", help="a Hugging Face folder (default: the default job's model)")
+    parser.add_argument("--env-workers", type=int, default=0, help="rollout.env_workers (0: threads)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
 
@@ -45,10 +47,16 @@ def main():
 
     model = args.model or resolve(ModelConfig(), "/tmp", 0)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    make_env = registry.factory(registry.EnvConfig(name="arithmetic"))
+    env_config = registry.EnvConfig(name="arithmetic")
+    make_env = registry.factory(env_config)
+    environments = make_env
+    if args.env_workers:
+        from actors.environments import ProcessEnvironments
+        environments = ProcessEnvironments(env_config, args.env_workers, 30.0)
+        environments.wait_ready(60)
     # every request answered at once with "42": only the loop's CPU is timed (the engine's
     # decode of each prompt counts too, a few µs)
-    runner = EpisodeRunner(ScriptedEngine(tokenizer, lambda text: "42"), tokenizer, make_env,
+    runner = EpisodeRunner(ScriptedEngine(tokenizer, lambda text: "42"), tokenizer, environments,
                            RolloutConfig(group_size=args.group_size, max_new_tokens=24, temperature=0.7),
                            [tokenizer.eos_token_id])
     source, rng = make_env(), random.Random(0)
@@ -79,7 +87,9 @@ def main():
     print(json.dumps({"episodes": groups * args.group_size, "seconds": round(seconds, 3),
                       "us_per_episode": round(seconds / (groups * args.group_size) * 1e6, 1),
                       "episodes_per_s": round(groups * args.group_size / seconds),
-                      "env_s": round(runner.env_s, 3), "model": model}))
+                      "env_s": round(runner.env_s, 3), "env_workers": args.env_workers, "model": model}))
+    if args.env_workers:
+        environments.shutdown()
 
 
 if __name__ == "__main__":
