@@ -1,9 +1,11 @@
 """envs.math: the answer checker on a table of hand-written cases, and the environment's sources."""
+import importlib.util
 import json
 import random
 
 import pytest
 
+from common.config import ConfigError
 from envs import registry
 from envs.math import MathEnv, boxed, is_correct
 
@@ -84,6 +86,12 @@ def test_a_malformed_jsonl_line_is_refused_naming_the_line(tmp_path):
     path.write_text('{"question": "1+1", "answer": "2"}\n{"question": "no answer"}\n')
     with pytest.raises(ValueError, match="q.jsonl:2"):
         MathEnv(source=str(path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="`datasets` is installed here")
+def test_a_hugging_face_source_without_the_datasets_package_fails_at_start_naming_it():
+    with pytest.raises(ConfigError, match=r"env.args.*needs the `datasets` package"):
+        registry.make(registry.EnvConfig(name="math", args={"source": "hf:openai/gsm8k:main"}))
 
 
 def test_math_is_a_builtin_and_the_procedural_source_is_right_about_its_own_answers():
