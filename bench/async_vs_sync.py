@@ -2,7 +2,8 @@
 
 Runs `python -m launch sync_grpo` and `python -m launch async_grpo` with the same config and
 overrides, one after the other, and reports for each the seconds (from the launcher's start
-of training) until the reward, averaged over a window of steps, first reaches each target.
+of training) until the reward, averaged over a window of steps, first reaches each target,
+then writes both runs' report on the same axes (launch/report.py) into RUNS_DIR/comparison.
 Usage:
   python bench/async_vs_sync.py --config tiny --actors 2 --targets 0.5 0.9
   python bench/async_vs_sync.py --targets 0.4 0.5 trainer.max_steps=30     # the default job
@@ -20,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.time_to_reward import load, table, time_to  # noqa: E402
+from launch import report  # noqa: E402
 
 
 def main():
@@ -37,7 +39,7 @@ def main():
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = (["--config", args.config] if args.config else []) + (["--actors", str(args.actors)] if args.actors else [])
-    rows = []
+    rows, folders = [], []
     for recipe in args.recipes:
         if args.runs_dir:
             run_dir = os.path.join(args.runs_dir, recipe)
@@ -57,9 +59,14 @@ def main():
                 print(err.read()[-3000:], file=sys.stderr)
         metrics = load(run_dir) if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else []
         rows.append((recipe, metrics, time.monotonic() - t))
+        if metrics:
+            folders.append(run_dir)
     print(table({recipe: metrics for recipe, metrics, _ in rows}, args.targets, args.window, args.metric))
     print("wall-clock of each whole run (start-up included): "
           + ", ".join(f"{recipe} {wall:.0f}s" for recipe, _, wall in rows))
+    if folders:   # both runs on the same axes, beside the first run's folder
+        out = os.path.join(args.runs_dir, "comparison") if args.runs_dir else tempfile.mkdtemp(prefix="bench-comparison-")
+        print("comparison report:", report.write(folders, out, levels=args.targets, window=args.window))
     if len(rows) < 2:
         return
     (_, s_metrics, s_wall), (_, a_metrics, a_wall) = rows

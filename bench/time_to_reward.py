@@ -11,35 +11,14 @@ baseline's JSONL with `time_s` and `reward/mean` per step), side by side.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.metrics import read_rows, smoothed, time_to  # noqa: E402
 
 
-def load(path) -> list:
-    path = Path(path)
-    path = path / "metrics.jsonl" if path.is_dir() else path
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def curve(rows: list, metric: str = "reward/mean") -> list:
-    """(seconds, value) of every row that has `metric`, in time order."""
-    if metric.startswith("eval/"):
-        points = [(r["eval/at_s"], r[metric]) for r in rows if r.get("kind") == "eval" and metric in r]
-    else:
-        points = [(r["time_s"], r[metric]) for r in rows if r.get("kind", "step") == "step" and metric in r]
-    return sorted(points)
-
-
-def smoothed(rows: list, window: int, metric: str = "reward/mean") -> list:
-    """(seconds, mean of the last `window` values) from the window-th point on."""
-    points = curve(rows, metric)
-    return [(points[i][0], sum(v for _, v in points[i - window + 1:i + 1]) / window)
-            for i in range(window - 1, len(points))]
-
-
-def time_to(rows: list, target: float, window: int, metric: str = "reward/mean") -> float | None:
-    return next((t for t, v in smoothed(rows, window, metric) if v >= target), None)
+load = read_rows
 
 
 def table(runs: dict, targets: list, window: int, metric: str = "reward/mean") -> str:

@@ -46,6 +46,7 @@ from common.wire import WireError, decode, encode, split_rid, with_rid
 
 log = logging.getLogger(__name__)
 MAX_VERSION = 2**53  # a policy version past this is not one a learner publishes
+DRAIN_MAX = 16  # requests taken from the socket between two passes over the waiting samples
 
 
 @dataclass
@@ -217,9 +218,13 @@ class BufferServer:
                 soonest = min(p.deadline for p in self._pending + self._pending_inserts)
                 wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
             if poller.poll(wait_ms):
-                # Drain what has arrived before serving samples, so inserts are seen first.
-                while self._socket.poll(0):
+                # Take what has arrived (inserts are seen before the samples waiting behind
+                # them), but at most DRAIN_MAX requests: under a steady stream of inserts a
+                # drain would never end and the samples would starve.
+                for _ in range(DRAIN_MAX):
                     self._handle(self._socket.recv_multipart(copy=False))
+                    if not self._socket.poll(0):
+                        break
             self._serve_pending()
 
     # -- requests --------------------------------------------------------------------------

@@ -57,7 +57,35 @@ def _jsonable(value):
 
 def read_metrics(run_dir, kind: str = "step") -> list:
     """The rows of one kind: "step" (one per learner step) or "eval" (one per held-out evaluation)."""
-    path = Path(run_dir)
+    return [r for r in read_rows(run_dir) if r.get("kind", "step") == kind]
+
+
+def curve(rows: list, metric: str = "reward/mean") -> list:
+    """(seconds, value) of every row of a run's metrics.jsonl that has `metric`, in time order:
+    a step row at its time_s; for eval/ metrics, an evaluation at the time its weights were
+    published (eval/at_s), which is what wall-clock to the same accuracy needs."""
+    if metric.startswith("eval/"):
+        points = [(r["eval/at_s"], r[metric]) for r in rows if r.get("kind") == "eval" and r.get(metric) is not None]
+    else:
+        points = [(r["time_s"], r[metric]) for r in rows
+                  if r.get("kind", "step") == "step" and r.get(metric) is not None]
+    return sorted(points)
+
+
+def smoothed(rows: list, window: int, metric: str = "reward/mean") -> list:
+    """(seconds, mean of the last `window` values) from the window-th point on."""
+    points = curve(rows, metric)
+    return [(points[i][0], sum(v for _, v in points[i - window + 1:i + 1]) / window)
+            for i in range(window - 1, len(points))]
+
+
+def time_to(rows: list, target: float, window: int, metric: str = "reward/mean") -> float | None:
+    """Seconds until the smoothed `metric` first reaches `target`; None if it never does."""
+    return next((t for t, v in smoothed(rows, window, metric) if v >= target), None)
+
+
+def read_rows(path) -> list:
+    """Every row of a run folder's metrics.jsonl (or of a JSONL file), of every kind."""
+    path = Path(path)
     with open(path / "metrics.jsonl" if path.is_dir() else path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r.get("kind", "step") == kind]
+        return [json.loads(line) for line in f if line.strip()]

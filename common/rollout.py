@@ -15,6 +15,7 @@ row that generated, and staleness is measured against it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ ARRAY_FIELDS = {
     "rewards": (np.float32, ("G",)),              # total reward of each completion
     "token_versions": (np.int32, ("G", "T")),     # policy version that sampled each token; -1 off policy
 }
+_ARRAY_SPECS = [(name, (np.dtype(dtype), shape)) for name, (dtype, shape) in ARRAY_FIELDS.items()]
 
 
 class SchemaError(ValueError):
@@ -80,8 +82,8 @@ class RolloutGroup:
     def version(self) -> int:
         """The oldest policy version that generated any token of the group; rows that never
         generated do not count. -1 if no row generated."""
-        first = self.version_first[self.generated]
-        return int(first.min()) if first.size else -1
+        versions = self.token_versions   # >= 0 exactly on policy tokens (validate)
+        return int(versions.min(initial=np.iinfo(np.int32).max, where=versions >= 0)) if (versions >= 0).any() else -1
 
     @property
     def num_policy_tokens(self) -> int:
@@ -91,36 +93,39 @@ class RolloutGroup:
         """Check dtypes, shapes and invariants; raise SchemaError naming the field."""
         if not isinstance(self.tokens, np.ndarray) or self.tokens.ndim != 2:
             raise SchemaError("tokens: must be a 2-D array [G, T]")
-        dims = {"G": self.tokens.shape[0], "T": self.tokens.shape[1]}
-        if dims["G"] < 1:
+        G, T = self.tokens.shape
+        if G < 1:
             raise SchemaError("tokens: a group needs at least one completion")
-        for name, (dtype, shape) in ARRAY_FIELDS.items():
+        for name, dtype, want in ((n, d, (G, T) if len(shape) == 2 else (G,)) for n, (d, shape) in _ARRAY_SPECS):
             value = getattr(self, name)
-            want = tuple(dims[d] for d in shape)
             if not isinstance(value, np.ndarray):
                 raise SchemaError(f"{name}: must be a numpy array, got {type(value).__name__}")
-            if value.dtype != dtype:
-                raise SchemaError(f"{name}: dtype must be {np.dtype(dtype)}, got {value.dtype}")
+            if value.dtype is not dtype and value.dtype != dtype:
+                raise SchemaError(f"{name}: dtype must be {dtype}, got {value.dtype}")
             if value.shape != want:
                 raise SchemaError(f"{name}: shape must be {want} (G, T), got {value.shape}")
         for name in ("turn_rewards", "errors"):
-            if not isinstance(getattr(self, name), list) or len(getattr(self, name)) != dims["G"]:
-                raise SchemaError(f"{name}: must be a list of {dims['G']} entries")
-        if (self.lengths < 0).any() or (self.lengths > dims["T"]).any():
+            if not isinstance(getattr(self, name), list) or len(getattr(self, name)) != G:
+                raise SchemaError(f"{name}: must be a list of {G} entries")
+        if (self.lengths.min() < 0 or self.lengths.max() > T):
             raise SchemaError("lengths: each must lie in [0, T]")
-        if (self.loss_mask > 1).any():
+        if self.loss_mask.size and self.loss_mask.max() > 1:
             raise SchemaError("loss_mask: values must be 0 or 1")
         if not np.isfinite(self.rewards).all():
             raise SchemaError("rewards: must be finite")
-        if not np.isfinite(self.behaviour_logprobs).all() or (self.behaviour_logprobs > 1e-4).any():
+        logprobs = self.behaviour_logprobs
+        # NaN fails `<=`; -inf passes it, so the minimum is checked too
+        if logprobs.size and not ((logprobs <= 1e-4).all() and np.isfinite(logprobs.min())):
             raise SchemaError("behaviour_logprobs: must be finite and <= 0")
-        on_policy = self.loss_mask == 1
-        if (self.token_versions[on_policy] < 0).any() or (self.token_versions[~on_policy] != -1).any():
+        # policy tokens (mask 1) carry a version >= 0, all others -1
+        on_policy = self.loss_mask.view(np.bool_)
+        versions = self.token_versions
+        if (np.where(on_policy, versions < 0, versions != -1)).any():
             raise SchemaError("token_versions: must be >= 0 on policy tokens and -1 elsewhere")
         # The metadata is checked whole too: a bad id (unhashable, say) must fail here, before
         # a buffer stores any group of the request.
         def finite(x) -> bool:
-            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and np.isfinite(x)
+            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
         def got(x) -> str:
             return f"got {type(x).__name__} {x!r:.40}"

@@ -24,6 +24,7 @@ examples:
   python -m launch async_grpo --actors 4 --learner-gpus 16 model.name=Qwen/Qwen2.5-0.5B-Instruct
   python -m launch export RUN_DIR                            # a checkpoint as a Hugging Face folder
   python -m launch envs                                      # the environments env.name can name
+  python -m launch report RUN_DIR [RUN_DIR ...]              # report.html: plots, several runs overlaid
 """
 
 
@@ -54,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"export": "launch.export", "envs": "launch.envs"}  # commands with arguments of their own
+COMMANDS = {"export": "launch.export", "envs": "launch.envs", "report": "launch.report"}  # commands with arguments of their own
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ from buffer.process import BufferProcess
 from common.config import ConfigError, to_yaml
 from common.metrics import MetricsLogger
 from envs import registry
-from launch import cluster, models
+from launch import cluster, models, report
 from launch.cluster import PeerError
 from launch.config import Config
 from launch.evaluate import PeriodicEvaluation
@@ -78,6 +78,10 @@ def main(config: Config) -> Path:
     if failure is not None:  # reached only by a run that succeeded: no error of the run is hidden
         raise failure
     print(f"asyncrl: run finished; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
+    try:
+        print(f"asyncrl: report in {report.write([run_dir])}", flush=True)
+    except Exception as e:  # the run itself succeeded; say why its report is missing
+        log.error("asyncrl: could not write the run's report: %s: %s", type(e).__name__, e)
     return run_dir
 
 

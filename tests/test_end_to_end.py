@@ -71,6 +71,14 @@ def test_held_out_evaluations_follow_the_learners_versions_and_show_it_learning(
     assert sum(line.startswith("eval of step") for line in result.stdout.splitlines()) == len(evals)
 
 
+def test_the_run_writes_its_report_and_prints_its_path(async_run):
+    run_dir, result, _ = async_run
+    assert f"asyncrl: report in {run_dir / 'report.html'}" in result.stdout
+    text = (run_dir / "report.html").read_text()
+    assert run_dir.name in text and text.count("data:image/png;base64,") >= 4
+    assert (run_dir / "held_out.png").stat().st_size > 5000
+
+
 def test_sync_baseline_trains_strictly_on_policy(tmp_path):
     result = launch("sync_grpo", tmp_path, "trainer.max_steps=6")   # environments in worker processes
     assert result.returncode == 0, result.stderr[-3000:]
