@@ -22,6 +22,7 @@ from actors.evaluation import EvalConfig, TrainingTasks, held_out_tasks, play
 from actors.environments import ProcessEnvironments
 from actors.rollout import EpisodeRunner, RolloutConfig
 from buffer.client import BufferClient
+from common import telemetry
 from common.config import check
 from envs import registry
 
@@ -132,7 +133,8 @@ class RolloutActor:
     def stats(self) -> dict:
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
                 **self.runner.stats(), "backpressure_s": self.backpressure_s,
-                "uptime_s": time.monotonic() - self.started, **self.engine.stats()}
+                "uptime_s": time.monotonic() - self.started, **self.engine.stats(),
+                "telemetry": telemetry.sample(f"actor{self.actor_id}")}   # {} without a GPU
 
 
 def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, stop_token_ids: list, seed: int,

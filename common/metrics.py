@@ -18,24 +18,35 @@ PROGRESS = [  # (metric, label, format) shown on the progress line
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, stream=sys.stdout):
+    def __init__(self, run_dir: Path, total_steps: int, stream=sys.stdout, sinks=()):
+        """`sinks`: objects whose log(row) gets every row as written (common/wandb_run.py)."""
+        self.sinks = list(sinks)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)
         self.total_steps, self.stream = total_steps, stream
         self.started = time.monotonic()
+        self._first = None   # (step, when) the ETA counts from: the first step logged
 
     def _write(self, metrics: dict) -> dict:
         metrics = {"time_s": round(time.monotonic() - self.started, 3), **metrics}
         self._file.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
+        for sink in self.sinks:
+            sink.log(metrics)
         return metrics
 
     def log(self, metrics: dict) -> None:
         metrics = self._write(metrics)
         shown = " | ".join(f"{label} {fmt.format(metrics[key])}" for key, label, fmt in PROGRESS
                            if isinstance(metrics.get(key), (int, float)))
-        print(f"step {metrics.get('step')}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s",
-              file=self.stream, flush=True)
+        step = metrics.get("step")
+        if self._first is None and isinstance(step, int):
+            self._first = (step - 1, time.monotonic())   # the step before this one ended about now
+        eta = ""
+        if isinstance(step, int) and step > self._first[0] and step < self.total_steps:
+            per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
+            eta = f" | eta {_duration(per_step * (self.total_steps - step))}" if step - self._first[0] > 1 else ""
+        print(f"step {step}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s{eta}", file=self.stream, flush=True)
 
     def log_eval(self, metrics: dict) -> None:
         """A held-out evaluation's row ("kind": "eval"; its `step` is the learner step whose
@@ -47,6 +58,12 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _jsonable(value):

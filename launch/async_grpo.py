@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,7 @@ from buffer.client import BufferClient
 from buffer.process import BufferProcess
 from common.config import ConfigError, to_yaml
 from common.metrics import MetricsLogger
+from common import wandb_run
 from envs import registry
 from launch import cluster, models, report
 from launch.cluster import PeerError
@@ -41,9 +43,11 @@ def main(config: Config) -> Path:
                           "(trainer.checkpoint_every saves them)")
 
     cluster.start_ray(config)
-    buffer = buffer_stats = None
+    buffer = buffer_stats = tracker = None
     actors, actor_runs, ranks, group = [], {}, [], None
     try:
+        tracker = wandb_run.start(config.run.wandb, run_dir, config, config.run.wandb_project, config.run.wandb_name,
+                                  config.run.wandb_tags, config.run.startup_timeout_s)
         # The buffer runs as a process of its own, checkpointing into the run folder; it is
         # restored only when the run is resumed, and restarted from there if it dies.
         buffer_config = dataclasses.replace(config.buffer, restore=config.run.resume,
@@ -64,7 +68,7 @@ def main(config: Config) -> Path:
                                      config.run.startup_timeout_s, f"learner restore from {resume_from}")[0]["step"]
             print(f"asyncrl: resumed from {resume_from} at step {first_step}", flush=True)
         actor_runs = {a.run.remote(): i for i, a in enumerate(actors)}
-        train(config, run_dir, ranks, actors, actor_runs, buffer, buffer_stats, first_step)
+        train(config, run_dir, ranks, actors, actor_runs, buffer, buffer_stats, first_step, tracker)
         if config.trainer.export_final:
             cluster.get([r.export.remote(str(run_dir / "final")) for r in ranks], config.run.step_timeout_s,
                         "learner export")
@@ -74,14 +78,22 @@ def main(config: Config) -> Path:
              partial(cluster.stop_all, actors, actor_runs, ranks, group, config.run.actor_timeout_s)),
             ("buffer client", buffer_stats.close if buffer_stats else None),
             ("buffer server", buffer.stop if buffer else None),
-            ("Ray", ray.shutdown))
+            ("Ray", ray.shutdown),
+            # a failed run's wandb run ends here (a finished one's after its report, below)
+            ("wandb", tracker.finish if tracker is not None and sys.exc_info()[0] is not None else None))
     if failure is not None:  # reached only by a run that succeeded: no error of the run is hidden
         raise failure
     print(f"asyncrl: run finished; metrics in {run_dir / 'metrics.jsonl'}", flush=True)
+    images = []
     try:
-        print(f"asyncrl: report in {report.write([run_dir])}", flush=True)
+        path = report.write([run_dir])
+        images = sorted(path.parent.glob("*.png"))
+        print(f"asyncrl: report in {path}", flush=True)
     except Exception as e:  # the run itself succeeded; say why its report is missing
         log.error("asyncrl: could not write the run's report: %s: %s", type(e).__name__, e)
+    if tracker is not None:
+        tracker.finish(images)
+        print(f"asyncrl: wandb ({config.run.wandb}) in {tracker.folder}", flush=True)
     return run_dir
 
 
@@ -101,9 +113,9 @@ def shut_down(*steps) -> Exception | None:
 
 
 def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferProcess, buffer_stats,
-          first_step: int = 0) -> None:
+          first_step: int = 0, tracker=None) -> None:
     t = config.trainer
-    logger = MetricsLogger(run_dir, t.max_steps)
+    logger = MetricsLogger(run_dir, t.max_steps, sinks=[tracker] if tracker is not None else [])
     tokens_before, time_before = 0, time.monotonic()
     held_out = PeriodicEvaluation(config.eval, actors[0], logger, t.max_steps) if config.eval.every else None
     if held_out is not None:  # the weights the run starts from (the initial ones, or a checkpoint's)
@@ -126,6 +138,8 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
                 "actor/versions": [s["version"] for s in actor_stats],
                 **{f"env/{key}": sum(s.get(key, 0) for s in actor_stats) for key in ENV_COUNTERS},
             })
+            for s in actor_stats:   # GPU telemetry of each actor group (none on CPU)
+                metrics.update(s.get("telemetry", {}))
             tokens_before, time_before = tokens, now
             logger.log(metrics)
             if held_out is not None and step == t.max_steps:

@@ -10,6 +10,7 @@ from actors.evaluation import EvalConfig
 from actors.rollout import RolloutConfig
 from buffer.server import BufferConfig
 from common.config import check, load_config
+from common.wandb_run import MODES as WANDB_MODES
 from envs.registry import EnvConfig
 from launch.models import ModelConfig
 from learner.learner import TrainerConfig
@@ -46,10 +47,18 @@ class RunConfig:
     the same GPU, its memory split by actors.gpu_memory_utilization."""
     startup_timeout_s: float = 600.0
     """Deadline for placing and starting the learner ranks, and for starting the actors."""
+    wandb: str = "offline"
+    """Weights & Biases: offline (written to run.dir/wandb, `wandb sync` uploads it later; no
+    account needed), online, or disabled. Every metrics row, the config and the report's plots."""
+    wandb_project: str = "asyncrl"
+    wandb_name: str = ""
+    """The wandb run's name; empty: the run folder's name."""
+    wandb_tags: list[str] = field(default_factory=list)
 
     def validate(self):
         for key in ("weights_timeout_s", "actor_timeout_s", "step_timeout_s", "startup_timeout_s"):
             check(getattr(self, key) > 0, key, "must be > 0")
+        check(self.wandb in WANDB_MODES, "wandb", f"must be one of {WANDB_MODES}, got {self.wandb!r}")
         check(self.weight_transport in WEIGHT_TRANSPORTS, "weight_transport",
               f"must be one of {WEIGHT_TRANSPORTS}, got {self.weight_transport!r}")
 

@@ -159,7 +159,12 @@ def write(run_dirs: list, out: Path | None = None, levels=DEFAULT_LEVELS, window
     runs = [load_run(d) for d in run_dirs]
     out = Path(out) if out else runs[0]["path"]
     out.mkdir(parents=True, exist_ok=True)
-    images = [(title, path) for stem, title, metrics in PLOTS
+    plots = list(PLOTS)
+    for reading, title in (("util", "GPU utilization (%)"), ("mem_gb", "GPU memory used (GB)"), ("power_w", "GPU power (W)")):
+        keys = sorted({k for run in runs for r in run["steps"] for k in r if "/gpu" in k and k.endswith("/" + reading)})
+        if keys:   # telemetry (common/telemetry.py): one line per part and GPU
+            plots.append((f"gpu_{reading}", title, [(k, k.rsplit("/", 1)[0]) for k in keys]))
+    images = [(title, path) for stem, title, metrics in plots
               if (path := plot(runs, stem, title, metrics, out)) is not None]
     if (path := plot_step_time(runs, out)) is not None:
         images.append(("Where a learner step's time goes", path))

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 from buffer.client import BufferClient
+from common import telemetry
 from common.config import check
 from learner import checkpoint, fsdp
 from learner.batch import make_batch, token_logprobs
@@ -193,6 +194,8 @@ class Learner:
         sync_s = self.publish() if self.step_count % self.config.sync_every == 0 else 0.0
         metrics.update({"weights/version": self.version, "weights/sync_s": sync_s, "learner/wait_s": wait_s,
                         "learner/step_s": time.monotonic() - t0})
+        if self.device.type == "cuda":
+            metrics.update(telemetry.sample("learner"))   # this rank's GPU: utilization, memory, power
         return metrics
 
     def train_on(self, groups: list, staleness: list) -> dict:

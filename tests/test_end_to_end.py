@@ -44,6 +44,7 @@ def test_every_step_logs_the_required_metrics_and_a_progress_line(async_run):
         assert all(isinstance(m[k], (int, float)) for k in REQUIRED), m
     progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(progress) == 40 and "reward" in progress[-1] and "tok/s" in progress[-1]
+    assert all(" | eta " in line for line in progress[1:-1])   # time left, from the steps so far
 
 
 def test_the_staleness_bound_holds_and_actors_follow_the_learner(async_run):
@@ -71,12 +72,15 @@ def test_held_out_evaluations_follow_the_learners_versions_and_show_it_learning(
     assert sum(line.startswith("eval of step") for line in result.stdout.splitlines()) == len(evals)
 
 
-def test_the_run_writes_its_report_and_prints_its_path(async_run):
+def test_the_run_writes_its_report_and_its_wandb_run(async_run):
     run_dir, result, _ = async_run
     assert f"asyncrl: report in {run_dir / 'report.html'}" in result.stdout
     text = (run_dir / "report.html").read_text()
     assert run_dir.name in text and text.count("data:image/png;base64,") >= 4
     assert (run_dir / "held_out.png").stat().st_size > 5000
+    # wandb, offline by default: every row logged, and the report's plots
+    record = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert b"reward/mean" in record and b"eval/reward" in record and b"report/held_out" in record
 
 
 def test_sync_baseline_trains_strictly_on_policy(tmp_path):

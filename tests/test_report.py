@@ -57,3 +57,16 @@ def test_the_command_writes_the_report_and_refuses_a_folder_without_metrics(tmp_
     bad = subprocess.run([sys.executable, "-m", "launch", "report", str(tmp_path)], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "holds no metrics.jsonl" in bad.stderr
+
+
+def test_gpu_telemetry_in_the_metrics_gets_its_plots(tmp_path):
+    run = write_run(tmp_path / "gpu_run", [0.1, 0.5, 0.7], 1.0)
+    with open(run / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    with open(run / "metrics.jsonl", "w") as f:
+        for i, r in enumerate(rows):
+            f.write(json.dumps({**r, "learner/gpu0/util": 40.0 + i, "actor0/gpu0/util": 90.0 - i,
+                                "learner/gpu0/mem_gb": 30.5}) + "\n")
+    report.write([run])
+    assert (run / "gpu_util.png").stat().st_size > 5000 and (run / "gpu_mem_gb.png").exists()
+    assert not (run / "gpu_power_w.png").exists()   # no power readings, no plot

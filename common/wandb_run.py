@@ -1,0 +1,62 @@
+"""Weights & Biases for a run (run.wandb = offline | online | disabled): every row of
+metrics.jsonl as it is written, the resolved config, and the report's plots at the end.
+metrics.jsonl stays the source of truth; offline (the default) needs no account and writes
+<run.dir>/wandb/offline-run-*/, which `wandb sync` uploads later.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MODES = ("offline", "online", "disabled")
+
+
+class WandbRun:
+    """A started wandb run; `log(row)` for each metrics row, `finish(images)` at the end. A
+    failure to log is logged, never raised: it must not stop the training it records."""
+
+    def __init__(self, mode: str, run_dir: Path, config, project: str, name: str, tags: list,
+                 timeout_s: float):
+        import wandb
+
+        self._wandb = wandb
+        self.run = wandb.init(mode=mode, dir=str(run_dir), project=project, name=name or Path(run_dir).name,
+                              tags=list(tags) or None, config=_plain(config), reinit="finish_previous",
+                              settings=wandb.Settings(init_timeout=timeout_s, console="off"))
+        self.run.define_metric("step")
+        self.run.define_metric("*", step_metric="step")   # every chart against the learner step
+        self.folder = Path(self.run.dir).parent   # <run.dir>/wandb/<offline-run-...>
+
+    def log(self, row: dict) -> None:
+        try:
+            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        except Exception as e:
+            log.error("asyncrl: wandb could not log a row: %s: %s", type(e).__name__, e)
+
+    def finish(self, images: list = ()) -> None:
+        try:
+            if images:
+                self.run.log({f"report/{Path(p).stem}": self._wandb.Image(str(p)) for p in images})
+            self.run.finish()
+        except Exception as e:
+            log.error("asyncrl: wandb could not finish: %s: %s", type(e).__name__, e)
+
+
+def start(mode: str, run_dir: Path, config, project: str = "asyncrl", name: str = "", tags=(),
+          timeout_s: float = 120.0) -> WandbRun | None:
+    """The run's wandb run, or None when mode is disabled."""
+    if mode == "disabled":
+        return None
+    return WandbRun(mode, run_dir, config, project, name, tags, timeout_s)
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
