@@ -66,6 +66,11 @@ def worker_main(env_config, requests_address: str, results_address: str, parent_
     def watch_parent() -> None:
         while os.getppid() == parent_pid:
             time.sleep(0.5)
+        for address in (requests_address, results_address):   # the orphan tidies the socket files
+            try:
+                os.unlink(address[len("ipc://"):])
+            except OSError:
+                pass
         os._exit(0)
 
     threading.Thread(target=watch_parent, name="watch-parent", daemon=True).start()
