@@ -7,7 +7,7 @@ rows, plus the time to gather and publish all weights.
 Each step is what the learner does per sampled batch: one no-grad pass for the proximal
 log-probs, then forward and backward per micro-batch (packed by trainer.micro_batch_tokens),
 gradient clipping and the optimizer step. Model FLOPs of one forward pass per token
-(`flops_per_token`): 2 x the matmul weights (embedding lookup excluded), 2 x 2 x layers x
+(learner/flops.py, which the learner's own learner/mfu metric uses too): 2 x the matmul weights (embedding lookup excluded), 2 x 2 x layers x
 attention width x context / 2 for causal scores and values, and 2 x hidden x vocabulary for the
 projection, counted only at the positions the learner computes (it skips the prompt's). A step
 is 4 such passes (proximal forward, forward, backward as two). MFU = FLOPs / (seconds x the
@@ -24,27 +24,15 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, SXM
-
+from learner import flops  # noqa: E402
 
 def peak_flops(name: str, override: float | None) -> float:
     if override:
         return override * 1e12
-    for key, value in PEAK_BF16.items():
-        if key in name:
-            return value
-    raise SystemExit(f"unknown peak for {name!r}: pass --peak-tflops")
-
-
-def flops_per_token(cfg, context: int) -> dict:
-    """Forward FLOPs per token: the matmuls (embedding lookup excluded), attention scores and
-    values over a causal context, the vocabulary projection."""
-    d, L, ff = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
-    head = d // cfg.num_attention_heads
-    q, kv = cfg.num_attention_heads * head, cfg.num_key_value_heads * head
-    per_layer = d * (q + 2 * kv) + q * d + 3 * d * ff                  # qkv, o, gate+up+down
-    return {"matmul": 2 * L * per_layer, "attention": 2 * 2 * L * q * context // 2, "vocab": 2 * d * cfg.vocab_size}
+    value = flops.peak(name)
+    if value is None:
+        raise SystemExit(f"unknown peak for {name!r}: pass --peak-tflops")
+    return value
 
 
 def make_groups(rows: int, prompt: int, length: int, vocab: int, group_size: int = 8):
@@ -104,10 +92,9 @@ def bench_one(shape: str, args, peak: float) -> dict:
                 torch.cuda.synchronize()
                 times.append(time.monotonic() - t)
             step_s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]
-            f = flops_per_token(cfg, args.seq)
             tokens = args.rows * args.seq
             trained = args.rows * (args.seq - args.prompt)        # positions with a vocabulary projection
-            per_pass = tokens * (f["matmul"] + f["attention"]) + trained * f["vocab"]
+            per_pass = flops.forward(cfg, [args.seq] * args.rows, trained)
             step_flops = 4 * per_pass                              # proximal forward + forward + backward (2x)
             t = time.monotonic()
             learner.publish()                                      # gather the full weights to CPU, send

@@ -23,7 +23,9 @@ PLOTS = [
     ("reward", "Training reward", [("reward/mean", "reward/mean")]),
     ("held_out", "Held-out accuracy", [("eval/reward", "eval/reward")]),
     ("staleness", "Staleness of the groups trained on", [("staleness/mean", "mean"), ("staleness/max", "max")]),
-    ("throughput", "Actor tokens/s", [("actor/tokens_per_s", "actor tokens/s")]),
+    ("throughput", "Tokens/s", [("actor/tokens_per_s", "actors: generated"),
+                                ("learner/tokens_per_s", "learner: policy tokens trained")]),
+    ("mfu", "Learner MFU (model FLOPs / the GPUs' dense bf16 peak)", [("learner/mfu", "learner/mfu")]),
 ]
 # the parts of a learner step (learner/step_s), shown as one stacked bar per run
 STEP_PARTS = [("learner/wait_s", "waiting for the buffer"), ("learner/train_s", "training"),

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 from buffer.client import BufferClient
 from common import telemetry
 from common.config import check
-from learner import checkpoint, fsdp
+from learner import checkpoint, flops, fsdp
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
 
@@ -154,6 +154,8 @@ class Learner:
                 dist.init_process_group(backend, rank=rank, world_size=self.world_size, timeout=timeout)
         self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=master)
+        self.model_config = model.config.get_text_config()   # for the model FLOPs of a step
+        self.peak_flops = flops.peak(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
         self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
         # Eval mode (dropout off) while training, as RL fine-tuning of LMs does: the log-probs
         # that enter the importance weights must be the policy's, not one dropout draw of it.
@@ -216,6 +218,11 @@ class Learner:
         counts = self._all_reduce([sum(s) for s in shares] + [float(sum(m.loss_mask.sum() for m in mb))
                                                               for mb in minibatches])
         divisors, tokens = counts[:len(minibatches)], counts[len(minibatches):]        # per mini-batch, global
+        # model FLOPs of this rank's step: pi_prox (and pi_ref) forward once, then per epoch a
+        # forward and a backward (2 forwards) over every row
+        forwards = 1 + (self.reference is not None) + 3 * c.epochs
+        step_flops = forwards * flops.forward(self.model_config, batch.attention_mask.sum(1).tolist(),
+                                              int(batch.loss_mask.sum()))
 
         sums, maxes, clip_fracs, grad_norms, loss = {}, {}, [], [], 0.0
         lr = self.optimizer.param_groups[0]["lr"]  # of this batch's first optimizer step
@@ -236,21 +243,26 @@ class Learner:
         errors = sum(bool(e) for g in groups for e in g.errors)
         keys = sorted(sums)
         totals = self._all_reduce([float(rewards.sum()), len(rewards), float(sum(staleness)), len(staleness),
-                                   errors, loss] + [sums[k] for k in keys] + clip_fracs)
+                                   errors, loss] + [sums[k] for k in keys] + clip_fracs + [step_flops])
+        step_flops = totals.pop()   # every rank's
         max_keys = sorted(maxes)
         top = self._all_reduce([float(max(staleness))] + [maxes[k] for k in max_keys], op=dist.ReduceOp.MAX)
         reward_sum, rows, stale_sum, n_groups, errors, loss = totals[:6]
         global_tokens = sum(tokens)
+        train_s = time.monotonic() - t0
         metrics = {
             "step": self.step_count, "reward/mean": reward_sum / rows,
             "staleness/mean": stale_sum / n_groups, "staleness/max": top[0],
-            "learner/train_s": time.monotonic() - t0, "learner/tokens": global_tokens,
+            "learner/train_s": train_s, "learner/tokens": global_tokens,
+            "learner/tokens_per_s": global_tokens / train_s, "learner/tflops": step_flops / train_s / 1e12,
             "learner/grad_norm": sum(grad_norms) / passes, "rollout/episode_errors": errors,
             "loss/policy": loss / passes, "loss/clip_frac_per_minibatch": totals[6 + len(keys):],
             "learner/lr": lr,
         }
         metrics.update({k: v / max(global_tokens * c.epochs, 1.0) for k, v in zip(keys, totals[6:6 + len(keys)])})
         metrics.update(dict(zip(max_keys, top[1:])))
+        if self.peak_flops:   # on a GPU whose peak is known: the share of it the step used
+            metrics["learner/mfu"] = step_flops / train_s / (self.peak_flops * self.world_size)
         return metrics
 
     def _micro_batches(self, minibatches: list) -> list:
