@@ -134,6 +134,9 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
             metrics.update({
                 "buffer/size": table["size"], "buffer/inserts": table["inserts"],
                 "buffer/dropped_stale": table["dropped_stale"], "buffer/evicted": table["evicted"],
+                # so far in the run: staleness -> groups handed to the learner, and dropped
+                "buffer/staleness_histogram": table["staleness_histogram"],
+                "buffer/dropped_staleness_histogram": table["dropped_staleness_histogram"],
                 "actor/tokens_per_s": (tokens - tokens_before) / max(now - time_before, 1e-9),
                 "actor/versions": [s["version"] for s in actor_stats],
                 **{f"env/{key}": sum(s.get(key, 0) for s in actor_stats) for key in ENV_COUNTERS},

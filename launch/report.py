@@ -112,6 +112,42 @@ def plot_step_time(runs: list, out: Path) -> Path | None:
     return path
 
 
+def plot_staleness_histogram(runs: list, out: Path) -> Path | None:
+    """The staleness of every group handed to the learner, and of those dropped as too stale,
+    over the whole run (the last step row's counts), one pair of bar series per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    hists = []
+    for run in runs:
+        last = next((r for r in reversed(run["steps"]) if "buffer/staleness_histogram" in r), None)
+        if last is not None:
+            hists.append((run["name"], {int(k): v for k, v in (last["buffer/staleness_histogram"] or {}).items()},
+                          {int(k): v for k, v in (last.get("buffer/dropped_staleness_histogram") or {}).items()}))
+    if not hists:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 3.6), constrained_layout=True)
+    width = 0.8 / (2 * len(hists))
+    for i, (name, sampled, dropped) in enumerate(hists):
+        for j, (counts, label, hatch) in enumerate(((sampled, "trained on", None), (dropped, "dropped", "//"))):
+            if counts:
+                offset = (2 * i + j) * width - 0.4 + width / 2
+                ax.bar([k + offset for k in counts], list(counts.values()), width, hatch=hatch,
+                       label=f"{name}: {label}")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("staleness (learner version - the group's oldest version)")
+    ax.set_ylabel("groups")
+    ax.set_title("Staleness of the groups over the run", loc="left")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    path = out / "staleness_histogram.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def reach_table(runs: list, levels, window: int) -> tuple[str, list]:
     """(the metric used, [(run name, start, end, [seconds to each level or None])])."""
     metric = "eval/reward" if all(run["evals"] for run in runs) else "reward/mean"
@@ -168,6 +204,8 @@ def write(run_dirs: list, out: Path | None = None, levels=DEFAULT_LEVELS, window
             plots.append((f"gpu_{reading}", title, [(k, k.rsplit("/", 1)[0]) for k in keys]))
     images = [(title, path) for stem, title, metrics in plots
               if (path := plot(runs, stem, title, metrics, out)) is not None]
+    if (path := plot_staleness_histogram(runs, out)) is not None:
+        images.append(("Staleness of the groups over the run", path))
     if (path := plot_step_time(runs, out)) is not None:
         images.append(("Where a learner step's time goes", path))
     metric, reach = reach_table(runs, levels, window)

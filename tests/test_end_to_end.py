@@ -49,7 +49,12 @@ def test_every_step_logs_the_required_metrics_and_a_progress_line(async_run):
 
 def test_the_staleness_bound_holds_and_actors_follow_the_learner(async_run):
     run_dir, _, _ = async_run
-    bound = yaml.safe_load((run_dir / "config.yaml").read_text())["buffer"]["table"]["max_staleness"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    last = read_metrics(run_dir)[-1]   # every group handed to the learner, by its staleness
+    histogram = {int(k): v for k, v in last["buffer/staleness_histogram"].items()}
+    assert sum(histogram.values()) == 40 * config["trainer"]["batch_groups"]
+    bound = config["buffer"]["table"]["max_staleness"]
+    assert max(histogram) <= bound
     metrics = read_metrics(run_dir)
     assert all(m["staleness/max"] <= bound for m in metrics)
     assert max(m["staleness/max"] for m in metrics) >= 1  # it really ran off-policy
