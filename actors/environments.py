@@ -218,7 +218,6 @@ class ProcessEnvironments:
             ok, payload = await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except asyncio.TimeoutError:
             with self._lock:
-                self._pending.pop(call_id, None)
                 self.hung_env_calls += 1
                 if worker in self.workers:   # contained: no new episodes there, a new worker serves them
                     worker.retiring = True

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 
 from actors.engine import Engine
-from actors.environments import EnvironmentsExhausted, ProcessEnvironments, ThreadEnvironments  # noqa: F401
+from actors.environments import EnvironmentsExhausted, ThreadEnvironments  # noqa: F401 (raised from here)
 from common.config import check
 from common.rollout import RolloutGroup
 from envs.base import StepResult
