@@ -14,7 +14,8 @@ MODES = ("offline", "online", "disabled")
 
 
 class WandbRun:
-    """A started wandb run; `log(row)` for each metrics row, `finish(images)` at the end. A
+    """A started wandb run; `log(row)` for each metrics row, `finish(images)` once at the end
+    (it stops wandb's service for this process: one run per process, as a job is). A
     failure to log is logged, never raised: it must not stop the training it records."""
 
     def __init__(self, mode: str, run_dir: Path, config, project: str, name: str, tags: list,
@@ -40,6 +41,10 @@ class WandbRun:
             if images:
                 self.run.log({f"report/{Path(p).stem}": self._wandb.Image(str(p)) for p in images})
             self.run.finish()
+            # finish() can return before wandb's service has flushed and closed the run's
+            # file (seen on a loaded CI machine: the file held only its header); teardown
+            # waits for the service to exit, so the folder is complete when this returns
+            self._wandb.teardown()
         except Exception as e:
             log.error("asyncrl: wandb could not finish: %s: %s", type(e).__name__, e)
 
