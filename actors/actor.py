@@ -99,6 +99,7 @@ class RolloutActor:
         if rollout.env_workers:  # started, and ready, before the first episode
             environments = ProcessEnvironments(env, rollout.env_workers, rollout.env_timeout_s, rollout.env_threads)
             environments.wait_ready(ENV_WORKERS_START_S)
+        self.environments = environments if rollout.env_workers else None   # worker processes to end
         self.runner = EpisodeRunner(self.engine, tokenizer, environments, rollout, stop_token_ids)
         self.eval_config = evaluation or EvalConfig()
         self.held_out = held_out_tasks(make_env(), self.eval_config)
@@ -122,6 +123,15 @@ class RolloutActor:
     def stop(self) -> None:
         self._stop.set()
 
+    def close(self) -> None:
+        """After run() has returned: end the environment workers (their socket files go with
+        them; Ray would otherwise kill them unseen), the engine and the buffer connection."""
+        if self.environments is not None:
+            self.environments.shutdown()
+        self.engine.close()
+        self._io.shutdown(wait=False)
+        self.buffer.close()
+
     def evaluate(self, min_version: int = 0) -> dict:
         """Play each held-out task once on the served weights, as soon as they are at least
         `min_version`, beside the rollouts; returns the eval/ metrics (actors/evaluation.py)."""
@@ -133,6 +143,7 @@ class RolloutActor:
     def stats(self) -> dict:
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
                 **self.runner.stats(), "backpressure_s": self.backpressure_s,
+                "activity_s": self.runner.activity.seconds(),   # where its time went (actors/activity.py)
                 "uptime_s": time.monotonic() - self.started, **self.engine.stats(),
                 "telemetry": telemetry.sample(f"actor{self.actor_id}")}   # {} without a GPU
 
@@ -168,7 +179,8 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
             groups = [g for g in (finished.result() for finished in done) if g is not None]
             if groups:  # the groups that ended together go in one request
-                a.buffered = (await _buffer_call(a, a.buffer.insert, *groups))["size"]
+                with a.runner.activity.doing("buffer"):
+                    a.buffered = (await _buffer_call(a, a.buffer.insert, *groups))["size"]
                 a.groups += len(groups)
     finally:
         a._loop = None
@@ -230,12 +242,15 @@ class _StartGate:
         if not blocked:
             if self.waiting_since is not None:
                 a.backpressure_s += time.monotonic() - self.waiting_since
+                a.runner.activity.end("waiting")
             self.waiting_since = None
             return True
         if inflight_groups:
             return False  # still busy; the wait only counts once nothing is in flight
         now = time.monotonic()
-        self.waiting_since = self.waiting_since or now
+        if self.waiting_since is None:
+            self.waiting_since = now
+            a.runner.activity.begin("waiting")
         if now - self.waiting_since > a.config.wait_timeout_s:
             raise TimeoutError(f"actor {a.actor_id} waited {a.config.wait_timeout_s}s for {blocked}")
         return False

@@ -108,6 +108,7 @@ class StagedWeights:
         self._pending: int | None = None   # a committed version not yet swapped in
         self.swaps = 0
         self.last_swap_s = 0.0
+        self.swap_s = 0.0   # all swaps so far: the time generation stood still for new weights
 
     def begin(self, version: int) -> None:
         self._lock.acquire()
@@ -174,6 +175,7 @@ class StagedWeights:
             version, self._pending = self._pending, None
             self.swaps += 1
             self.last_swap_s = time.perf_counter() - t
+            self.swap_s += self.last_swap_s
             return version
         finally:
             self._lock.release()

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from numbers import Real
 
+from actors.activity import Activity
 from actors.engine import Engine
 from actors.environments import EnvironmentsExhausted, ThreadEnvironments  # noqa: F401 (raised from here)
 from common.config import check
@@ -180,6 +181,7 @@ class EpisodeRunner:
         self.renderer = ChatRenderer(tokenizer, stop_token_ids)
         self.generated_tokens = 0
         self.episodes = self.episodes_timed_out = self.groups_unusable = 0
+        self.activity = Activity()   # where the actor's time goes (actors/activity.py)
 
     @property
     def env_s(self) -> float:
@@ -226,7 +228,8 @@ class EpisodeRunner:
         return episode
 
     async def _play(self, e: Episode, task: dict, temperature: float, max_new_tokens: int, training: bool) -> None:
-        messages, e.error = await self.environments.call(e.env, "reset", task)
+        with self.activity.doing("environment"):
+            messages, e.error = await self.environments.call(e.env, "reset", task)
         if not e.error:
             e.error = _messages_error(messages, "environment reset") or ("" if messages else
                                                                           "environment reset returned no messages")
@@ -235,12 +238,14 @@ class EpisodeRunner:
         e.messages = list(messages)
         e.extend(self.renderer.prompt(e.messages))
         for turn in range(self.config.max_turns):
-            sample = await self.engine.generate(e.tokens, max_new_tokens, temperature)
+            with self.activity.doing("generation"):
+                sample = await self.engine.generate(e.tokens, max_new_tokens, temperature)
             e.extend(sample.tokens, sample.logprobs, sample.versions)
             self.generated_tokens += len(sample.tokens) if training else 0
             history = list(e.messages)
             e.messages.append({"role": "assistant", "content": self.renderer.decode(sample.tokens)})
-            result, e.error = await self.environments.call(e.env, "step", e.messages)
+            with self.activity.doing("environment"):
+                result, e.error = await self.environments.call(e.env, "step", e.messages)
             e.error = e.error or _step_error(result)
             if e.error:
                 return

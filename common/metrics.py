@@ -1,5 +1,7 @@
 """Run metrics: one JSON object per learner step in <run.dir>/metrics.jsonl, one per held-out
-evaluation (with "kind": "eval"), and a progress line on stdout. Metric names are `area/name`."""
+evaluation (with "kind": "eval"), and progress on stdout: on a terminal, a bar with the time
+left redrawn in place (evaluations print above it); on a log, one summary line per step.
+Metric names are `area/name`."""
 from __future__ import annotations
 
 import json
@@ -7,6 +9,8 @@ import math
 import sys
 import time
 from pathlib import Path
+
+from common.progress import bar, duration, is_terminal
 
 PROGRESS = [  # (metric, label, format) shown on the progress line
     ("weights/version", "v", "{:.0f}"), ("reward/mean", "reward", "{:.3f}"),
@@ -27,6 +31,8 @@ class MetricsLogger:
         self.total_steps, self.stream = total_steps, stream
         self.started = time.monotonic()
         self._first = None   # (step, when) the ETA counts from: the first step logged
+        self.terminal = is_terminal(stream)
+        self._bar = ""       # the bar line on the terminal now, to draw again below a printed line
 
     def _write(self, metrics: dict) -> dict:
         metrics = {"time_s": round(time.monotonic() - self.started, 3), **metrics}
@@ -45,25 +51,32 @@ class MetricsLogger:
         eta = ""
         if isinstance(step, int) and step > self._first[0] and step < self.total_steps:
             per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
-            eta = f" | eta {_duration(per_step * (self.total_steps - step))}" if step - self._first[0] > 1 else ""
-        print(f"step {step}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s{eta}", file=self.stream, flush=True)
+            eta = f" | eta {duration(per_step * (self.total_steps - step))}" if step - self._first[0] > 1 else ""
+        line = f"step {step}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s{eta}"
+        if not self.terminal:
+            print(line, file=self.stream, flush=True)
+            return
+        self._bar = f"{bar(step, self.total_steps)} {line}" if isinstance(step, int) else line
+        last = step == self.total_steps
+        print("\r\x1b[K" + self._bar, end="\n" if last else "", file=self.stream, flush=True)
+        self._bar = "" if last else self._bar
 
     def log_eval(self, metrics: dict) -> None:
         """A held-out evaluation's row ("kind": "eval"; its `step` is the learner step whose
         weights it scored)."""
         metrics = self._write({"kind": "eval", **metrics})
-        print(f"eval of step {metrics.get('step')} (version {metrics.get('weights/version')}) | held-out reward "
-              f"{metrics.get('eval/reward', float('nan')):.3f} over {metrics.get('eval/tasks')} tasks | "
-              f"{metrics.get('eval/s', 0):.1f}s", file=self.stream, flush=True)
+        line = (f"eval of step {metrics.get('step')} (version {metrics.get('weights/version')}) | held-out reward "
+                f"{metrics.get('eval/reward', float('nan')):.3f} over {metrics.get('eval/tasks')} tasks | "
+                f"{metrics.get('eval/s', 0):.1f}s")
+        if self.terminal:   # above the bar, which is drawn again below it
+            line = "\r\x1b[K" + line + ("\n" + self._bar if self._bar else "")
+        print(line, end="" if self.terminal and self._bar else "\n", file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self._bar:   # a run that ended early leaves its bar, ended by a newline
+            print(file=self.stream, flush=True)
+            self._bar = ""
         self._file.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _jsonable(value):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ray
 
+from actors import activity
 from buffer.client import BufferClient
 from buffer.process import BufferProcess
 from common.config import ConfigError, to_yaml
@@ -112,11 +113,29 @@ def shut_down(*steps) -> Exception | None:
     return first
 
 
+def actor_time(actor_stats: list, before: dict) -> dict:
+    """Where the actors' time went since the last step (actors/activity.py): the share of
+    each kind, averaged over the actor groups and, per group, as a list; and the seconds that
+    generation stood still while new weights were swapped in."""
+    per_actor = [activity.shares(before.get(s["actor_id"], {}).get("activity_s", {}), s["activity_s"])
+                 for s in actor_stats]
+    metrics = {}
+    for kind in activity.SHARES:
+        values = [share.get(kind, 0.0) for share in per_actor]
+        metrics[f"actor/time/{kind}"] = sum(values) / len(values)
+        metrics[f"actor/time/{kind}_by_actor"] = values
+    swap_s = [s.get("weight_swap_s", 0.0) - before.get(s["actor_id"], {}).get("weight_swap_s", 0.0)
+              for s in actor_stats]
+    metrics["actor/weight_swap_s"] = sum(swap_s) / len(swap_s)
+    return metrics
+
+
 def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferProcess, buffer_stats,
           first_step: int = 0, tracker=None) -> None:
     t = config.trainer
     logger = MetricsLogger(run_dir, t.max_steps, sinks=[tracker] if tracker is not None else [])
     tokens_before, time_before = 0, time.monotonic()
+    actors_before: dict = {}   # actor id -> its stats at the last step, for the time shares since
     held_out = PeriodicEvaluation(config.eval, actors[0], logger, t.max_steps) if config.eval.every else None
     if held_out is not None:  # the weights the run starts from (the initial ones, or a checkpoint's)
         held_out.request(first_step, version=0)
@@ -141,9 +160,11 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
                 "actor/versions": [s["version"] for s in actor_stats],
                 **{f"env/{key}": sum(s.get(key, 0) for s in actor_stats) for key in ENV_COUNTERS},
             })
+            metrics.update(actor_time(actor_stats, actors_before))
             for s in actor_stats:   # GPU telemetry of each actor group (none on CPU)
                 metrics.update(s.get("telemetry", {}))
             tokens_before, time_before = tokens, now
+            actors_before = {s["actor_id"]: s for s in actor_stats}
             logger.log(metrics)
             if held_out is not None and step == t.max_steps:
                 held_out.finish(step, metrics["weights/version"])

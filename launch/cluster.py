@@ -13,6 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.actor import RolloutActor
 from common.config import ConfigError
+from common.progress import Progress
 from launch.config import Config
 from common.weights_broadcast import BroadcastChannelSpec
 from common.weights_ipc import IpcChannelSpec
@@ -55,6 +56,21 @@ def get(refs, timeout_s: float, what: str):
         raise PeerError(f"{what} did not answer within {timeout_s:.0f}s") from None
     except ray.exceptions.RayError as e:
         raise PeerError(f"{what} failed: {e}") from None
+
+
+def wait_ready(parts: list, timeout_s: float, what: str) -> None:
+    """Wait until every Ray actor of `parts` has started (model loaded, engine up), showing
+    progress; past the deadline, fail naming the ones that have not."""
+    pending = {part.__ray_ready__.remote(): i for i, part in enumerate(parts)}
+    deadline = time.monotonic() + timeout_s
+    with Progress(what, len(parts)) as progress:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+            for ref in done:
+                get(ref, 1.0, f"{what}: number {pending.pop(ref)}")
+                progress.advance()
+            if pending and not done and time.monotonic() >= deadline:
+                raise PeerError(f"{what}: number(s) {sorted(pending.values())} not started within {timeout_s:.0f}s")
 
 
 @ray.remote(num_cpus=0)
@@ -121,7 +137,7 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed, buffer_token)
              for i in range(t.world_size)]
-    get([r.__ray_ready__.remote() for r in ranks], config.run.startup_timeout_s, "learner start-up")
+    wait_ready(ranks, config.run.startup_timeout_s, f"starting {t.world_size} learner rank(s)")
     return ranks
 
 
@@ -138,7 +154,7 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights, 
               .remote(i, model_path, config.model.dtype, a, config.rollout, config.env, buffer_address,
                       config.buffer.timeout_s, weights, config.run.seed, config.eval)
               for i in range(a.count)]
-    get([a.__ray_ready__.remote() for a in actors], config.run.startup_timeout_s, "actor start-up")
+    wait_ready(actors, config.run.startup_timeout_s, f"starting {a.count} actor group(s) ({a.engine} engine)")
     return actors
 
 
@@ -171,10 +187,13 @@ def check_actors(actor_runs: dict) -> None:
 
 
 def stop_all(actors: list, actor_runs: dict, ranks: list, group, timeout_s: float) -> None:
-    """Stop the actors' loops (kill those that miss the deadline), then the learner ranks."""
+    """Stop the actors' loops, let every part close what it holds (environment workers, engines,
+    connections), and kill them all; a part that misses the deadline is killed as it is."""
     for a in actors:
         a.stop.remote()
     ray.wait(list(actor_runs), num_returns=len(actor_runs), timeout=timeout_s)
+    closing = [handle.close.remote() for handle in actors + ranks]
+    ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
     for handle in actors + ranks:
         ray.kill(handle)
     if group is not None:

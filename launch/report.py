@@ -14,6 +14,7 @@ import base64
 import html
 from pathlib import Path
 
+from actors.activity import SHARES as ACTOR_PARTS   # what an actor's wall-clock is split into
 from common.config import ConfigError
 from common.metrics import read_rows, smoothed, time_to
 
@@ -29,7 +30,7 @@ PLOTS = [
 ]
 # the parts of a learner step (learner/step_s), shown as one stacked bar per run
 STEP_PARTS = [("learner/wait_s", "waiting for the buffer"), ("learner/train_s", "training"),
-              ("weights/sync_s", "publishing weights")]
+              ("weights/gather_s", "gathering weights"), ("weights/send_s", "sending weights")]
 
 
 def load_run(path) -> dict:
@@ -79,10 +80,6 @@ def plot(runs: list, stem: str, title: str, metrics: list, out: Path) -> Path | 
 def plot_step_time(runs: list, out: Path) -> Path | None:
     """Where a learner step's time goes: per run, the mean seconds of each part of a step
     (the first step, which includes start-up, left out), stacked; the rest is "other"."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     bars = []
     for run in runs:
         steps = run["steps"][1:] or run["steps"]
@@ -92,9 +89,38 @@ def plot_step_time(runs: list, out: Path) -> Path | None:
         parts = [(label, _mean(r.get(metric) for r in steps) or 0.0) for metric, label in STEP_PARTS]
         parts.append(("other", max(0.0, total - sum(v for _, v in parts))))
         bars.append((run["name"], parts))
+    return _stacked_bars(bars, "seconds per learner step (mean)", "Where a learner step's time goes",
+                         out / "step_time.png")
+
+
+def plot_actor_time(runs: list, out: Path) -> Path | None:
+    """Where the actors' time goes (actors/activity.py): per run, the share of each kind over
+    the whole run (each step's shares weighted by its wall-clock), stacked."""
+    bars = []
+    for run in runs:
+        weighted, spans, last = dict.fromkeys(ACTOR_PARTS, 0.0), 0.0, 0.0
+        for r in run["steps"]:
+            span, last = r.get("time_s", last) - last, r.get("time_s", last)
+            if all(isinstance(r.get(f"actor/time/{k}"), (int, float)) for k in ACTOR_PARTS):
+                for k in ACTOR_PARTS:
+                    weighted[k] += r[f"actor/time/{k}"] * span
+                spans += span
+        if spans > 0:
+            bars.append((run["name"], [(k, weighted[k] / spans) for k in ACTOR_PARTS]))
+    return _stacked_bars(bars, "share of the actors' wall-clock (mean over actor groups)",
+                         "Where the actors' time goes", out / "actor_time.png")
+
+
+def _stacked_bars(bars: list, xlabel: str, title: str, path: Path) -> Path | None:
+    """One horizontal bar per (name, [(part, value)]), its parts stacked; None with no bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     if not bars:
         return None
-    fig, ax = plt.subplots(figsize=(11, 0.6 + 0.55 * len(bars)), constrained_layout=True)
+    legend_rows = max(len(parts) for _, parts in bars)   # the legend beside the bars must fit too
+    fig, ax = plt.subplots(figsize=(11, max(0.6 + 0.55 * len(bars), 0.9 + 0.22 * legend_rows)), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (name, parts) in enumerate(bars):
         left = 0.0
@@ -103,10 +129,9 @@ def plot_step_time(runs: list, out: Path) -> Path | None:
             left += value
     ax.set_yticks(range(len(bars)), [name for name, _ in bars])
     ax.invert_yaxis()
-    ax.set_xlabel("seconds per learner step (mean)")
-    ax.set_title("Where a learner step's time goes", loc="left")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, loc="left")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    path = out / "step_time.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -208,6 +233,8 @@ def write(run_dirs: list, out: Path | None = None, levels=DEFAULT_LEVELS, window
         images.append(("Staleness of the groups over the run", path))
     if (path := plot_step_time(runs, out)) is not None:
         images.append(("Where a learner step's time goes", path))
+    if (path := plot_actor_time(runs, out)) is not None:
+        images.append(("Where the actors' time goes", path))
     metric, reach = reach_table(runs, levels, window)
     names = ", ".join(html.escape(r["name"]) for r in runs)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>asyncrl report: {names}</title>",

@@ -193,8 +193,11 @@ class Learner:
                                                   timeout_s=self.config.sample_timeout_s)
         wait_s = time.monotonic() - t0
         metrics = self.train_on(groups, staleness)
-        sync_s = self.publish() if self.step_count % self.config.sync_every == 0 else 0.0
-        metrics.update({"weights/version": self.version, "weights/sync_s": sync_s, "learner/wait_s": wait_s,
+        gather_s = send_s = 0.0
+        if self.step_count % self.config.sync_every == 0:
+            gather_s, send_s = self._publish()
+        metrics.update({"weights/version": self.version, "weights/sync_s": gather_s + send_s,
+                        "weights/gather_s": gather_s, "weights/send_s": send_s, "learner/wait_s": wait_s,
                         "learner/step_s": time.monotonic() - t0})
         if self.device.type == "cuda":
             metrics.update(telemetry.sample("learner"))   # this rank's GPU: utilization, memory, power
@@ -335,13 +338,23 @@ class Learner:
 
     def publish(self) -> float:
         """Publish the current weights as version+1 and tell the buffer; returns seconds taken."""
+        return sum(self._publish())
+
+    def _publish(self) -> tuple:
+        """Publish as version+1; returns the seconds (gathering the weights, sending them):
+        the gather is a collective when sharded; the send lasts as long as the channel holds
+        it (common/weights.py); the actors then swap the version in on their own."""
         t = time.monotonic()
         self.version += 1
-        self._send_weights()
-        return time.monotonic() - t
+        tensors = self._gather_weights()
+        gathered = time.monotonic()
+        if self.rank == 0:
+            self.weights.send(self.version, tensors)
+            self.buffer.set_learner_version(self.version)
+        return gathered - t, time.monotonic() - gathered
 
-    def _send_weights(self) -> None:
-        """Send the current weights as self.version and tell the buffer (a collective when sharded)."""
+    def _gather_weights(self) -> dict:
+        """The tensors rank 0 sends as this version (a collective when sharded; {} elsewhere)."""
         if self.world_size == 1 and self.weights is not None and self.weights.device_tensors:
             # one rank and a GPU channel (CUDA IPC): its own parameters, read in place, in the
             # master dtype; receivers cast as they copy (send returns once they copied out)
@@ -352,9 +365,7 @@ class Learner:
             tensors = {n: state[n].detach().to(self.compute_dtype) for n in self.param_names} if self.rank == 0 else {}
             if self.rank == 0 and self.weights.device_tensors:
                 tensors = {n: v.to(self.device, non_blocking=True) for n, v in tensors.items()}
-        if self.rank == 0:
-            self.weights.send(self.version, tensors)
-            self.buffer.set_learner_version(self.version)
+        return tensors
 
     def export(self, path: str) -> None:
         """Save the current weights and the tokenizer in Hugging Face format (rank 0 writes)."""

@@ -1,7 +1,9 @@
 """The whole system, run as a user runs it: python -m launch with the tiny config."""
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -45,6 +47,19 @@ def test_every_step_logs_the_required_metrics_and_a_progress_line(async_run):
     progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
     assert len(progress) == 40 and "reward" in progress[-1] and "tok/s" in progress[-1]
     assert all(" | eta " in line for line in progress[1:-1])   # time left, from the steps so far
+    starting = [line for line in result.stderr.splitlines() if line.startswith("asyncrl: starting ")]
+    assert any("actor group(s) (hf engine): done in" in line for line in starting), starting
+
+
+def test_every_step_says_where_the_actors_and_the_learners_time_went(async_run):
+    run_dir, _, _ = async_run
+    for m in read_metrics(run_dir)[1:]:
+        shares = [m[f"actor/time/{kind}"] for kind in ("generation", "environment", "buffer", "waiting", "idle")]
+        assert abs(sum(shares) - 1) < 1e-6 and all(s >= 0 for s in shares), m
+        assert len(m["actor/time/generation_by_actor"]) == 2
+        assert m["actor/time/generation"] > 0   # the CPU engine is what the actors wait on
+        assert abs(m["weights/gather_s"] + m["weights/send_s"] - m["weights/sync_s"]) < 1e-6
+    assert (run_dir / "actor_time.png").stat().st_size > 5000
 
 
 def test_the_staleness_bound_holds_and_actors_follow_the_learner(async_run):
@@ -89,8 +104,11 @@ def test_the_run_writes_its_report_and_its_wandb_run(async_run):
 
 
 def test_sync_baseline_trains_strictly_on_policy(tmp_path):
+    sockets_before = set(Path(tempfile.gettempdir()).glob("asyncrl-env-*"))
     result = launch("sync_grpo", tmp_path, "trainer.max_steps=6")   # environments in worker processes
     assert result.returncode == 0, result.stderr[-3000:]
+    # the actors ended their environment workers and removed the socket files
+    assert set(Path(tempfile.gettempdir()).glob("asyncrl-env-*")) <= sockets_before
     metrics = read_metrics(tmp_path)
     assert [m["weights/version"] for m in metrics] == [1, 2, 3, 4, 5, 6]
     assert all(m["staleness/max"] == 0 for m in metrics)

@@ -17,6 +17,9 @@ def write_run(folder, rewards, seconds_per_step, evals=()):
                                 "staleness/mean": 0.5, "staleness/max": 1, "actor/tokens_per_s": 100.0 * i,
                                 "learner/step_s": seconds_per_step, "learner/wait_s": 0.2 * seconds_per_step,
                                 "learner/train_s": 0.7 * seconds_per_step, "weights/sync_s": 0.01,
+                                "weights/gather_s": 0.004, "weights/send_s": 0.006,
+                                "actor/time/generation": 0.6, "actor/time/environment": 0.3,
+                                "actor/time/buffer": 0.02, "actor/time/waiting": 0.0, "actor/time/idle": 0.08,
                                 "buffer/staleness_histogram": {"0": 2 * i, "1": i},
                                 "buffer/dropped_staleness_histogram": {"3": 1} if i > 2 else {}}) + "\n")
         for step, r in evals:
@@ -37,10 +40,11 @@ def test_a_report_overlays_runs_and_tabulates_wall_clock_to_each_level(tmp_path)
     assert metric == "eval/reward"
     assert rows == [("async_grpo", 0.2, 0.95, [2.0, 4.0]), ("sync_grpo", 0.2, 0.85, [8.0, None])]
     assert "<td>2 s</td><td>4 s</td>" in text and "<td>8 s</td><td>never</td>" in text
-    for stem in ("reward", "held_out", "staleness", "throughput", "staleness_histogram", "step_time"):
+    for stem in ("reward", "held_out", "staleness", "throughput", "staleness_histogram", "step_time", "actor_time"):
         png = (fast / f"{stem}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 5000
-    assert text.count("data:image/png;base64,") == 6    # self-contained: every plot inline
+    assert text.count("data:image/png;base64,") == 7    # self-contained: every plot inline
+    assert "Where the actors&#x27; time goes" in text
 
 
 def test_without_evaluations_the_table_follows_the_smoothed_training_reward(tmp_path):

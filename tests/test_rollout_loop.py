@@ -230,6 +230,10 @@ def test_episodes_interleave_and_groups_come_out_as_they_complete(parts):
     assert finished[0][1] - t0 < 0.6  # the short group did not wait for the slow one's steps
     assert [len(g.turn_rewards[0]) for _, _, g in finished] == [1, 2, 4]
     assert batches < 3 * (1 + 2 + 4)  # requests of different episodes shared engine batches
+    # where the time went: at the end only the long group's episodes were left, all in their
+    # 0.3-s steps at once (3 of them at least), the engine idle: that is environment time
+    spent = runner.activity.seconds()
+    assert spent["generation"] > 0 and 0.8 < spent["environment"] < time.monotonic() - t0
 
 
 class SwapsWeightsAfterTurnOne(EchoGame):

@@ -75,7 +75,8 @@ class HFEngine(Engine):
         self._thread.join(10.0)
 
     def stats(self) -> dict:
-        return {"weight_swaps": self.staged.swaps, "engine_busy_s": self.busy_s, "engine_batches": self.batches}
+        return {"weight_swaps": self.staged.swaps, "weight_swap_s": self.staged.swap_s, "engine_busy_s": self.busy_s,
+                "engine_batches": self.batches}
 
     # -- weights ----------------------------------------------------------------------------
     def start_weight_updates(self, receiver) -> None:

@@ -256,7 +256,8 @@ class VLLMEngine(Engine):
 
     def stats(self) -> dict:
         self.log.drain()
-        return {"weight_swaps": len(self.log.swaps), "staging_bytes": sum(self.log.staging_bytes.values())}
+        return {"weight_swaps": len(self.log.swaps), "staging_bytes": sum(self.log.staging_bytes.values()),
+                "weight_swap_s": sum(s["host_ms"] for s in self.log.swaps) / 1e3}
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
