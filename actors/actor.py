@@ -2,8 +2,11 @@
 
 It keeps up to `max_inflight_episodes` episodes in flight (whole groups of G), starts a new
 group whenever one ends, and inserts each group as soon as its G episodes end: no barrier
-spans groups. It never waits for the learner: the engine swaps each new weight version in
-between two of its steps. Plain Python; launch/ runs it as a Ray actor.
+spans groups. It never waits for the learner's weights: the engine swaps each new version in
+between two of its steps. Back-pressure is the buffer's: an insert its table's rate limiter
+holds (queue: the table is full; ratio: the learner is behind) is awaited, so no new group
+starts until the learner has taken some, and the engine is left to the learner meanwhile.
+Plain Python; launch/ runs it as a Ray actor.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import AutoTokenizer
@@ -21,7 +25,7 @@ from actors.engines.hf import HFEngine
 from actors.evaluation import EvalConfig, TrainingTasks, held_out_tasks, play
 from actors.environments import ProcessEnvironments
 from actors.rollout import EpisodeRunner, RolloutConfig
-from buffer.client import BufferClient
+from buffer.client import BufferClient, BufferHeld
 from common import telemetry
 from common.config import check
 from envs import registry
@@ -54,12 +58,9 @@ class ActorsConfig:
     groups_per_version: int = 0
     """0: never wait for the learner (asynchronous). N > 0: start N groups on one weight
     version, then wait for the next version (the synchronous baseline sets this)."""
-    max_buffered_groups: int = 0
-    """Back-pressure: when the buffer holds this many groups, start no new group until the
-    learner has taken some (frees the CPU or GPU for the learner). 0: never wait."""
     wait_timeout_s: float = 1800.0
-    """How long an actor waits for new weights (groups_per_version > 0) or for room in the
-    buffer (max_buffered_groups > 0) before failing."""
+    """How long an actor waits for new weights (groups_per_version > 0), or for the buffer's
+    rate limiter to take an insert (back-pressure: buffer.table.rate_limiter), before failing."""
 
     def validate(self):
         check(self.count >= 1, "count", f"must be >= 1, got {self.count}")
@@ -76,11 +77,11 @@ class ActorsConfig:
         check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         check(self.groups_per_version >= 0, "groups_per_version", "must be >= 0")
-        check(self.max_buffered_groups >= 0, "max_buffered_groups", "must be >= 0")
         check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
 
 
 ENV_WORKERS_START_S = 120.0  # an environment's worker processes start (import it) within this
+HELD_POLL_S = 1.0  # an insert the buffer's rate limiter holds is asked again this often
 
 
 class RolloutActor:
@@ -110,8 +111,7 @@ class RolloutActor:
         self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe
         self._stop = threading.Event()
         self.groups = 0
-        self.buffered = 0  # the buffer's size as of the last insert or check
-        self.backpressure_s = 0.0
+        self.backpressure_s = 0.0   # waiting for new weights (the synchronous baseline)
         self.started = time.monotonic()
 
     def run(self, max_groups: int | None = None) -> dict:
@@ -169,7 +169,7 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
     try:
         while not a._stop.is_set() and (max_groups is None or a.groups < max_groups):
             a.engine.check()
-            while await gate.may_start(len(inflight), max_groups):
+            while gate.may_start(len(inflight), max_groups):
                 task = a.tasks.sample(a.rng)
                 inflight.add(asyncio.ensure_future(a.runner.group(task, a.actor_id)))
                 gate.started()
@@ -179,9 +179,8 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
             groups = [g for g in (finished.result() for finished in done) if g is not None]
             if groups:  # the groups that ended together go in one request
-                with a.runner.activity.doing("buffer"):
-                    a.buffered = (await _buffer_call(a, a.buffer.insert, *groups))["size"]
-                a.groups += len(groups)
+                with a.runner.activity.doing("buffer"):   # held here while the rate limiter says so
+                    a.groups += await _insert(a, groups)
     finally:
         a._loop = None
         for task in inflight:
@@ -202,25 +201,44 @@ async def _evaluate(a: RolloutActor, min_version: int) -> dict:
     return {**result, "eval/actor_id": a.actor_id}
 
 
+async def _insert(a: RolloutActor, groups: list) -> int:
+    """Insert the groups, however long the buffer's rate limiter holds them (up to
+    actors.wait_timeout_s): asked again every HELD_POLL_S with what is not yet stored, so that
+    stop() is seen meanwhile (the groups still held are then given up). Returns how many
+    went in."""
+    deadline, total = time.monotonic() + a.config.wait_timeout_s, len(groups)
+    while groups:
+        try:
+            await _buffer_call(a, partial(a.buffer.insert, *groups, timeout_s=HELD_POLL_S))
+            return total
+        except BufferHeld as held:
+            groups = groups[len(held.stored):]
+            if a._stop.is_set():
+                return total - len(groups)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor {a.actor_id} waited actors.wait_timeout_s={a.config.wait_timeout_s}s for "
+                                   f"the buffer's rate limiter to take {len(groups)} group(s); is the learner "
+                                   f"alive? ({held})") from None
+
+
 async def _buffer_call(a: RolloutActor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(a._io, fn, *args)
 
 
 class _StartGate:
-    """Whether the actor may start another group: room among the in-flight episodes, room
-    in the buffer (back-pressure), and, for the synchronous baseline, groups left on the
-    version being served. Waiting longer than actors.wait_timeout_s fails the actor."""
+    """Whether the actor may start another group: room among the in-flight episodes and, for
+    the synchronous baseline, groups left on the version being served. Waiting longer than
+    actors.wait_timeout_s for a new version fails the actor."""
 
     def __init__(self, actor: RolloutActor):
         self.actor = actor
         self.version, self.on_version = actor.engine.version, 0
         self.waiting_since: float | None = None
-        self.next_check = 0.0
 
     def started(self) -> None:
         self.on_version += 1
 
-    async def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
+    def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
         a, group_size = self.actor, self.actor.rollout.group_size
         if max_groups is not None and a.groups + inflight_groups >= max_groups:
             return False
@@ -231,14 +249,6 @@ class _StartGate:
         blocked = ""
         if a.config.groups_per_version and self.on_version >= a.config.groups_per_version:
             blocked = f"weights newer than version {self.version}; is the learner alive?"
-        elif a.config.max_buffered_groups and a.buffered >= a.config.max_buffered_groups:
-            blocked = (f"the buffer to drain below actors.max_buffered_groups={a.config.max_buffered_groups} "
-                       "groups; is the learner alive?")
-            if time.monotonic() >= self.next_check:  # ask the buffer again, at most every 50 ms
-                self.next_check = time.monotonic() + 0.05
-                a.buffered = (await _buffer_call(a, a.buffer.stats))["size"]
-                if a.buffered < a.config.max_buffered_groups:
-                    blocked = ""
         if not blocked:
             if self.waiting_since is not None:
                 a.backpressure_s += time.monotonic() - self.waiting_since

@@ -18,9 +18,12 @@ Reported per (system, size, writers): items/s and MB/s inserted (by the writers)
 taken by the reader, p50/p99 latency of an insert and of a sample. The last line is one
 JSON object: zmq_share_items_4k and zmq_share_mb_1m (asyncrl over raw pyzmq, 8 writers),
 ratio_items_4k and ratio_mb_1m (asyncrl over Ray's queue, 8 writers), p99_sample_ms_8clients,
-machine and date. DeepMind's Reverb is not run by this script (yet).
+machine and date; given --reverb-python (the interpreter of a venv with dm-reverb, see
+bench/reverb_bench.py), DeepMind's Reverb does the same work too, and reverb_share_items_4k
+and reverb_share_mb_1m (asyncrl over Reverb, 8 writers) join it.
 
     python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--out FILE]
+                                 [--reverb-python /tmp/reverb-venv/bin/python]
 """
 from __future__ import annotations
 
@@ -285,6 +288,19 @@ def _summary(inserted, taken, insert_latencies, sample_latencies, seconds) -> di
             "sample_p50_ms": sample["p50_ms"], "sample_p99_ms": sample["p99_ms"]}
 
 
+def run_reverb(python: str, nbytes: int, writers: int, seconds: float, batch: int) -> dict:
+    """bench/reverb_bench.py under Reverb's interpreter; its JSON line."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reverb_bench.py")
+    done = subprocess.run([python, script, "--bytes", str(nbytes), "--writers", str(writers), "--seconds",
+                           str(seconds), "--batch", str(batch)], capture_output=True, text=True,
+                          timeout=seconds + 300)
+    if done.returncode != 0:
+        raise RuntimeError(f"reverb_bench.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 SYSTEMS = {"asyncrl": run_asyncrl, "raw pyzmq": run_raw_zmq, "ray queue": run_ray_queue}
 
 
@@ -296,6 +312,7 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="groups per sample")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--out", help="also write every row and the summary here (JSON)")
+    parser.add_argument("--reverb-python", help="the python of a venv with dm-reverb: run Reverb on the same work")
     args = parser.parse_args()
     if args.quick:
         args.writers, args.seconds = [8], 3.0
@@ -311,8 +328,11 @@ def main():
     for size, group in groups.items():
         tokens, nbytes = int(group.lengths[0]), encoded_size(group)
         for writers in args.writers:
-            for system in args.systems:
-                r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work)
+            for system in args.systems + (["reverb"] if args.reverb_python else []):
+                if system == "reverb":
+                    r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, args.batch)
+                else:
+                    r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work)
                 r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
                 rows.append(r)
                 print(f"{system:<10} {size:>5} {writers:>7} {r['items_per_s']:>9.0f} {r['mb_per_s']:>8.1f} "
@@ -331,6 +351,11 @@ def main():
         "ratio_items_4k": ratio(get("asyncrl", "4k"), get("ray queue", "4k"), "items_per_s"),
         "ratio_mb_1m": ratio(get("asyncrl", "1m"), get("ray queue", "1m"), "mb_per_s"),
         "p99_sample_ms_8clients": (get("asyncrl", "4k") or {}).get("sample_p99_ms"),
+        **({"reverb_share_items_4k": ratio(get("asyncrl", "4k"), get("reverb", "4k"), "items_per_s"),
+            "reverb_share_mb_1m": ratio(get("asyncrl", "1m"), get("reverb", "1m"), "mb_per_s"),
+            "reverb_items_per_s_4k": round(get("reverb", "4k")["items_per_s"]) if get("reverb", "4k") else None,
+            "reverb_mb_per_s_1m": round(get("reverb", "1m")["mb_per_s"], 1) if get("reverb", "1m") else None}
+           if args.reverb_python else {}),
         "asyncrl_items_per_s_4k": round(get("asyncrl", "4k")["items_per_s"]) if get("asyncrl", "4k") else None,
         "asyncrl_mb_per_s_1m": round(get("asyncrl", "1m")["mb_per_s"], 1) if get("asyncrl", "1m") else None,
         "bytes_4k": encoded_size(groups["4k"]), "bytes_1m": encoded_size(groups["1m"]),

@@ -2,8 +2,14 @@
 
     python -m buffer [key=value ...]        # keys of BufferConfig (buffer/server.py), e.g.
     python -m buffer port=5555 checkpoint_dir=/data/buffer table.max_size=4096
+    python -m buffer tables.solved.selector=max_heap     # one more named table, "solved"
+
+    python -m buffer keys                                # a CurveZMQ key set, for curve=true
 
 With ASYNCRL_BUFFER_TOKEN set, only clients holding that token may move the learner version.
+With curve=true, connections are encrypted and only clients holding the client keys are
+answered: give the server ASYNCRL_BUFFER_CURVE=<the full set> and each client
+ASYNCRL_BUFFER_CURVE=<the client set> (both from `python -m buffer keys`).
 It restores the newest checkpoint in checkpoint_dir (restore=true), prints one JSON line
 {"address", "pid", "restored_from", "groups"} once it serves, and serves until SIGTERM or
 SIGINT, after which it writes a last checkpoint and exits 0 (1 if the serving loop failed).
@@ -17,6 +23,7 @@ import os
 import signal
 import sys
 
+from buffer.curve import ENV, CurveKeys
 from buffer.server import BufferConfig, BufferServer
 from common.config import ConfigError, load_config
 
@@ -25,6 +32,11 @@ def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
+        return 0
+    if args[:1] == ["keys"]:
+        keys = CurveKeys.generate()
+        print(f"# the server's environment\n{ENV}={keys.encode()}\n"
+              f"# every client's environment\n{ENV}={keys.for_clients().encode()}")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s buffer %(levelname)s %(message)s")
     seed = int(os.environ.get("ASYNCRL_BUFFER_SEED", "0"))
@@ -40,9 +52,9 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: server._stop.set())
     print(json.dumps({"address": server.address, "pid": os.getpid(),
                       "restored_from": str(server.restored_from) if server.restored_from else None,
-                      "groups": len(server.table)}), flush=True)
+                      "groups": server.size}), flush=True)
     server.serve()
-    server._socket.close(linger=0)
+    server.close()
     if server._failure is not None:
         print(f"python -m buffer: the server at {server.address} failed: {server._failure}", file=sys.stderr)
         return 1

@@ -86,6 +86,6 @@ def read(path) -> dict:
         state = decode(frames)
     except (struct.error, WireError) as e:
         raise CheckpointError(f"{path} is corrupt: {e}") from None
-    if not isinstance(state, dict) or "items" not in state:
+    if not isinstance(state, dict) or not ("items" in state or isinstance(state.get("tables"), dict)):
         raise CheckpointError(f"{path} holds no table state")
     return state

@@ -20,11 +20,15 @@ import time
 
 import zmq
 
+from buffer.curve import CurveKeys, secure_client
 from common.rollout import RolloutGroup
 from common.wire import WireError, decode, encode, split_rid, with_rid
 
 
 RESEND_BATCH = 64  # groups per re-sent insert
+PING_S = 2.0       # a long wait for a reply that is never re-sent checks this often that the server lives
+PING = encode({"op": "ping"})
+ROLLOUTS = "rollouts"  # the table the actors insert into and the learner samples (buffer/server.py)
 
 
 def _grace(timeout_s: float) -> float:
@@ -40,9 +44,22 @@ class BufferTimeout(BufferError):
     pass
 
 
+class BufferHeld(BufferError):
+    """The table's rate limiter held an insert past its deadline. `stored`: one bool per group
+    of the request stored before the deadline (a prefix; the rest were not)."""
+
+    def __init__(self, message: str, reply: dict):
+        super().__init__(message)
+        self.reply, self.stored = reply, list(reply.get("stored", []))
+
+
 class BufferClient:
-    def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3, version_token: str = ""):
+    def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3, version_token: str = "",
+                 curve_keys: CurveKeys | None = None):
+        """`curve_keys`: the job's CurveZMQ client keys, for a server with buffer.curve=true;
+        None takes them from ASYNCRL_BUFFER_CURVE when it is set (buffer/curve.py)."""
         self.address = address
+        self.curve_keys = curve_keys if curve_keys is not None else CurveKeys.from_env()
         self.version_token = version_token  # what set_learner_version shows the server
         self.timeout_s = timeout_s
         self.retries = retries
@@ -50,7 +67,7 @@ class BufferClient:
         self._socket = None
         self._rids = itertools.count(1)
         self._incarnation = None   # of the server that answered last
-        self._unsaved: list = []   # [incarnation, seq, group]: acknowledged, no checkpoint holds it yet
+        self._unsaved: list = []   # [incarnation, seq, table, group]: acknowledged, no checkpoint holds it yet
         self.resent_groups = 0
         self._connect()
 
@@ -59,6 +76,8 @@ class BufferClient:
             self._socket.close(linger=0)
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if self.curve_keys is not None:
+            secure_client(self._socket, self.curve_keys)
         self._socket.connect(self.address)
 
     def close(self) -> None:
@@ -76,11 +95,27 @@ class BufferClient:
             rid = next(self._rids)
             self._socket.send_multipart(with_rid(rid, message), copy=False)
             deadline = time.monotonic() + timeout_s
+            # A request that is never re-sent (a sample) may wait long; a server that died and
+            # restarted meanwhile forgot it. Pings every PING_S find that out (a new incarnation
+            # answers), and the request is put to the new server for the time left.
+            asked, ping_rid, next_ping = self._incarnation, None, time.monotonic() + PING_S
             while (left := deadline - time.monotonic()) > 0:
-                if not self._socket.poll(int(left * 1000) + 1):
+                wait = left if idempotent else max(0.0, min(left, next_ping - time.monotonic()))
+                if not self._socket.poll(int(wait * 1000) + 1):
+                    if not idempotent and time.monotonic() >= next_ping:
+                        ping_rid, next_ping = next(self._rids), time.monotonic() + PING_S
+                        self._socket.send_multipart(with_rid(ping_rid, PING), copy=False)
                     continue
                 try:
                     reply_rid, body = split_rid(self._socket.recv_multipart(copy=False))
+                    if reply_rid == ping_rid and ping_rid is not None:
+                        pong = decode(body)
+                        if asked is None and isinstance(pong, dict):   # a first call: the server that answers now
+                            asked = pong.get("incarnation")
+                        elif isinstance(pong, dict) and pong.get("incarnation") != asked:
+                            asked, rid = pong.get("incarnation"), next(self._rids)   # ask the new server
+                            self._socket.send_multipart(with_rid(rid, message), copy=False)
+                        continue
                     if reply_rid != rid:
                         continue  # a late reply to an abandoned attempt
                     reply = decode(body)
@@ -88,12 +123,20 @@ class BufferClient:
                     raise BufferError(f"buffer at {self.address} sent a malformed reply to {op}: {e}") from None
                 if not isinstance(reply, dict) or not reply.get("ok"):
                     error = reply.get("error") if isinstance(reply, dict) else reply
+                    if isinstance(reply, dict) and reply.get("held"):
+                        self._observe(reply)
+                        raise BufferHeld(f"buffer at {self.address} held {op}: {error}", reply)
                     raise BufferError(f"buffer at {self.address} refused {op}: {error}")
                 self._observe(reply)
                 return reply
             self._connect()  # drop whatever is queued on the dead connection
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
-                            f"({attempts} attempt(s)); is the server running?")
+                            f"({attempts} attempt(s)); {self._hint()}")
+
+    def _hint(self) -> str:
+        if self.curve_keys is not None:
+            return "is the server running, with buffer.curve=true and this job's CurveZMQ keys?"
+        return "is the server running (and without buffer.curve, which answers only clients with its keys)?"
 
     def _observe(self, reply: dict) -> None:
         """Forget the acknowledged groups the server's newest checkpoint holds; re-send, once,
@@ -103,39 +146,48 @@ class BufferClient:
         self._incarnation = incarnation
         self._unsaved = [u for u in self._unsaved if u[0] != incarnation or u[1] > covered]
         if restarted:
-            lost = [u[2] for u in self._unsaved if u[0] != incarnation]
+            lost = [u for u in self._unsaved if u[0] != incarnation]
             self._unsaved = [u for u in self._unsaved if u[0] == incarnation]
-            for i in range(0, len(lost), RESEND_BATCH):  # ids are unique: what it still holds is refused once
-                self.insert(*lost[i:i + RESEND_BATCH])
+            for table in dict.fromkeys(u[2] for u in lost):
+                groups = [u[3] for u in lost if u[2] == table]
+                for i in range(0, len(groups), RESEND_BATCH):  # ids are unique: what it still holds is refused once
+                    self.insert(*groups[i:i + RESEND_BATCH], table=table)
             self.resent_groups += len(lost)
 
-    def insert(self, *groups: RolloutGroup, priorities: list | None = None, timeout_s: float | None = None) -> dict:
-        """Store groups in one request: all or, if any is malformed, none. Returns
+    def insert(self, *groups: RolloutGroup, priorities: list | None = None, timeout_s: float | None = None,
+               table: str = ROLLOUTS) -> dict:
+        """Store groups in one request into `table`: all or, if any is malformed, none. Returns
         {stored: [bool per group; False for an id stored before], size, learner_version}.
+        An insert the table's rate limiter holds waits up to timeout_s (then fails, saying so).
         Until a checkpoint of the server holds them, the groups are kept here, and re-sent to
         a server that restarted (from its newest checkpoint) in the meantime."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        fields = {"groups": [g.to_wire() for g in groups], "timeout_s": timeout_s}
+        fields = {"groups": [g.to_wire() for g in groups], "timeout_s": timeout_s, "table": table}
         if priorities is not None:
             fields["priorities"] = [float(p) for p in priorities]
         # the server answers an insert its rate limiter holds past timeout_s; give the reply time
-        reply = self._call("insert", deadline_s=timeout_s + _grace(timeout_s), **fields)
-        self._keep(reply, groups)
+        try:
+            reply = self._call("insert", deadline_s=timeout_s + _grace(timeout_s), **fields)
+        except BufferHeld as e:   # what it stored before the deadline is acknowledged all the same
+            self._keep(e.reply, groups[:len(e.stored)], table)
+            raise
+        self._keep(reply, groups, table)
         return reply
 
-    def _keep(self, reply: dict, groups) -> None:
+    def _keep(self, reply: dict, groups, table: str) -> None:
         """Keep acknowledged groups until a checkpoint of a checkpointing server holds them."""
         if reply.get("checkpoints"):
-            self._unsaved += [[reply["incarnation"], reply["seq"], g] for g in groups]
+            self._unsaved += [[reply["incarnation"], reply["seq"], table, g] for g in groups]
 
-    def insert_many(self, batches: list, window: int = 16, timeout_s: float | None = None) -> list:
+    def insert_many(self, batches: list, window: int = 16, timeout_s: float | None = None,
+                    table: str = ROLLOUTS) -> list:
         """insert() for many requests (each a list of groups) with up to `window` of them in
         flight, acknowledged as they land; the replies in order. An attempt that gets no reply
         by its deadline reconnects and re-sends what is unacknowledged (ids are unique, so a
         request the server had stored is refused, not stored twice)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        messages = [encode({"op": "insert", "groups": [g.to_wire() for g in groups], "timeout_s": timeout_s})
-                    for groups in batches]
+        messages = [encode({"op": "insert", "groups": [g.to_wire() for g in groups], "timeout_s": timeout_s,
+                            "table": table}) for groups in batches]
         replies: list = [None] * len(messages)
         for attempt in range(1 + self.retries):
             todo = [i for i, r in enumerate(replies) if r is None]
@@ -162,7 +214,7 @@ class BufferClient:
                     error = reply.get("error") if isinstance(reply, dict) else reply
                     raise BufferError(f"buffer at {self.address} refused insert: {error}")
                 self._observe(reply)
-                self._keep(reply, batches[i])
+                self._keep(reply, batches[i], table)
                 replies[i] = reply
                 deadline = time.monotonic() + timeout_s + _grace(timeout_s)  # each landing restarts the clock
             if all(r is not None for r in replies):
@@ -170,11 +222,12 @@ class BufferClient:
             self._connect()
         missing = sum(r is None for r in replies)
         raise BufferTimeout(f"buffer at {self.address} did not acknowledge {missing} of {len(replies)} inserts "
-                            f"within {timeout_s:.1f}s ({1 + self.retries} attempt(s)); is the server running?")
+                            f"within {timeout_s:.1f}s ({1 + self.retries} attempt(s)); {self._hint()}")
 
-    def update_priorities(self, priorities: dict) -> dict:
+    def update_priorities(self, priorities: dict, table: str = ROLLOUTS) -> dict:
         """Set the priorities of groups by id ({id: priority}); {updated: how many are held}."""
-        return self._call("update_priorities", ids=list(priorities), priorities=[float(p) for p in priorities.values()])
+        return self._call("update_priorities", ids=list(priorities), priorities=[float(p) for p in priorities.values()],
+                          table=table)
 
     @property
     def unsaved(self) -> int:
@@ -185,16 +238,24 @@ class BufferClient:
         """Ask the server to write a checkpoint now: {path}."""
         return self._call("checkpoint")
 
-    def sample(self, n: int, timeout_s: float | None = None) -> tuple[list[RolloutGroup], list[int], int]:
-        """Wait up to timeout_s for n fresh groups; returns (groups, staleness, learner_version)."""
+    def sample(self, n: int, timeout_s: float | None = None,
+               table: str = ROLLOUTS) -> tuple[list[RolloutGroup], list[int], int]:
+        """Wait up to timeout_s for n fresh groups of `table` (as its selector and rate limiter
+        allow); returns (groups, staleness, learner_version)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         # The server answers a sample it cannot meet at its own deadline; give the reply time to come.
-        reply = self._call("sample", deadline_s=timeout_s + 10.0, idempotent=False, n=n, timeout_s=timeout_s)
+        reply = self._call("sample", deadline_s=timeout_s + 10.0, idempotent=False, n=n, timeout_s=timeout_s,
+                           table=table)
         groups = [RolloutGroup.from_wire(g) for g in reply["groups"]]
         return groups, list(reply["staleness"]), int(reply["learner_version"])
 
     def set_learner_version(self, version: int) -> dict:
         return self._call("set_version", version=int(version), token=self.version_token)
 
-    def stats(self) -> dict:
-        return self._call("stats")
+    def stats(self, table: str = ROLLOUTS) -> dict:
+        """`table`'s counters (buffer/table.py summary) and `tables`: every table's, by name."""
+        return self._call("stats", table=table)
+
+    def info(self) -> dict:
+        """{tables: {name: {config, size}}, learner_version}."""
+        return self._call("info")

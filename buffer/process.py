@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from buffer import curve
 from buffer.client import BufferError
+from buffer.curve import CurveKeys
 from buffer.server import BufferConfig
 from common.config import ConfigError
 
@@ -29,14 +31,21 @@ def overrides(config: BufferConfig, prefix: str = "") -> list:
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
             out += overrides(value, f"{prefix}{f.name}.")
+        elif isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for name, item in value.items():   # named tables
+                out += overrides(item, f"{prefix}{f.name}.{name}.")
         else:
             out.append(f"{prefix}{f.name}={json.dumps(value) if isinstance(value, str) else value}")
     return out
 
 
 class BufferProcess:
-    def __init__(self, config: BufferConfig, log_path, seed: int = 0, startup_timeout_s: float = 60.0):
+    def __init__(self, config: BufferConfig, log_path, seed: int = 0, startup_timeout_s: float = 60.0,
+                 curve_keys: CurveKeys | None = None):
+        """`curve_keys`: the full CurveZMQ set for a server with buffer.curve=true (handed over
+        in its environment, never on its command line)."""
         self.config = dataclasses.replace(config)
+        self.curve_keys = curve_keys
         self.version_token = secrets.token_hex(16)  # the learner's alone: nobody else moves the version
         self.log_path, self.seed, self.startup_timeout_s = Path(log_path), seed, startup_timeout_s
         self.process: subprocess.Popen | None = None
@@ -49,6 +58,8 @@ class BufferProcess:
         log = open(self.log_path, "a")
         env = dict(os.environ, ASYNCRL_BUFFER_SEED=str(self.seed), PYTHONUNBUFFERED="1",
                    ASYNCRL_BUFFER_TOKEN=self.version_token)
+        if self.curve_keys is not None:
+            env[curve.ENV] = self.curve_keys.encode()
         self.process = subprocess.Popen([sys.executable, "-m", "buffer", *overrides(self.config)],
                                         stdout=subprocess.PIPE, stderr=log, env=env, text=True)
         log.close()

@@ -1,21 +1,31 @@
-"""The buffer server: one Table behind a ZeroMQ ROUTER socket.
+"""The buffer server: named tables behind one ZeroMQ ROUTER socket.
+
+The table "rollouts" (buffer.table) is the one the actors insert into and the learner samples
+from; buffer.tables adds more, each with its own selector, bounds and rate limiter. Every op
+but set_version, stats, info and checkpoint names its table (`table`; default "rollouts"); the
+learner's version is one for all tables.
 
 A request or reply is [rid, header, *array frames] (common/wire.py): the rid frame (the client's
 request id) leads, and every reply echoes it, even to a request that is oversize or cannot be
 decoded (a request without a valid rid frame gets rid 0, which no client uses). The header is
 a map with `op`. Ops:
-  insert      {groups, priorities?, timeout_s?}
+  insert      {groups, priorities?, timeout_s?, table?}
                                  -> {stored: one bool per group, size, learner_version, seq};
-                                    waits while the rate limiter holds it (error at timeout_s)
-  update_priorities {ids, priorities} -> {updated: how many of the ids are held}
-  sample      {n, timeout_s}     -> {groups, staleness, learner_version}; waits for n groups
+                                    waits while the rate limiter holds it, storing the groups
+                                    as it lets them in; at timeout_s an error with held=true
+                                    and `stored` (the prefix stored) and `seq`
+  update_priorities {ids, priorities, table?} -> {updated: how many of the ids are held}
+  sample      {n, timeout_s, table?} -> {groups, staleness, learner_version}; waits for n groups
   set_version {version, token}   -> {learner_version, dropped}; with a version token set, only
                                     a request carrying it (the learner's) may move the version
-  stats       {}                 -> the table's summary
-  checkpoint  {}                 -> {path}: the table written to checkpoint_dir now
+  stats       {table?}           -> that table's summary (rollouts by default), and `tables`:
+                                    every table's, by name
+  info        {}                 -> {tables: {name: {config, size}}, learner_version}
+  ping        {}                 -> {} (every reply says which incarnation answered)
+  checkpoint  {}                 -> {path}: every table written to checkpoint_dir now
 Every reply also carries the server's `incarnation` (new at each start) and `checkpoint_seq`
-(the table's insert count its newest checkpoint holds; an insert reply's `seq` is covered
-once checkpoint_seq reaches it): clients keep acknowledged groups until a checkpoint covers
+(the tables' insert count, all together, that its newest checkpoint holds; an insert reply's
+`seq` is covered once checkpoint_seq reaches it): clients keep acknowledged groups until a checkpoint covers
 them and re-send them to a restarted server (buffer/client.py).
 Every reply has `ok`; a failed request gets ok=false and `error` naming the problem, and the
 server keeps serving. A sample that cannot be met before its deadline gets an error reply; a
@@ -26,9 +36,11 @@ anyway, check() and stop() raise the cause.
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -37,8 +49,8 @@ from pathlib import Path
 
 import zmq
 
-from buffer import checkpoint
-from buffer.client import BufferError
+from buffer import checkpoint, curve
+from buffer.client import ROLLOUTS, BufferError
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, check
 from common.rollout import RolloutGroup, SchemaError
@@ -72,7 +84,15 @@ class BufferConfig:
     max_restarts: int = 3
     """How often the launcher restarts a buffer process that died (from its newest checkpoint;
     clients re-send what that checkpoint lacks) before the run fails."""
+    curve: bool = False
+    """Encrypt and authenticate every connection with CurveZMQ (buffer/curve.py): for a buffer
+    that other hosts can reach. The server answers only clients holding the job's keys, which
+    the launcher makes per job and hands over in the environment (ASYNCRL_BUFFER_CURVE)."""
     table: TableConfig = field(default_factory=TableConfig)
+    """The table named "rollouts": the actors insert into it, the learner samples from it."""
+    tables: dict[str, TableConfig] = field(default_factory=dict)
+    """More named tables (name -> the keys of buffer.table), for data of your own: say
+    `buffer.tables.solved.selector=max_heap`. Clients name the table of each op."""
 
     def validate(self):
         check(0 <= self.port < 65536, "port", f"must lie in [0, 65535], got {self.port}")
@@ -81,6 +101,14 @@ class BufferConfig:
         check(self.checkpoint_every_s >= 0, "checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
+        for name in self.tables:
+            check(name != ROLLOUTS, f"tables.{name}", f"{ROLLOUTS!r} is buffer.table; name the others otherwise")
+            check(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) is not None, f"tables.{name}",
+                  "a table's name is 1 to 64 letters, digits, '_' or '-'")   # its keys: checked as buffer.table's
+
+    def table_configs(self) -> dict:
+        """Every table's config, by name, "rollouts" first."""
+        return {ROLLOUTS: self.table, **self.tables}
 
 
 class RequestError(ValueError):
@@ -106,6 +134,7 @@ def _number(request: dict, key: str, kind: type = float, default=None):
 class _PendingSample:
     identity: bytes
     rid: int
+    table: str
     n: int
     deadline: float
 
@@ -114,9 +143,11 @@ class _PendingSample:
 class _PendingInsert:
     identity: bytes
     rid: int
+    table: str
     groups: list
     priorities: list
     deadline: float
+    stored: list = field(default_factory=list)   # one bool per group stored so far, in order
 
 
 class BufferServer:
@@ -125,11 +156,28 @@ class BufferServer:
         (the launcher gives it to the learner alone)."""
         self.config = config
         self._version_token = version_token
-        self.table = Table(config.table, seed=seed)
-        self._context = zmq.Context.instance()
+        self.tables = {name: Table(c, seed=seed + i) for i, (name, c) in enumerate(config.table_configs().items())}
+        self._authenticator = None
+        keys = None
+        if config.curve:
+            try:
+                keys = curve.CurveKeys.from_env()
+            except curve.CurveError as e:
+                raise ConfigError("buffer.curve", str(e)) from None
+            if keys is None:
+                raise ConfigError("buffer.curve", f"is true but {curve.ENV} is not set; the launcher sets it, "
+                                  "`python -m buffer keys` makes a set for a buffer run by hand")
+        # with CurveZMQ, a context of its own: its authenticator is the context's
+        self._context = zmq.Context() if keys else zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a gone client fails instead of vanishing
+        if keys:
+            try:
+                self._authenticator = curve.secure_server(self._context, self._socket, keys)
+            except curve.CurveError as e:
+                self.close()
+                raise ConfigError("buffer.curve", str(e)) from None
         host = config.host or "127.0.0.1"
         address = f"tcp://{host}:{config.port or '*'}"
         try:
@@ -139,19 +187,22 @@ class BufferServer:
             else:
                 self.port = self._socket.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as e:
-            self._socket.close(linger=0)
+            self.close()
             key = "buffer.port" if e.errno == zmq.EADDRINUSE else "buffer.host"
             raise ConfigError(key, f"cannot bind {address}: {zmq.strerror(e.errno)}") from None
         self.address = f"tcp://{host}:{self.port}"
+        if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("buffer: %s is reachable from other hosts without CurveZMQ: anyone who reaches the "
+                        "port can insert and sample; set buffer.curve=true", self.address)
         self.incarnation = uuid.uuid4().hex  # new at every start: clients see a restart by it
         self.checkpoint_seq = 0              # table inserts the newest checkpoint holds
         self.restored_from: Path | None = None
         if config.checkpoint_dir and config.restore:
             newest = checkpoint.latest(config.checkpoint_dir)
             if newest is not None:
-                self.table.restore(checkpoint.read(newest))
-                self.checkpoint_seq, self.restored_from = self.table.stats.inserts, newest
-                log.info("buffer: restored %d groups from %s", len(self.table), newest)
+                self._restore(checkpoint.read(newest))
+                self.checkpoint_seq, self.restored_from = self.inserts, newest
+                log.info("buffer: restored %d groups from %s", self.size, newest)
         self._next_checkpoint = time.monotonic() + (config.checkpoint_every_s or math.inf)
         self._pending: list[_PendingSample] = []
         self._pending_inserts: list[_PendingInsert] = []  # held by the rate limiter, in arrival order
@@ -159,6 +210,38 @@ class BufferServer:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self.errors = 0
+
+    @property
+    def table(self) -> Table:
+        """The rollouts table."""
+        return self.tables[ROLLOUTS]
+
+    @property
+    def inserts(self) -> int:
+        """Groups stored so far, all tables together: the sequence an insert's `seq` is on."""
+        return sum(t.stats.inserts for t in self.tables.values())
+
+    @property
+    def size(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    def _restore(self, state: dict) -> None:
+        """Every table of a checkpoint that this server has (a checkpoint of one table, from
+        before named tables, is the rollouts table's); a table the config no longer names is
+        left out, logged."""
+        states = state["tables"] if "tables" in state else {ROLLOUTS: state}
+        for name, table_state in states.items():
+            if name in self.tables:
+                self.tables[name].restore(table_state)
+            else:
+                log.warning("buffer: the checkpoint's table %r is not configured; its %d groups are left out",
+                            name, len(table_state.get("items", [])))
+
+    def _table(self, request: dict) -> tuple[str, Table]:
+        name = request.get("table", ROLLOUTS)
+        if not isinstance(name, str) or name not in self.tables:
+            raise RequestError(f"unknown table {name!r}; this server has {sorted(self.tables)}")
+        return name, self.tables[name]
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "BufferServer":
@@ -173,8 +256,15 @@ class BufferServer:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 raise BufferError(f"buffer server at {self.address} did not stop within {timeout_s}s")
-        self._socket.close(linger=0)
+        self.close()
         self.check()
+
+    def close(self) -> None:
+        """Close the socket (and CurveZMQ's authenticator), once the loop is not running."""
+        self._socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
 
     def check(self) -> None:
         """Raise BufferError, naming the cause, if the serving loop has died."""
@@ -195,8 +285,9 @@ class BufferServer:
         running); its path, or None without a checkpoint_dir."""
         if not self.config.checkpoint_dir:
             return None
-        path = checkpoint.write(self.config.checkpoint_dir, self.table.state(), keep=self.config.keep_checkpoints)
-        self.checkpoint_seq = self.table.stats.inserts
+        state = {"tables": {name: t.state() for name, t in self.tables.items()}}
+        path = checkpoint.write(self.config.checkpoint_dir, state, keep=self.config.keep_checkpoints)
+        self.checkpoint_seq = self.inserts
         self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
         return path
 
@@ -290,31 +381,44 @@ class BufferServer:
             raise RequestError(f"'priorities' must be a list of one number per group ({len(groups)})")
         priorities = [_priority(p) for p in priorities]
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
-        if self._pending_inserts or not self.table.can_insert(len(groups)):  # the rate limiter holds it
-            self._pending_inserts.append(_PendingInsert(identity, rid, groups, priorities,
-                                                        time.monotonic() + timeout_s))
+        name, table = self._table(request)
+        insert = _PendingInsert(identity, rid, name, groups, priorities, time.monotonic() + timeout_s)
+        held = any(p.table == name for p in self._pending_inserts)   # it waits behind those
+        if held or not self._admit(insert):  # the rate limiter holds (the rest of) it
+            self._pending_inserts.append(insert)
             return None
-        return self._store(groups, priorities)
+        return self._stored(insert)
 
-    def _store(self, groups: list, priorities: list) -> dict:
-        stored = [self.table.insert(g, p) for g, p in zip(groups, priorities)]
-        return {"stored": stored, "size": len(self.table), "learner_version": self.table.learner_version,
-                "seq": self.table.stats.inserts}  # covered once checkpoint_seq reaches it
+    def _admit(self, insert: _PendingInsert) -> bool:
+        """Store, in order, as many of the insert's groups as its table's rate limiter lets in
+        now (a queue with room for one more takes one: a request of several never waits for
+        room for all at once, which might never come); True once all are stored."""
+        table = self.tables[insert.table]
+        while len(insert.stored) < len(insert.groups) and table.can_insert(1):
+            i = len(insert.stored)
+            insert.stored.append(table.insert(insert.groups[i], insert.priorities[i]))
+        return len(insert.stored) == len(insert.groups)
+
+    def _stored(self, insert: _PendingInsert) -> dict:
+        table = self.tables[insert.table]
+        return {"stored": insert.stored, "size": len(table), "learner_version": table.learner_version,
+                "seq": self.inserts}  # covered once checkpoint_seq reaches it
 
     def _op_update_priorities(self, identity, rid, request):
         ids, priorities = request.get("ids"), request.get("priorities")
         if not (isinstance(ids, list) and isinstance(priorities, list) and len(ids) == len(priorities)):
             raise RequestError("update_priorities needs 'ids' and 'priorities', lists of one length")
         values = {str(i): _priority(p) for i, p in zip(ids, priorities)}
-        return {"updated": self.table.update_priorities(values)}
+        return {"updated": self._table(request)[1].update_priorities(values)}
 
     def _op_sample(self, identity, rid, request):
         n = _number(request, "n", int)
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
-        if not 1 <= n <= self.table.config.max_size:
-            raise RequestError(f"sample of n={n} can never be met by a table of max_size "
-                               f"{self.table.config.max_size}")
-        self._pending.append(_PendingSample(identity, rid, n, time.monotonic() + timeout_s))
+        name, table = self._table(request)
+        if not 1 <= n <= table.config.max_size:
+            raise RequestError(f"sample of n={n} can never be met by the table {name!r} of max_size "
+                               f"{table.config.max_size}")
+        self._pending.append(_PendingSample(identity, rid, name, n, time.monotonic() + timeout_s))
         return None  # answered by _serve_pending
 
     def _op_set_version(self, identity, rid, request):
@@ -323,14 +427,25 @@ class BufferServer:
         version = _number(request, "version", int)
         if not 0 <= version <= MAX_VERSION:
             raise RequestError(f"set_version refused: version {version} lies outside [0, {MAX_VERSION}]")
-        before = self.table.stats.dropped_stale
-        self.table.set_learner_version(version)
+        before = sum(t.stats.dropped_stale for t in self.tables.values())
+        for table in self.tables.values():
+            table.set_learner_version(version)
         return {"learner_version": self.table.learner_version,
-                "dropped": self.table.stats.dropped_stale - before}
+                "dropped": sum(t.stats.dropped_stale for t in self.tables.values()) - before}
 
     def _op_stats(self, identity, rid, request):
-        return {**self.table.summary(), "held_inserts": len(self._pending_inserts),
-                "waiting_samples": len(self._pending)}
+        name, table = self._table(request)
+        return {**table.summary(), "table": name,
+                "held_inserts": sum(p.table == name for p in self._pending_inserts),
+                "waiting_samples": sum(p.table == name for p in self._pending),
+                "tables": {n: t.summary() for n, t in self.tables.items()}}
+
+    def _op_ping(self, identity, rid, request):
+        return {}
+
+    def _op_info(self, identity, rid, request):
+        return {"tables": {n: {"config": dataclasses.asdict(t.config), "size": len(t)} for n, t in self.tables.items()},
+                "learner_version": self.table.learner_version}
 
     def _op_checkpoint(self, identity, rid, request):
         if not self.config.checkpoint_dir:
@@ -343,32 +458,39 @@ class BufferServer:
         client; a sample whose client is gone takes nothing and is forgotten. (ZeroMQ learns of
         a disconnect within milliseconds on loopback; a client lost in that window, or after
         its reply was sent, loses the groups: there is no delivery receipt.)"""
-        now, waiting = time.monotonic(), []
-        for p in self._pending_inserts:  # in arrival order: one held insert holds those behind it
+        now, waiting, holding = time.monotonic(), [], set()
+        for p in self._pending_inserts:  # in arrival order: one held insert holds those behind it in its table
+            table = self.tables[p.table]
             if now >= p.deadline:
                 self._reply(p.identity, p.rid, {
-                    "ok": False, "error": f"timeout: the rate limiter ({self.table.config.rate_limiter}) held this "
-                    f"insert of {len(p.groups)} group(s) past its deadline: the learner is not sampling "
-                    f"(size {len(self.table)}, samples {self.table.stats.samples}, inserts {self.table.stats.inserts})"})
-            elif not waiting and self.table.can_insert(len(p.groups)):
-                self._reply(p.identity, p.rid, self._store(p.groups, p.priorities))
+                    "ok": False, "held": True, "stored": p.stored, "seq": self.inserts,
+                    "error": f"timeout: the rate limiter ({table.config.rate_limiter}) of the table "
+                    f"{p.table!r} held this insert of {len(p.groups)} group(s) past its deadline, "
+                    f"{len(p.stored)} of them stored: the learner is not sampling (size {len(table)}, "
+                    f"samples {table.stats.samples}, inserts {table.stats.inserts})"})
+            elif p.table not in holding and self._admit(p):
+                self._reply(p.identity, p.rid, self._stored(p))
             else:
                 waiting.append(p)
+                holding.add(p.table)
         self._pending_inserts = waiting
         still = []
         for p in self._pending:
+            table = self.tables[p.table]
             if now >= p.deadline:
                 self._reply(p.identity, p.rid, {
-                    "ok": False, "error": f"timeout: fewer than {p.n} fresh groups arrived in time "
-                    f"(size {len(self.table)}, dropped_stale {self.table.stats.dropped_stale})"})
-            elif (groups := self.table.select(p.n)) is None:
+                    "ok": False, "error": f"timeout: fewer than {p.n} fresh groups arrived in the table {p.table!r} "
+                    f"in time (size {len(table)}, dropped_stale {table.stats.dropped_stale})"})
+            elif (groups := table.select(p.n)) is None:
                 still.append(p)
             elif self._reply(p.identity, p.rid, {
                     "groups": [g.to_wire() for g in groups],
-                    "staleness": [self.table.staleness(g) for g in groups],
-                    "learner_version": self.table.learner_version}):
-                self.table.mark_sampled(groups)
+                    "staleness": [table.staleness(g) for g in groups],
+                    "learner_version": table.learner_version}):
+                table.mark_sampled(groups)
         self._pending = still
-        if self._pending_inserts and self._pending_inserts[0].deadline > now and \
-                self.table.can_insert(len(self._pending_inserts[0].groups)):
+        heads: dict = {}   # the first held insert of each table
+        for p in self._pending_inserts:
+            heads.setdefault(p.table, p)
+        if any(p.deadline > now and self.tables[p.table].can_insert(1) for p in heads.values()):
             self._serve_pending()  # the samples made room for a held insert

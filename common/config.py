@@ -74,6 +74,10 @@ def validate(config: Any, prefix: str = "") -> None:
             raise ConfigError(prefix + f.name, f"must be a finite number, got {value}")
         if dataclasses.is_dataclass(value):
             validate(value, f"{prefix}{f.name}.")
+        elif isinstance(value, dict):   # a map of named parts (buffer.tables)
+            for name, item in value.items():
+                if dataclasses.is_dataclass(item):
+                    validate(item, f"{prefix}{f.name}.{name}.")
     if hasattr(config, "validate"):
         try:
             config.validate()

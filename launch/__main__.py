@@ -75,12 +75,16 @@ def main(argv=None) -> int:
         overrides.append(f"trainer.gpus={args.learner_gpus}")
     from buffer.client import BufferError
     from common.weights import WeightSyncError
-    from launch.cluster import PeerError
+    from launch.cluster import PeerError, Terminated, stop_on_sigterm
     from launch.config import build_config
     recipe = importlib.import_module(f"launch.{args.recipe}")
+    stop_on_sigterm()   # scancel, kill: stop every part on the way out (again once Ray has started)
     try:
         config = build_config(args.recipe, args.config, overrides, recipe.CONFIG_FILES)
         recipe.main(config)
+    except Terminated:
+        print("python -m launch: stopped by SIGTERM; the parts were stopped", file=sys.stderr)
+        return 143
     except ConfigError as e:
         print(f"python -m launch: error: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ from pathlib import Path
 import ray
 
 from actors import activity
+from buffer import curve
 from buffer.client import BufferClient
+from buffer.curve import CurveKeys
 from buffer.process import BufferProcess
 from common.config import ConfigError, to_yaml
 from common.metrics import MetricsLogger
@@ -43,7 +45,10 @@ def main(config: Config) -> Path:
         raise ConfigError("run.resume", f"no checkpoint under {run_dir / 'checkpoints'} to resume from "
                           "(trainer.checkpoint_every saves them)")
 
-    cluster.start_ray(config)
+    # CurveZMQ for the buffer (buffer.curve): a fresh key set for this job, in the environment
+    curve_keys = CurveKeys.generate() if config.buffer.curve else None
+    client_keys = curve_keys.for_clients() if curve_keys else None
+    cluster.start_ray(config, env={curve.ENV: client_keys.encode()} if client_keys else None)
     buffer = buffer_stats = tracker = None
     actors, actor_runs, ranks, group = [], {}, [], None
     try:
@@ -54,15 +59,21 @@ def main(config: Config) -> Path:
         buffer_config = dataclasses.replace(config.buffer, restore=config.run.resume,
                                             checkpoint_dir=config.buffer.checkpoint_dir or str(run_dir / "buffer"))
         buffer = BufferProcess(buffer_config, run_dir / "buffer.log", seed=config.run.seed,
-                               startup_timeout_s=config.run.startup_timeout_s).start()
+                               startup_timeout_s=config.run.startup_timeout_s, curve_keys=curve_keys).start()
         if buffer.info.get("restored_from"):
             print(f"asyncrl: the buffer resumed with {buffer.info['groups']} groups from "
                   f"{buffer.info['restored_from']}", flush=True)
-        buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s)
+        buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s, curve_keys=client_keys)
         group, in_bundle = cluster.place_learners(config)
         weights = cluster.start_weight_channel(config, in_bundle[0])
-        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle, buffer.version_token)
-        actors = cluster.start_actors(config, model_path, buffer.address, weights, in_bundle)
+        # Learner and actors load their models at the same time, except on one shared GPU, where
+        # the engine must find the memory the learner has taken when it sizes its cache.
+        together = not config.run.colocate
+        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle, buffer.version_token,
+                                       wait=not together)
+        actors = cluster.start_actors(config, model_path, buffer.address, weights, in_bundle, wait=not together)
+        if together:
+            cluster.wait_all_ready(config, ranks, actors)
         first_step = 0
         if resume_from is not None:  # the learner publishes what it resumed with; the actors follow
             first_step = cluster.get([r.restore.remote(str(resume_from)) for r in ranks],

@@ -3,6 +3,7 @@ them with deadlines. The parts themselves are plain classes; this module wraps t
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 
@@ -25,10 +26,30 @@ class PeerError(RuntimeError):
     """A remote part failed or missed its deadline; the text names it."""
 
 
-def start_ray(config: Config) -> None:
+class Terminated(BaseException):
+    """SIGTERM arrived: raised where the launcher is, so that every part is stopped on the way
+    out (the recipes' finally blocks), as for Ctrl-C."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends it at once
+    raise Terminated()
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread. Called again after ray.init, whose own
+    handler would otherwise abort the process and leave its parts behind."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def start_ray(config: Config, env: dict | None = None) -> None:
+    """Start a local Ray, or join the cluster at run.ray_address / RAY_ADDRESS; `env`: variables
+    every part of the job sees (the buffer's CurveZMQ client keys)."""
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "")
+    runtime_env = {"env_vars": dict(env)} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        stop_on_sigterm()
         # Actors on other nodes must reach the buffer, which lives in this process.
         config.buffer.host = config.buffer.host or ray.util.get_node_ip_address()
         return
@@ -46,7 +67,8 @@ def start_ray(config: Config) -> None:
     wanted = (config.actors.count * config.actors.num_cpus
               + (0 if config.trainer.gpus else config.trainer.world_size * config.trainer.torch_threads) + 1)
     ray.init(num_cpus=max(os.cpu_count() or 1, int(wanted + 0.999)), include_dashboard=False,
-             log_to_driver=True, configure_logging=False)
+             log_to_driver=True, configure_logging=False, runtime_env=runtime_env)
+    stop_on_sigterm()
 
 
 def get(refs, timeout_s: float, what: str):
@@ -58,19 +80,26 @@ def get(refs, timeout_s: float, what: str):
         raise PeerError(f"{what} failed: {e}") from None
 
 
-def wait_ready(parts: list, timeout_s: float, what: str) -> None:
-    """Wait until every Ray actor of `parts` has started (model loaded, engine up), showing
-    progress; past the deadline, fail naming the ones that have not."""
-    pending = {part.__ray_ready__.remote(): i for i, part in enumerate(parts)}
+def wait_ready(parts: dict, timeout_s: float, what: str) -> None:
+    """Wait until every Ray actor of `parts` ({name: handle}) has started (model loaded, engine
+    up), showing progress; past the deadline, fail naming the ones that have not."""
+    pending = {handle.__ray_ready__.remote(): name for name, handle in parts.items()}
     deadline = time.monotonic() + timeout_s
     with Progress(what, len(parts)) as progress:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, min(1.0, deadline - time.monotonic())))
             for ref in done:
-                get(ref, 1.0, f"{what}: number {pending.pop(ref)}")
+                get(ref, 1.0, pending.pop(ref))
                 progress.advance()
             if pending and not done and time.monotonic() >= deadline:
-                raise PeerError(f"{what}: number(s) {sorted(pending.values())} not started within {timeout_s:.0f}s")
+                raise PeerError(f"{what}: {', '.join(sorted(pending.values()))} not started within {timeout_s:.0f}s")
+
+
+def wait_all_ready(config: Config, ranks: list, actors: list) -> None:
+    """The learner ranks and the actor groups, started together, ready (see wait_ready)."""
+    parts = {**{f"learner rank {i}": r for i, r in enumerate(ranks)}, **{f"actor {i}": a for i, a in enumerate(actors)}}
+    wait_ready(parts, config.run.startup_timeout_s, f"starting {len(ranks)} learner rank(s) and "
+                                                     f"{len(actors)} actor group(s) ({config.actors.engine} engine)")
 
 
 @ray.remote(num_cpus=0)
@@ -123,9 +152,10 @@ def start_weight_channel(config: Config, rank0) -> object:
 
 
 def start_learners(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list,
-                   buffer_token: str = "") -> list:
+                   buffer_token: str = "", wait: bool = True) -> list:
     """One Ray actor per learner rank, each in its bundle of the learners' placement group;
-    `buffer_token` lets them (alone) move the buffer's version."""
+    `buffer_token` lets them (alone) move the buffer's version. `wait`: until they have
+    started (else the caller waits, with wait_all_ready)."""
     t = config.trainer
     master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
     remote = ray.remote(Learner)
@@ -137,13 +167,17 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed, buffer_token)
              for i in range(t.world_size)]
-    wait_ready(ranks, config.run.startup_timeout_s, f"starting {t.world_size} learner rank(s)")
+    if wait:
+        wait_ready({f"learner rank {i}": r for i, r in enumerate(ranks)}, config.run.startup_timeout_s,
+                   f"starting {t.world_size} learner rank(s)")
     return ranks
 
 
-def start_actors(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list) -> list:
+def start_actors(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list,
+                 wait: bool = True) -> list:
     """One Ray actor per actor group, each on gpus_per_group GPUs of its own (Ray keeps them
-    apart from the learner's), or in learner rank 0's bundle when colocated."""
+    apart from the learner's), or in learner rank 0's bundle when colocated. `wait`: as for
+    start_learners."""
     a = config.actors
     remote = ray.remote(RolloutActor)
     placement = [{"num_gpus": a.gpus_per_group} for _ in range(a.count)]
@@ -154,7 +188,9 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights, 
               .remote(i, model_path, config.model.dtype, a, config.rollout, config.env, buffer_address,
                       config.buffer.timeout_s, weights, config.run.seed, config.eval)
               for i in range(a.count)]
-    wait_ready(actors, config.run.startup_timeout_s, f"starting {a.count} actor group(s) ({a.engine} engine)")
+    if wait:
+        wait_ready({f"actor {i}": h for i, h in enumerate(actors)}, config.run.startup_timeout_s,
+                   f"starting {a.count} actor group(s) ({a.engine} engine)")
     return actors
 
 
@@ -187,12 +223,14 @@ def check_actors(actor_runs: dict) -> None:
 
 
 def stop_all(actors: list, actor_runs: dict, ranks: list, group, timeout_s: float) -> None:
-    """Stop the actors' loops, let every part close what it holds (environment workers, engines,
-    connections), and kill them all; a part that misses the deadline is killed as it is."""
+    """Stop the actors' loops, let them close what they hold (environment workers, engine,
+    connections), and kill them and the learner ranks (whose step may be waiting on a sample:
+    nothing of theirs outlives their process); an actor that misses the deadline is killed as
+    it is."""
     for a in actors:
         a.stop.remote()
     ray.wait(list(actor_runs), num_returns=len(actor_runs), timeout=timeout_s)
-    closing = [handle.close.remote() for handle in actors + ranks]
+    closing = [a.close.remote() for a in actors]
     ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
     for handle in actors + ranks:
         ray.kill(handle)

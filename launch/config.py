@@ -91,14 +91,12 @@ class Config:
         check(self.actors.max_inflight_episodes >= self.rollout.group_size, "actors.max_inflight_episodes",
               f"must be >= rollout.group_size={self.rollout.group_size} (a group's episodes run together), "
               f"got {self.actors.max_inflight_episodes}")
-        # Actors stop generating once the buffer holds max_buffered_groups; a learner rank's sample
-        # waits for max(its share of the batch, min_size_to_sample) groups. Fewer: both wait forever.
-        held, share = self.actors.max_buffered_groups, t.batch_groups // t.world_size
-        needed = max(share, self.buffer.table.min_size_to_sample)
-        check(held == 0 or held >= needed, "actors.max_buffered_groups",
-              f"must be 0 or >= {needed}, got {held}: actors stop at {held} buffered groups, but each learner "
-              f"rank waits for trainer.batch_groups / {t.world_size} rank(s) = {share} groups (and for at least "
-              f"buffer.table.min_size_to_sample = {self.buffer.table.min_size_to_sample})")
+        # A learner rank samples its share of the batch at once: a table that can never hold
+        # that many (with the queue limiter, one the actors can never fill) waits for ever.
+        share, table = t.batch_groups // t.world_size, self.buffer.table
+        check(table.max_size >= share, "buffer.table.max_size",
+              f"must be >= {share}, got {table.max_size}: each learner rank samples trainer.batch_groups / "
+              f"{t.world_size} rank(s) = {share} groups at once")
 
 
 def build_config(recipe: str, name: str | None = None, overrides: list = (), recipe_files: list = ()) -> Config:

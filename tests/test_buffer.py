@@ -1,6 +1,7 @@
 """The buffer server and client over real ZeroMQ sockets on loopback."""
 import random
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ import msgpack
 import pytest
 import zmq
 
-from buffer.client import BufferClient, BufferError, BufferTimeout
+from buffer.client import BufferClient, BufferError, BufferHeld, BufferTimeout
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, validate
@@ -180,7 +181,7 @@ class _TableWithABug(Table):
 
 def test_a_dead_server_thread_fails_check_and_stop_naming_the_cause():
     server = BufferServer(BufferConfig(timeout_s=5.0))
-    server.table = _TableWithABug(server.table.config)
+    server.tables["rollouts"] = _TableWithABug(server.table.config)
     server.start()
     client = BufferClient(server.address, timeout_s=5.0)
     with pytest.raises(BufferTimeout):  # a pending sample reaches the bug, outside any one request
@@ -286,7 +287,7 @@ def test_a_rate_limited_insert_waits_for_the_learner_and_a_sample_releases_it(bu
         groups, _, _ = learner.sample(1, timeout_s=2.0)
         waiting.join(3.0)
         assert not waiting.is_alive() and done["reply"]["stored"] == [True]
-        with pytest.raises(BufferError, match=r"rate limiter \(ratio\) held this insert"):
+        with pytest.raises(BufferError, match=r"rate limiter \(ratio\) of the table .rollouts. held this insert"):
             actor.insert(make_group(seed=4, prompt_id="d"), timeout_s=0.3)
     finally:
         actor.close()
@@ -379,3 +380,85 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
         assert client.sample(1, timeout_s=2.0)[0][0].prompt_id == "after"
     finally:
         client.close()
+
+
+def test_named_tables_keep_their_own_groups_selector_and_bounds():
+    config = BufferConfig(timeout_s=5.0, tables={"solved": TableConfig(selector="max_heap", max_size=2,
+                                                                       max_times_sampled=0)})
+    server = BufferServer(config).start()
+    client = BufferClient(server.address, timeout_s=5.0)
+    try:
+        rollouts = [make_group(seed=i) for i in range(2)]
+        solved = [make_group(seed=10 + i) for i in range(3)]
+        client.insert(*rollouts)
+        client.insert(*solved, priorities=[0.5, 2.0, 1.0], table="solved")   # max_size 2: the oldest goes
+        assert client.stats()["size"] == 2 and client.stats("solved")["size"] == 2
+        assert client.stats("solved")["evicted"] == 1 and client.stats()["tables"]["solved"]["inserts"] == 3
+        groups, _, _ = client.sample(1, table="solved")   # max_heap: the highest priority, kept (0)
+        assert groups[0].id == solved[1].id and client.stats("solved")["size"] == 2
+        assert client.update_priorities({solved[2].id: 9.0}, table="solved")["updated"] == 1
+        assert client.sample(1, table="solved")[0][0].id == solved[2].id
+        assert [g.id for g in client.sample(2)[0]] == [g.id for g in rollouts]   # fifo, untouched by the other
+        client.set_learner_version(9)   # one learner version for every table: all of it is stale now
+        assert client.stats("solved")["dropped_stale"] == 2 and client.stats("solved")["learner_version"] == 9
+        info = client.info()
+        assert set(info["tables"]) == {"rollouts", "solved"} and info["tables"]["solved"]["config"]["selector"] == "max_heap"
+        with pytest.raises(BufferError, match="unknown table 'nope'; this server has \\['rollouts', 'solved'\\]"):
+            client.insert(make_group(seed=50), table="nope")
+        with pytest.raises(BufferError, match="unknown table"):
+            client.sample(1, table="nope")
+        assert client.stats()["inserts"] == 2   # the refused insert stored nothing anywhere
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_rate_limiter_holds_inserts_of_its_own_table_only():
+    config = BufferConfig(timeout_s=5.0, tables={"queue": TableConfig(rate_limiter="queue", max_size=1)})
+    server = BufferServer(config).start()
+    client, other = BufferClient(server.address, timeout_s=5.0), BufferClient(server.address, timeout_s=5.0)
+    try:
+        client.insert(make_group(seed=1), table="queue")
+        with pytest.raises(BufferHeld, match="rate limiter \\(queue\\) of the table 'queue' held this insert") as held:
+            client.insert(make_group(seed=2), make_group(seed=4), table="queue", timeout_s=0.3)
+        assert held.value.stored == []   # nothing of it got in (a prefix would be listed)
+        started = time.monotonic()
+        assert other.insert(make_group(seed=3))["stored"] == [True]   # rollouts: not held by the full queue
+        assert time.monotonic() - started < 0.3
+    finally:
+        client.close()
+        other.close()
+        server.stop()
+
+
+def test_a_bad_table_name_or_one_that_hides_rollouts_is_refused_naming_the_key():
+    with pytest.raises(ConfigError) as info:
+        validate(BufferConfig(tables={"rollouts": TableConfig()}))
+    assert info.value.key == "tables.rollouts"
+    with pytest.raises(ConfigError) as info:
+        validate(BufferConfig(tables={"a b": TableConfig()}))
+    assert info.value.key == "tables.a b"
+    with pytest.raises(ConfigError) as info:
+        validate(BufferConfig(tables={"q": TableConfig(rate_limiter="queue", selector="lifo")}))
+    assert info.value.key == "tables.q.selector"
+
+
+def test_a_queue_takes_a_request_of_several_groups_as_room_comes_rather_than_waiting_for_room_for_all(buffer_server):
+    # a queue of 4 holding 3: an insert of 2 would wait for room for both, while the learner
+    # waits for 4 groups: a deadlock. The queue takes one now, the other once the learner sampled.
+    server = buffer_server(rate_limiter="queue", max_size=4)
+    actor, learner = BufferClient(server.address, timeout_s=5.0), BufferClient(server.address, timeout_s=5.0)
+    try:
+        actor.insert(*[make_group(seed=i) for i in range(3)])
+        done = {}
+        pair = [make_group(seed=10), make_group(seed=11)]
+        waiting = threading.Thread(target=lambda: done.update(reply=actor.insert(*pair)))
+        waiting.start()
+        groups, _, _ = learner.sample(4, timeout_s=3.0)   # 3 + the first of the pair
+        assert groups[-1].id == pair[0].id
+        waiting.join(3.0)
+        assert done["reply"]["stored"] == [True, True] and learner.stats()["size"] == 1
+        assert learner.stats()["evicted"] == 0   # a queue evicts nothing
+    finally:
+        actor.close()
+        learner.close()

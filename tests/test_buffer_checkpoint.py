@@ -4,16 +4,19 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from buffer import checkpoint
-from buffer.client import BufferClient, BufferError
-from buffer.process import BufferProcess
+from buffer import checkpoint, curve
+from buffer.client import BufferClient, BufferError, BufferTimeout
+from buffer.curve import CurveKeys
+from buffer.process import BufferProcess, overrides
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
+from common.config import ConfigError
 from tests.conftest import make_group
 
 
@@ -72,6 +75,40 @@ def test_a_server_saves_when_it_stops_and_a_new_one_restores_it(tmp_path):
         assert again.table.summary()["size"] == 5 and again.table.learner_version == 1
     finally:
         again.stop()
+
+
+def test_every_named_table_is_checkpointed_and_restored_and_a_restart_resends_to_the_right_table(tmp_path):
+    config = BufferConfig(timeout_s=3.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
+                          tables={"solved": TableConfig(selector="max_heap", max_size=64)})
+    process = BufferProcess(config, tmp_path / "buffer.log").start()
+    client = BufferClient(process.address, timeout_s=3.0, retries=5)
+    try:
+        client.insert(*[make_group(seed=i, prompt_id=f"r{i}") for i in range(3)])
+        client.insert(*[make_group(seed=10 + i, prompt_id=f"s{i}") for i in range(2)], table="solved")
+        client.checkpoint()
+        client.insert(make_group(seed=20, prompt_id="s-late"), table="solved")   # acknowledged, not on disk
+        os.kill(process.process.pid, signal.SIGKILL)
+        process.process.wait(10)
+        process.check()                 # restarted from the checkpoint: 3 + 2 groups
+        assert process.info["groups"] == 5
+        assert client.stats()["size"] == 3   # the first reply of the new server: the lost group is re-sent
+        assert client.resent_groups == 1 and client.stats("solved")["size"] == 3   # into "solved"
+    finally:
+        client.close()
+        process.stop()
+
+
+def test_a_checkpoint_from_before_named_tables_restores_as_the_rollouts_table(tmp_path):
+    table = Table(TableConfig())
+    for i in range(2):
+        table.insert(make_group(seed=i, prompt_id=f"old{i}"))
+    checkpoint.write(tmp_path, table.state())   # one table's state, as older servers wrote it
+    server = BufferServer(BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path),
+                                       tables={"solved": TableConfig()})).start()
+    try:
+        assert len(server.table) == 2 and len(server.tables["solved"]) == 0
+    finally:
+        server.stop()
 
 
 def test_the_client_keeps_acknowledged_groups_until_a_checkpoint_holds_them(tmp_path):
@@ -150,7 +187,7 @@ def test_python_m_buffer_serves_until_sigterm_and_saves(tmp_path):
     t = time.monotonic()
     process.stop()
     assert time.monotonic() - t < 10 and process.process.returncode == 0
-    assert len(checkpoint.read(checkpoint.latest(tmp_path))["items"]) == 1
+    assert len(checkpoint.read(checkpoint.latest(tmp_path))["tables"]["rollouts"]["items"]) == 1
 
 
 def test_only_the_token_holder_moves_the_version_and_an_absurd_version_is_refused():
@@ -169,3 +206,71 @@ def test_only_the_token_holder_moves_the_version_and_an_absurd_version_is_refuse
         learner.close()
         stranger.close()
         server.stop()
+
+
+def test_with_curvezmq_only_clients_holding_the_jobs_keys_are_answered(tmp_path, monkeypatch):
+    keys = CurveKeys.generate()
+    process = BufferProcess(BufferConfig(timeout_s=3.0, curve=True, checkpoint_dir=str(tmp_path)),
+                            tmp_path / "buffer.log", curve_keys=keys).start()
+    member = BufferClient(process.address, timeout_s=3.0, curve_keys=keys.for_clients())
+    other = CurveKeys.generate()   # right protocol, another job's keys
+    stranger = BufferClient(process.address, timeout_s=1.0, retries=0,
+                            curve_keys=CurveKeys(keys.server_public, b"", other.client_public, other.client_secret))
+    plain = BufferClient(process.address, timeout_s=1.0, retries=0, curve_keys=None)
+    try:
+        assert member.insert(make_group(seed=1))["stored"] == [True]
+        with pytest.raises(BufferTimeout, match="CurveZMQ keys"):
+            stranger.insert(make_group(seed=2))
+        monkeypatch.delenv(curve.ENV, raising=False)
+        plain.curve_keys = None
+        plain._connect()
+        with pytest.raises(BufferTimeout, match="without buffer.curve"):
+            plain.stats()
+        stats = member.stats()
+        assert stats["size"] == 1 and stats["inserts"] == 1   # nothing of theirs got in
+        assert keys.server_secret not in (tmp_path / "buffer.log").read_bytes()
+    finally:
+        for c in (member, stranger, plain):
+            c.close()
+        process.stop()
+    cmdline = " ".join(overrides(BufferConfig(curve=True)))
+    assert keys.server_secret.decode() not in cmdline   # keys travel in the environment only
+
+
+def test_curve_without_keys_or_with_bad_ones_is_refused_naming_the_key(monkeypatch):
+    monkeypatch.delenv(curve.ENV, raising=False)
+    with pytest.raises(ConfigError) as info:
+        BufferServer(BufferConfig(curve=True))
+    assert info.value.key == "buffer.curve" and "python -m buffer keys" in info.value.message
+    monkeypatch.setenv(curve.ENV, "not,keys")
+    with pytest.raises(ConfigError, match="four Z85 keys"):
+        BufferServer(BufferConfig(curve=True))
+    monkeypatch.setenv(curve.ENV, CurveKeys.generate().for_clients().encode())   # a client's set
+    with pytest.raises(ConfigError, match="no server secret"):
+        BufferServer(BufferConfig(curve=True))
+
+
+def test_a_sample_waiting_while_the_server_is_killed_and_restarted_is_met_by_the_new_server(tmp_path):
+    config = BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0)
+    process = BufferProcess(config, tmp_path / "buffer.log").start()
+    actor, learner = BufferClient(process.address, timeout_s=5.0), BufferClient(process.address, timeout_s=5.0)
+    try:
+        actor.insert(*[make_group(seed=i, prompt_id=f"a{i}") for i in range(2)])
+        actor.checkpoint()
+        learner.stats()
+        got = {}
+        waiting = threading.Thread(target=lambda: got.update(sample=learner.sample(4, timeout_s=30.0)))
+        waiting.start()
+        time.sleep(0.5)                    # the sample waits in the server for 4 groups
+        os.kill(process.process.pid, signal.SIGKILL)
+        process.process.wait(10)
+        process.check()                    # restarted from the checkpoint: the 2 groups, not the sample
+        actor.insert(*[make_group(seed=10 + i, prompt_id=f"b{i}") for i in range(2)])
+        waiting.join(15)
+        assert not waiting.is_alive(), "the sample was lost with the old server"
+        groups, _, _ = got["sample"]
+        assert sorted(g.prompt_id for g in groups) == ["a0", "a1", "b0", "b1"]
+    finally:
+        actor.close()
+        learner.close()
+        process.stop()

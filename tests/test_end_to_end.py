@@ -1,4 +1,6 @@
 """The whole system, run as a user runs it: python -m launch with the tiny config."""
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -126,13 +128,87 @@ def test_a_dead_actor_fails_the_run_loudly_and_names_it(tmp_path):
     assert time.monotonic() - t < 200
 
 
-def test_back_pressure_keeps_actors_from_running_ahead(tmp_path):
-    result = launch("async_grpo", tmp_path, "trainer.max_steps=8", "actors.max_buffered_groups=4")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_back_pressure_keeps_actors_from_running_ahead(async_run):
+    # the recipe's queue limiter: a full table holds the actors' inserts until the learner samples
+    run_dir, _, _ = async_run
+    table = yaml.safe_load((run_dir / "config.yaml").read_text())["buffer"]["table"]
+    assert table["rate_limiter"] == "queue" and table["max_size"] == 4
+    metrics = read_metrics(run_dir)
+    assert max(m["buffer/size"] for m in metrics) <= 4 and metrics[-1]["buffer/evicted"] == 0
+    assert max(m["actor/time/buffer"] for m in metrics) > 0.1   # the actors were held, and it shows
+
+
+def buffer_pid(run_dir) -> int | None:
+    """The pid of the run's buffer process (python -m buffer, checkpointing into run_dir)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"buffer" in args[1:3] and any(str(run_dir).encode() in a for a in args):
+            return int(proc.name)
+    return None
+
+
+def descendants(pid: int) -> set:
+    """Every live process below `pid` (children, theirs, ...)."""
+    parents = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if proc.name.isdigit():
+            parents[int(proc.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, not merely a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for_steps(run, run_dir, steps: int, deadline_s: float = 240) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not (run_dir / "metrics.jsonl").exists() or len(read_metrics(run_dir)) < steps:
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"fewer than {steps} steps in {deadline_s}s"
+        time.sleep(0.2)
+
+
+def test_a_killed_buffer_is_restarted_and_sigterm_stops_every_part(tmp_path):
+    # the buffer speaks CurveZMQ: the actors and the learner got the job's keys from the launcher
+    run = subprocess.Popen([sys.executable, "-m", "launch", "async_grpo", "--config", "tiny", "--actors", "2",
+                            f"run.dir={tmp_path}", "trainer.max_steps=200", "buffer.checkpoint_every_s=1",
+                            "buffer.curve=true"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_steps(run, tmp_path, 4)
+        pid = buffer_pid(tmp_path)
+        assert pid is not None, "no buffer process found"
+        os.kill(pid, signal.SIGKILL)   # as an OOM kill would
+        wait_for_steps(run, tmp_path, 10)   # trains on, on the restarted buffer
+        parts = descendants(run.pid)   # Ray, the actors, learner, buffer, environment workers
+        run.send_signal(signal.SIGTERM)   # as scancel does
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 143 and "stopped by SIGTERM" in err, err[-3000:]
+    assert "the buffer process exited with code -9; restarting it (1/3)" in err
     metrics = read_metrics(tmp_path)
-    # Each of the 2 actors may insert one more batch (2 groups) after the buffer reached 4.
-    assert max(m["buffer/size"] for m in metrics) <= 4 + 2 * 2
-    assert metrics[-1]["buffer/dropped_stale"] == 0 and metrics[-1]["buffer/evicted"] == 0
+    assert [m["step"] for m in metrics] == list(range(1, len(metrics) + 1)) and len(metrics) >= 10
+    assert [m["weights/version"] for m in metrics] == list(range(1, len(metrics) + 1))
+    time.sleep(2)   # Ray's own processes end a moment after the driver
+    left = {p for p in parts if alive(p)}
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
 
 
 def test_weights_broadcast_over_gloo_reach_every_actor(tmp_path):

@@ -89,30 +89,29 @@ def test_a_step_deadline_within_the_sample_wait_is_refused_naming_both_keys():
     assert info.value.key == "run.step_timeout_s"
 
 
-@pytest.mark.parametrize("overrides, needed", [
-    (["actors.max_buffered_groups=2", "trainer.batch_groups=8"], "trainer.batch_groups"),
-    (["actors.max_buffered_groups=4", "trainer.batch_groups=16", "trainer.cpu_workers=2"], "trainer.batch_groups"),
-    (["actors.max_buffered_groups=4", "buffer.table.min_size_to_sample=5"], "buffer.table.min_size_to_sample"),
+@pytest.mark.parametrize("overrides, key", [
+    (["buffer.table.rate_limiter=queue", "buffer.table.max_size=2", "trainer.batch_groups=8"], "buffer.table.max_size"),
+    (["buffer.table.max_size=4", "trainer.batch_groups=16", "trainer.cpu_workers=2"], "buffer.table.max_size"),
+    (["buffer.table.max_size=4", "buffer.table.min_size_to_sample=5"], "buffer.table.min_size_to_sample"),
 ])
-def test_back_pressure_below_what_one_learner_rank_samples_is_refused(overrides, needed):
-    with pytest.raises(ConfigError, match=needed) as info:
+def test_a_table_smaller_than_what_one_learner_rank_samples_is_refused(overrides, key):
+    with pytest.raises(ConfigError, match="must (be|lie)") as info:
         build_config("async_grpo", "tiny", overrides)
-    assert info.value.key == "actors.max_buffered_groups"
+    assert info.value.key == key
 
 
-def test_back_pressure_that_holds_one_rank_sample_is_accepted():
-    # Each of the 2 ranks samples 8 // 2 = 4 groups; actors stop at 4.
-    build_config("async_grpo", "tiny", ["actors.max_buffered_groups=4", "trainer.batch_groups=8",
-                                        "trainer.cpu_workers=2"])
-    build_config("async_grpo", "tiny", ["actors.max_buffered_groups=0", "trainer.batch_groups=8"])
+def test_a_table_that_holds_one_rank_sample_is_accepted():
+    # Each of the 2 ranks samples 8 // 2 = 4 groups; the queue holds 4.
+    build_config("async_grpo", "tiny", ["buffer.table.rate_limiter=queue", "buffer.table.max_size=4",
+                                        "trainer.batch_groups=8", "trainer.cpu_workers=2"])
 
 
 def test_cli_refuses_back_pressure_that_would_deadlock_before_starting_ray(tmp_path):
     result = subprocess.run([sys.executable, "-m", "launch", "async_grpo", "--config", "tiny",
-                             "actors.max_buffered_groups=2", "trainer.batch_groups=8", f"run.dir={tmp_path}/r"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+                             "buffer.table.rate_limiter=queue", "buffer.table.max_size=2", "trainer.batch_groups=8",
+                             f"run.dir={tmp_path}/r"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 2, result.stderr
-    assert "'actors.max_buffered_groups'" in result.stderr and "trainer.batch_groups" in result.stderr
+    assert "'buffer.table.max_size'" in result.stderr and "trainer.batch_groups" in result.stderr
     assert "Ray" not in result.stdout + result.stderr and not (tmp_path / "r").exists()
 
 
