@@ -20,7 +20,7 @@ JSON object: zmq_share_items_4k and zmq_share_mb_1m (asyncrl over raw pyzmq, 8 w
 ratio_items_4k and ratio_mb_1m (asyncrl over Ray's queue, 8 writers), p99_sample_ms_8clients,
 machine and date; given --reverb-python (the interpreter of a venv with dm-reverb, see
 bench/reverb_bench.py), DeepMind's Reverb does the same work too, and reverb_share_items_4k
-and reverb_share_mb_1m (asyncrl over Reverb, 8 writers) join it.
+and reverb_share_mb_1m (asyncrl over Reverb, 8 writers; inserts only, each acknowledged) join it.
 
     python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--out FILE]
                                  [--reverb-python /tmp/reverb-venv/bin/python]
@@ -294,8 +294,7 @@ def run_reverb(python: str, nbytes: int, writers: int, seconds: float, batch: in
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reverb_bench.py")
     done = subprocess.run([python, script, "--bytes", str(nbytes), "--writers", str(writers), "--seconds",
-                           str(seconds), "--batch", str(batch)], capture_output=True, text=True,
-                          timeout=seconds + 300)
+                           str(seconds)], capture_output=True, text=True, timeout=seconds + 600)
     if done.returncode != 0:
         raise RuntimeError(f"reverb_bench.py failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -336,7 +335,7 @@ def main():
                 r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
                 rows.append(r)
                 print(f"{system:<10} {size:>5} {writers:>7} {r['items_per_s']:>9.0f} {r['mb_per_s']:>8.1f} "
-                      f"{r['taken_per_s']:>9.0f} {str(r['insert_p50_ms']) + '/' + str(r['insert_p99_ms']):>18} "
+                      f"{'-' if r['taken_per_s'] is None else round(r['taken_per_s']):>9} {str(r['insert_p50_ms']) + '/' + str(r['insert_p99_ms']):>18} "
                       f"{str(r['sample_p50_ms']) + '/' + str(r['sample_p99_ms']):>18}", flush=True)
 
     def get(system, size, writers=8):
