@@ -274,3 +274,11 @@ def test_a_sample_waiting_while_the_server_is_killed_and_restarted_is_met_by_the
         actor.close()
         learner.close()
         process.stop()
+
+
+def test_python_m_buffer_keys_prints_a_server_set_and_a_client_set_that_work_together():
+    done = subprocess.run([sys.executable, "-m", "buffer", "keys"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    values = [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith(curve.ENV + "=")]
+    server, client = (CurveKeys.decode(v) for v in values)
+    assert server.server_secret and not client.server_secret and client == server.for_clients()
