@@ -209,7 +209,7 @@ async def _insert(a: RolloutActor, groups: list) -> int:
     deadline, total = time.monotonic() + a.config.wait_timeout_s, len(groups)
     while groups:
         try:
-            await _buffer_call(a, partial(a.buffer.insert, *groups, timeout_s=HELD_POLL_S))
+            await _buffer_call(a, partial(a.buffer.insert, *groups, hold_s=HELD_POLL_S))
             return total
         except BufferHeld as held:
             groups = groups[len(held.stored):]

@@ -3,8 +3,10 @@
 Each call has a deadline. A call that gets no reply in time closes its socket (dropping
 anything queued), reconnects and, if the call is idempotent (insert: ids are unique, so a
 re-sent insert is stored once; set_version; stats), sends again, up to `retries` times.
-A sample is never re-sent: it could take groups twice; and since its socket is closed, the
-server sees the client gone and the abandoned sample takes nothing. An error reply (the
+A sample is never re-sent to the same server: it could take groups twice; and since its
+socket is closed, the server sees the client gone and the abandoned sample takes nothing.
+While a call waits, the client pings every PING_S; if a new server incarnation answers, the
+old one died with the request, and the request is put to the new one. An error reply (the
 server's reason, for any request, even one it could not decode) raises at once. Failures
 raise BufferError naming the server's address and the cause.
 
@@ -26,7 +28,7 @@ from common.wire import WireError, decode, encode, split_rid, with_rid
 
 
 RESEND_BATCH = 64  # groups per re-sent insert
-PING_S = 2.0       # a long wait for a reply that is never re-sent checks this often that the server lives
+PING_S = 2.0       # a long wait for a reply checks this often that the same server still lives
 PING = encode({"op": "ping"})
 ROLLOUTS = "rollouts"  # the table the actors insert into and the learner samples (buffer/server.py)
 
@@ -95,16 +97,19 @@ class BufferClient:
             rid = next(self._rids)
             self._socket.send_multipart(with_rid(rid, message), copy=False)
             deadline = time.monotonic() + timeout_s
-            # A request that is never re-sent (a sample) may wait long; a server that died and
-            # restarted meanwhile forgot it. Pings every PING_S find that out (a new incarnation
-            # answers), and the request is put to the new server for the time left.
+            # A request may wait long (a sample, an insert the rate limiter holds); a server that
+            # died and restarted meanwhile forgot it. Pings every PING_S find that out (a new
+            # incarnation answers), and the request is put to the new server for the time left.
             asked, ping_rid, next_ping = self._incarnation, None, time.monotonic() + PING_S
             while (left := deadline - time.monotonic()) > 0:
-                wait = left if idempotent else max(0.0, min(left, next_ping - time.monotonic()))
+                wait = max(0.0, min(left, next_ping - time.monotonic()))
                 if not self._socket.poll(int(wait * 1000) + 1):
-                    if not idempotent and time.monotonic() >= next_ping:
+                    if time.monotonic() >= next_ping:
                         ping_rid, next_ping = next(self._rids), time.monotonic() + PING_S
-                        self._socket.send_multipart(with_rid(ping_rid, PING), copy=False)
+                        try:   # never block here: with no server connected, a ping is skipped
+                            self._socket.send_multipart(with_rid(ping_rid, PING), copy=False, flags=zmq.NOBLOCK)
+                        except zmq.Again:
+                            pass
                     continue
                 try:
                     reply_rid, body = split_rid(self._socket.recv_multipart(copy=False))
@@ -155,19 +160,21 @@ class BufferClient:
             self.resent_groups += len(lost)
 
     def insert(self, *groups: RolloutGroup, priorities: list | None = None, timeout_s: float | None = None,
-               table: str = ROLLOUTS) -> dict:
+               table: str = ROLLOUTS, hold_s: float | None = None) -> dict:
         """Store groups in one request into `table`: all or, if any is malformed, none. Returns
         {stored: [bool per group; False for an id stored before], size, learner_version}.
-        An insert the table's rate limiter holds waits up to timeout_s (then fails, saying so).
-        Until a checkpoint of the server holds them, the groups are kept here, and re-sent to
-        a server that restarted (from its newest checkpoint) in the meantime."""
+        An insert the table's rate limiter holds waits up to `hold_s` (default timeout_s), then
+        raises BufferHeld saying how many went in. Each attempt waits up to timeout_s for the
+        reply. Until a checkpoint of the server holds them, the groups are kept here, and
+        re-sent to a server that restarted (from its newest checkpoint) in the meantime."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        fields = {"groups": [g.to_wire() for g in groups], "timeout_s": timeout_s, "table": table}
+        hold_s = timeout_s if hold_s is None else hold_s
+        fields = {"groups": [g.to_wire() for g in groups], "timeout_s": hold_s, "table": table}
         if priorities is not None:
             fields["priorities"] = [float(p) for p in priorities]
-        # the server answers an insert its rate limiter holds past timeout_s; give the reply time
+        # the server answers an insert its rate limiter holds past hold_s; give the reply time
         try:
-            reply = self._call("insert", deadline_s=timeout_s + _grace(timeout_s), **fields)
+            reply = self._call("insert", deadline_s=max(timeout_s, hold_s + _grace(hold_s)), **fields)
         except BufferHeld as e:   # what it stored before the deadline is acknowledged all the same
             self._keep(e.reply, groups[:len(e.stored)], table)
             raise
