@@ -13,7 +13,9 @@ ASYNCRL_BUFFER_CURVE=<the client set> (both from `python -m buffer keys`).
 It restores the newest checkpoint in checkpoint_dir (restore=true), prints one JSON line
 {"address", "pid", "restored_from", "groups"} once it serves, and serves until SIGTERM or
 SIGINT, after which it writes a last checkpoint and exits 0 (1 if the serving loop failed).
-The launcher starts it this way (buffer/process.py) and restarts it if it dies.
+The launcher starts it this way (buffer/process.py) and restarts it if it dies; with
+ASYNCRL_BUFFER_PARENT set to the launcher's pid, it stops (and saves) when that process is
+gone, so a launcher killed outright leaves no buffer behind.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 from buffer.curve import ENV, CurveKeys
 from buffer.server import BufferConfig, BufferServer
@@ -50,6 +54,9 @@ def main(argv=None) -> int:
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server._stop.set())
+    parent = int(os.environ.get("ASYNCRL_BUFFER_PARENT", "0"))
+    if parent:   # started by a launcher: stop (saving a checkpoint) if it dies without stopping us
+        threading.Thread(target=_stop_when_orphaned, args=(server, parent), name="watch-parent", daemon=True).start()
     print(json.dumps({"address": server.address, "pid": os.getpid(),
                       "restored_from": str(server.restored_from) if server.restored_from else None,
                       "groups": server.size}), flush=True)
@@ -59,6 +66,14 @@ def main(argv=None) -> int:
         print(f"python -m buffer: the server at {server.address} failed: {server._failure}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_when_orphaned(server: BufferServer, parent: int) -> None:
+    while os.getppid() == parent and not server._stop.is_set():
+        time.sleep(0.5)
+    if not server._stop.is_set():
+        logging.getLogger(__name__).warning("buffer: the launcher (pid %d) is gone; stopping", parent)
+        server._stop.set()
 
 
 if __name__ == "__main__":

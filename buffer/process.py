@@ -57,7 +57,7 @@ class BufferProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "a")
         env = dict(os.environ, ASYNCRL_BUFFER_SEED=str(self.seed), PYTHONUNBUFFERED="1",
-                   ASYNCRL_BUFFER_TOKEN=self.version_token)
+                   ASYNCRL_BUFFER_TOKEN=self.version_token, ASYNCRL_BUFFER_PARENT=str(os.getpid()))
         if self.curve_keys is not None:
             env[curve.ENV] = self.curve_keys.encode()
         self.process = subprocess.Popen([sys.executable, "-m", "buffer", *overrides(self.config)],

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,22 @@ def test_python_m_buffer_keys_prints_a_server_set_and_a_client_set_that_work_tog
     values = [line.split("=", 1)[1] for line in done.stdout.splitlines() if line.startswith(curve.ENV + "=")]
     server, client = (CurveKeys.decode(v) for v in values)
     assert server.server_secret and not client.server_secret and client == server.for_clients()
+
+
+def test_a_buffer_whose_launcher_was_killed_outright_stops_and_saves(tmp_path):
+    # the launcher: a process that starts the buffer as a run does, then dies by SIGKILL
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from buffer.process import BufferProcess\n"
+        "from buffer.server import BufferConfig\n"
+        f"p = BufferProcess(BufferConfig(checkpoint_dir={str(tmp_path)!r}), {str(tmp_path / 'buffer.log')!r}).start()\n"
+        "print(p.process.pid, flush=True)\n"
+        "time.sleep(600)\n")], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+    buffer_pid = int(launcher.stdout.readline())
+    os.kill(launcher.pid, signal.SIGKILL)
+    launcher.wait(10)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{buffer_pid}").exists() and "Z" not in Path(f"/proc/{buffer_pid}/stat").read_text().split()[2]:
+        assert time.monotonic() < deadline, "the orphaned buffer is still serving"
+        time.sleep(0.1)
+    assert checkpoint.latest(tmp_path) is not None   # it saved on the way out
