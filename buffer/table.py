@@ -1,6 +1,7 @@
 """A table of rollout groups: selection, removal, a size bound and a staleness bound.
 
-Plain Python, single-threaded: the server owns one table and calls it from its loop.
+Plain Python, single-threaded: the server owns its tables (buffer.table is "rollouts",
+buffer.tables adds more) and calls them from its loop.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ RATE_LIMITERS = ("min_size", "ratio", "queue")
 @dataclass
 class TableConfig:
     max_size: int = 1024
-    """Groups held at most; inserting into a full table removes the oldest group."""
+    """Groups held at most; inserting into a full table removes the oldest group (with the
+    queue rate limiter the insert waits instead)."""
     max_staleness: int = 4
     """A group is never sampled once learner_version - group.version exceeds this; it is
     dropped and counted in `dropped_stale`."""
