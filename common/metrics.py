@@ -10,7 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.progress import bar, duration, is_terminal
+from common.progress import bar, is_terminal
+from common.progress import eta as progress_eta
 
 PROGRESS = [  # (metric, label, format) shown on the progress line
     ("weights/version", "v", "{:.0f}"), ("reward/mean", "reward", "{:.3f}"),
@@ -49,9 +50,9 @@ class MetricsLogger:
         if self._first is None and isinstance(step, int):
             self._first = (step - 1, time.monotonic())   # the step before this one ended about now
         eta = ""
-        if isinstance(step, int) and step > self._first[0] and step < self.total_steps:
-            per_step = (time.monotonic() - self._first[1]) / (step - self._first[0])
-            eta = f" | eta {duration(per_step * (self.total_steps - step))}" if step - self._first[0] > 1 else ""
+        if isinstance(step, int) and step - self._first[0] > 1:   # the pace of two steps at least
+            first, since = self._first
+            eta = progress_eta(since, step - first, self.total_steps - first)
         line = f"step {step}/{self.total_steps} | {shown} | {metrics['time_s']:.0f}s{eta}"
         if not self.terminal:
             print(line, file=self.stream, flush=True)
