@@ -111,7 +111,6 @@ class RolloutActor:
         self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe
         self._stop = threading.Event()
         self.groups = 0
-        self.backpressure_s = 0.0   # waiting for new weights (the synchronous baseline)
         self.started = time.monotonic()
 
     def run(self, max_groups: int | None = None) -> dict:
@@ -142,7 +141,7 @@ class RolloutActor:
 
     def stats(self) -> dict:
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
-                **self.runner.stats(), "backpressure_s": self.backpressure_s,
+                **self.runner.stats(),
                 "activity_s": self.runner.activity.seconds(),   # where its time went (actors/activity.py)
                 "uptime_s": time.monotonic() - self.started, **self.engine.stats(),
                 "telemetry": telemetry.sample(f"actor{self.actor_id}")}   # {} without a GPU
@@ -251,7 +250,6 @@ class _StartGate:
             blocked = f"weights newer than version {self.version}; is the learner alive?"
         if not blocked:
             if self.waiting_since is not None:
-                a.backpressure_s += time.monotonic() - self.waiting_since
                 a.runner.activity.end("waiting")
             self.waiting_since = None
             return True
