@@ -100,14 +100,30 @@ class RolloutActor:
         if rollout.env_workers:  # started, and ready, before the first episode
             environments = ProcessEnvironments(env, rollout.env_workers, rollout.env_timeout_s, rollout.env_threads)
             environments.wait_ready(ENV_WORKERS_START_S)
-        self.environments = environments if rollout.env_workers else None   # worker processes to end
-        self.runner = EpisodeRunner(self.engine, tokenizer, environments, rollout, stop_token_ids)
+        runner = EpisodeRunner(self.engine, tokenizer, environments, rollout, stop_token_ids)
+        self._assemble(runner, make_env(), BufferClient(buffer_address, timeout_s=buffer_timeout_s), seed,
+                       environments=environments if rollout.env_workers else None, evaluation=evaluation)
+
+    @classmethod
+    def of_parts(cls, actor_id: int, actors: ActorsConfig, rollout: RolloutConfig, runner: EpisodeRunner, env,
+                 buffer: BufferClient, seed: int = 0, evaluation: EvalConfig | None = None) -> "RolloutActor":
+        """An actor over parts built elsewhere: `runner` (its engine, with weight updates
+        started), an environment to draw tasks from and a buffer client. A bench drives the
+        actor's own loop over an engine it also measures alone this way."""
+        self = cls.__new__(cls)
+        self.actor_id, self.config, self.rollout, self.engine = actor_id, actors, rollout, runner.engine
+        self._assemble(runner, env, buffer, seed, environments=None, evaluation=evaluation)
+        return self
+
+    def _assemble(self, runner: EpisodeRunner, env, buffer: BufferClient, seed: int, environments,
+                  evaluation: EvalConfig | None) -> None:
+        self.runner, self.buffer = runner, buffer
+        self.environments = environments   # worker processes to end, if any
         self.eval_config = evaluation or EvalConfig()
-        self.held_out = held_out_tasks(make_env(), self.eval_config)
-        self.tasks = TrainingTasks(make_env(), self.held_out)  # never a held-out task
+        self.held_out = held_out_tasks(env, self.eval_config)
+        self.tasks = TrainingTasks(env, self.held_out)  # never a held-out task
         self._loop = None  # the running generate loop, which evaluations join
-        self.rng = random.Random(seed * 1000 + actor_id)
-        self.buffer = BufferClient(buffer_address, timeout_s=buffer_timeout_s)
+        self.rng = random.Random(seed * 1000 + self.actor_id)
         self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe
         self._stop = threading.Event()
         self.groups = 0

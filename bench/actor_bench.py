@@ -7,9 +7,12 @@ starts with load_format="dummy" and gets the learner's weights through the chann
   1. a learner process (spawned; the bench's own process never touches CUDA, vLLM starts
      first) builds the HF model on the GPU and an IpcWeightSender; a buffer server process
   2. VLLMEngine; bare: AsyncLLM alone on the workload (P prompts of 64 random tokens, 256 new
-     tokens, T=1, FINAL_ONLY, logprobs=0), output tokens/s
+     tokens, T=1, FINAL_ONLY, logprobs=0), output tokens/s: in rounds (all P at once, then
+     wait), and kept full (P requests in flight, a group of G refilled as it ends) for a window
   3. weight updates started (one collective_rpc); asyncrl: EpisodeRunner (one-turn
-     environment, word tokenizer over token ids) + inserts into the buffer over ZeroMQ, while
+     environment, word tokenizer over token ids) + inserts into the buffer over ZeroMQ, in
+     rounds and then the actor's own loop (RolloutActor.run, P episodes in flight) for the
+     same window; ratio_tokens is kept-full over kept-full (rounds: ratio_tokens_rounds); while
      the learner perturbs its weights and sends a version every second; per version: learner
      has v (just before send) -> the worker swapped v in (time.time(), one host)
   4. 0.5B: greedy check (batch 1, after updates, against a cold-started engine on the saved
@@ -17,7 +20,7 @@ starts with load_format="dummy" and gets the learner's weights through the chann
   5. 1.5B: vLLM's native path under load: pause_generation(keep), IPC weight-transfer
      update, resume; and the floor: a device-to-device copy of the weights' bytes
 Writes $OUT/actor_bench_<models>.json; prints a table, then one JSON line.
-Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick]
+Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick] [--rounds 0] [--continuous-s 20]
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import asyncio
 import contextlib
 import datetime
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -293,6 +297,62 @@ def actor_round(engine, runner, client, tasks: list) -> dict:
             "versions_seen": [versions[0], versions[-1]] if versions else [], "t0": time.time() - wall, "t1": time.time()}
 
 
+def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, window_s: float) -> dict:
+    """AsyncLLM alone, kept full: inflight/G lanes, each generating one group of G requests of
+    one prompt after another; output tokens of the requests that end inside the window (after
+    warm_s), per second. The lanes are cancelled (their requests aborted) when it closes."""
+    params = engine.sampling_params(NEW_TOKENS, 1.0)
+
+    async def run():
+        from vllm import TokensPrompt
+        start = time.perf_counter()
+        opens, closes = start + warm_s, start + warm_s + window_s
+        counted = [0]
+
+        async def one(p, rid):
+            final = None
+            async for out in engine.llm.generate(TokensPrompt(prompt_token_ids=p), params, rid):
+                final = out
+            if opens <= time.perf_counter() <= closes:
+                counted[0] += len(final.outputs[0].token_ids)
+
+        async def lane(i):
+            for k in itertools.count():
+                p = prompts(rng, 1)[0]
+                await asyncio.gather(*(one(p, f"bare{i}-{k}-{j}-{time.time_ns()}") for j in range(GROUP)))
+
+        lanes = [asyncio.ensure_future(lane(i)) for i in range(max(1, inflight // GROUP))]
+        await asyncio.sleep(warm_s + window_s)
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        return counted[0]
+    tokens = engine.call(run(), timeout_s=warm_s + window_s + 120)
+    return {"tokens": tokens, "window_s": window_s, "tokens_per_s": tokens / window_s}
+
+
+def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float) -> dict:
+    """The actor's own loop (actors/actor.py: RolloutActor.run) over the bench's engine, kept at
+    `inflight` episodes; tokens of the episodes that end inside the window, per second."""
+    from actors.actor import ActorsConfig, RolloutActor
+
+    actor = RolloutActor.of_parts(0, ActorsConfig(engine="vllm", gpus_per_group=1, max_inflight_episodes=inflight),
+                                  runner.config, runner, make_env(), client)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(actor.run()), daemon=True)
+    thread.start()
+    time.sleep(warm_s)
+    before, t0 = runner.generated_tokens, time.time()
+    time.sleep(window_s)
+    tokens, t1 = runner.generated_tokens - before, time.time()
+    actor.stop()
+    thread.join(120)
+    if thread.is_alive():
+        raise TimeoutError("the actor's loop did not stop within 120 s of stop()")
+    return {"tokens": tokens, "wall_s": t1 - t0, "tokens_per_s": tokens / (t1 - t0), "groups": actor.groups,
+            "activity_s": result.get("activity_s"), "t0": t0, "t1": t1}
+
+
 def greedy(engine, batch: list, new_tokens: int) -> list:
     """Batch-1 greedy continuations (one request at a time: the same kernels on any engine)."""
     async def run():
@@ -416,6 +476,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         bare_round(engine, prompts(rng, 64), 32)  # warm-up
         r["bare"] = [bare_round(engine, [p for p in prompts(rng, args.prompts // GROUP) for _ in range(GROUP)],
                                 NEW_TOKENS) for _ in range(args.rounds)]
+        if args.continuous_s:
+            r["bare_continuous"] = bare_continuous(engine, rng, args.prompts, args.warm_s, args.continuous_s)
     check_prompts = prompts(random.Random(7), 8)
     with phase(f"{shape}/install"):
         r["install"] = engine.start_weight_updates(learner.spec.receiver(0))
@@ -434,14 +496,20 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
                 tasks = [{"id": f"{shape}-{i}-{j}", "prompt": " ".join(f"t{t}" for t in p)}
                          for j, p in enumerate(prompts(rng, args.prompts // GROUP))]
                 rounds.append(actor_round(engine, runner, client, tasks))
+            if args.continuous_s:
+                r["asyncrl_continuous"] = actor_continuous(runner, client, args.prompts, args.warm_s, args.continuous_s)
         finally:
             sent = learner.ask("publish_stop")
         r["asyncrl"] = rounds
         engine.check()
-        r.update(update_stats(sent, engine.log, rounds))
-        if r.get("bare"):
+        r.update(update_stats(sent, engine.log, rounds + [r[k] for k in ("asyncrl_continuous",) if k in r]))
+        if r.get("bare") and rounds:
             bare = statistics.mean(x["tokens_per_s"] for x in r["bare"])
-            r["ratio_tokens"] = statistics.mean(x["tokens_per_s"] for x in rounds) / bare
+            r["ratio_tokens_rounds"] = statistics.mean(x["tokens_per_s"] for x in rounds) / bare
+        if "bare_continuous" in r and "asyncrl_continuous" in r:   # the figure: both kept full, same window
+            r["ratio_tokens"] = r["asyncrl_continuous"]["tokens_per_s"] / r["bare_continuous"]["tokens_per_s"]
+        else:
+            r["ratio_tokens"] = r.get("ratio_tokens_rounds")
     with phase(f"{shape}/floor"):
         r["floor_ms"] = learner.ask("floor")
     if shape == "0.5b" or args.checks_all:
@@ -511,8 +579,11 @@ def update_stats(sent: list, log, rounds: list) -> dict:
 def summary(out: dict) -> dict:
     a, b = out.get("0.5b", {}), out.get("1.5b", {})
     return {"ratio_tokens": a.get("ratio_tokens", b.get("ratio_tokens")),
-            "bare_tokens_per_s_0p5b": _mean(a.get("bare"), "tokens_per_s"),
-            "asyncrl_tokens_per_s_0p5b": _mean(a.get("asyncrl"), "tokens_per_s"),
+            "ratio_tokens_0p5b": a.get("ratio_tokens"), "ratio_tokens_1p5b": b.get("ratio_tokens"),
+            "ratio_tokens_rounds_0p5b": a.get("ratio_tokens_rounds"),
+            "bare_tokens_per_s_0p5b": (a.get("bare_continuous") or {}).get("tokens_per_s", _mean(a.get("bare"), "tokens_per_s")),
+            "asyncrl_tokens_per_s_0p5b": (a.get("asyncrl_continuous") or {}).get("tokens_per_s",
+                                                                                 _mean(a.get("asyncrl"), "tokens_per_s")),
             "update_ms_0p5b": a.get("update_ms_median"), "update_ms_max_0p5b": a.get("update_ms_max"),
             "update_ms_1p5b": b.get("update_ms_median"), "update_ms_max_1p5b": b.get("update_ms_max"),
             "floor_ms_0p5b": a.get("floor_ms"), "floor_ms_1p5b": b.get("floor_ms"),
@@ -537,6 +608,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="256 prompts, one round each")
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--continuous-s", type=float, default=20.0,
+                   help="window of the continuous measure (both kept at --prompts in flight; 0: rounds only)")
+    p.add_argument("--warm-s", type=float, default=5.0, help="before the continuous window opens")
     p.add_argument("--update-every-s", type=float, default=1.0)
     p.add_argument("--greedy-tokens", type=int, default=48)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)

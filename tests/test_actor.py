@@ -37,3 +37,29 @@ def test_an_actor_held_by_a_full_queue_waits_and_still_stops_when_asked(tiny_mod
         run.join(10)
         actor.close()
         watcher.close()
+
+
+def test_an_actor_of_parts_runs_its_own_loop_over_an_engine_built_outside_it(tiny_model_path, buffer_server):
+    from transformers import AutoTokenizer
+
+    from actors.engines.hf import HFEngine
+    from actors.rollout import EpisodeRunner
+    from envs import registry
+
+    server = buffer_server()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    engine = HFEngine(tiny_model_path, dtype="float32", device="cpu", stop_token_ids=[tokenizer.eos_token_id],
+                      pad_token_id=tokenizer.eos_token_id, seed=0)
+    env = EnvConfig(name="token_match", args={"words": 16, "target": "w3"})
+    rollout = RolloutConfig(group_size=2, max_new_tokens=2)
+    runner = EpisodeRunner(engine, tokenizer, registry.factory(env), rollout)
+    actor = RolloutActor.of_parts(3, ActorsConfig(max_inflight_episodes=4), rollout, runner,
+                                  registry.factory(env)(), BufferClient(server.address, timeout_s=5.0))
+    watcher = BufferClient(server.address, timeout_s=5.0)
+    try:
+        stats = actor.run(max_groups=3)
+        assert stats["groups"] == 3 and stats["actor_id"] == 3 and stats["generated_tokens"] > 0
+        assert watcher.stats()["size"] == 3   # every group it made is in the buffer
+    finally:
+        actor.close()
+        watcher.close()
