@@ -650,9 +650,14 @@ def _reap() -> None:
 
 
 if __name__ == "__main__":
+    status = 1
     try:
         main()
+        status = 0
+    except BaseException:
+        traceback.print_exc()
     finally:
         sys.stdout.flush()
+        sys.stderr.flush()
         _reap()
-        os._exit(0)
+        os._exit(status)   # vLLM's threads would otherwise hold the exit

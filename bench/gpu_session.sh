@@ -15,11 +15,11 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
 stacks_before() {  # stacks_before SECONDS PART: in the background, dump stacks if still running then
   ( sleep "$1"; command -v py-spy >/dev/null || exit 0
-    for pid in $(pgrep -f python); do
+    for pid in $(ps -eo pid,comm | awk '$2 ~ /python|VLLM|pt_/ {print $1}'); do
       [[ $pid == "$$" ]] && continue
       echo "== pid $pid: $(tr '\0' ' ' < /proc/$pid/cmdline 2>/dev/null | cut -c1-200)"
       timeout 20 py-spy dump --pid "$pid" 2>&1 | head -150
-    done > "$OUT/stacks-$2.txt" 2>&1 ) &
+    done > "$OUT/stacks-$2.txt" 2>&1 ) > /dev/null 2>&1 &   # not on $(...)'s pipe: it would wait for the sleep
   echo $!
 }
 export PATH=/tmp/site/bin:$PATH
