@@ -137,14 +137,14 @@ class VLLMEngine(Engine):
         self._ids = itertools.count()
         self._closed = False
         self._updates_started = False
-        self.args = dict(model=model_path, tensor_parallel_size=tensor_parallel_size,
-                         gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                         enforce_eager=enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                         load_format=load_format, distributed_executor_backend="mp",
-                         logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
-                         generation_config="vllm",  # never the model's generation_config.json defaults
-                         worker_extension_cls="actors.engines.vllm_worker.AsyncRLWorker",
-                         disable_log_stats=True, **engine_args)
+        self.args = {**dict(model=model_path, tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                            enforce_eager=enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                            load_format=load_format, distributed_executor_backend="mp",
+                            logprobs_mode="processed_logprobs", skip_tokenizer_init=True,
+                            generation_config="vllm",  # never the model's generation_config.json defaults
+                            worker_extension_cls="actors.engines.vllm_worker.AsyncRLWorker",
+                            disable_log_stats=True), **engine_args}   # engine_args may override these
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
