@@ -25,6 +25,7 @@ examples:
   python -m launch export RUN_DIR                            # a checkpoint as a Hugging Face folder
   python -m launch envs                                      # the environments env.name can name
   python -m launch report RUN_DIR [RUN_DIR ...]              # report.html: plots, several runs overlaid
+  python -m launch slurm async_grpo --learner-nodes 1 --actor-nodes 2 --gpus-per-node 8   # a Slurm job
 """
 
 
@@ -55,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"export": "launch.export", "envs": "launch.envs", "report": "launch.report"}  # commands with arguments of their own
+COMMANDS = {"export": "launch.export", "envs": "launch.envs", "report": "launch.report", "slurm": "launch.slurm"}  # commands with arguments of their own
 
 
 def main(argv=None) -> int:

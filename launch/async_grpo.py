@@ -63,6 +63,9 @@ def main(config: Config) -> Path:
         if buffer.info.get("restored_from"):
             print(f"asyncrl: the buffer resumed with {buffer.info['groups']} groups from "
                   f"{buffer.info['restored_from']}", flush=True)
+        config.buffer.host, config.buffer.port = buffer.address.removeprefix("tcp://").rsplit(":", 1)
+        config.buffer.port = int(config.buffer.port)
+        (run_dir / "config.yaml").write_text(to_yaml(config))   # with the addresses actually used
         buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s, curve_keys=client_keys)
         group, in_bundle = cluster.place_learners(config)
         weights = cluster.start_weight_channel(config, in_bundle[0])

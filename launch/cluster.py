@@ -48,8 +48,10 @@ def start_ray(config: Config, env: dict | None = None) -> None:
     address = config.run.ray_address or os.environ.get("RAY_ADDRESS", "")
     runtime_env = {"env_vars": dict(env)} if env else None
     if address:
+        reach_head(address, config.run.startup_timeout_s)
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         stop_on_sigterm()
+        config.run.ray_address = address   # the saved config.yaml shows the cluster joined
         # Actors on other nodes must reach the buffer, which lives in this process.
         config.buffer.host = config.buffer.host or ray.util.get_node_ip_address()
         return
@@ -71,13 +73,53 @@ def start_ray(config: Config, env: dict | None = None) -> None:
     stop_on_sigterm()
 
 
+def reach_head(address: str, timeout_s: float) -> None:
+    """Wait until the Ray head at host:port accepts connections (ray.init would retry an
+    unreachable head for ever); past the deadline, fail naming it."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():   # "auto", ray://...: Ray resolves those itself
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise PeerError(f"the Ray head at {address} (run.ray_address or RAY_ADDRESS) is not reachable after "
+                                f"{timeout_s:.0f}s: {e}; is Ray started there (ray start --head), and is the port "
+                                f"open from this node?") from None
+            time.sleep(1)
+
+
 def get(refs, timeout_s: float, what: str):
+    """ray.get with a deadline, waited for in slices of a second so that SIGTERM (Terminated)
+    is seen meanwhile: one long ray.get would hold the signal until it returns."""
+    pending = refs if isinstance(refs, list) else [refs]
+    deadline = time.monotonic() + timeout_s
     try:
-        return ray.get(refs, timeout=timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, min(1.0, left)))
+            if len(ready) == len(pending):
+                return ray.get(refs, timeout=max(1.0, left))
+            if left <= 0:
+                raise ray.exceptions.GetTimeoutError()
     except ray.exceptions.GetTimeoutError:
         raise PeerError(f"{what} did not answer within {timeout_s:.0f}s") from None
     except ray.exceptions.RayError as e:
         raise PeerError(f"{what} failed: {e}") from None
+
+
+def check_placeable(bundle: dict, key: str, what: str) -> None:
+    """Fail at once, naming `key`, when no live node of the cluster could ever hold `bundle`
+    (Ray would otherwise wait for one, here until run.startup_timeout_s)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if any(all(node.get(r, 0) >= amount for r, amount in bundle.items()) for node in nodes):
+        return
+    offered = "; ".join(", ".join(f"{r}={v:g}" for r, v in sorted(node.items())
+                                  if r in bundle or r in ("CPU", "GPU")) for node in nodes)
+    raise ConfigError(key, f"no node of the Ray cluster can hold {what} {bundle}: its nodes offer [{offered}]")
 
 
 def wait_ready(parts: dict, timeout_s: float, what: str) -> None:
@@ -109,9 +151,13 @@ def _rendezvous_address():
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def _learner_bundle(t) -> dict:
-    """What one learner rank reserves."""
-    return {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
+def _learner_bundle(config: Config) -> dict:
+    """What one learner rank reserves (and one unit of run.learner_resource, if named)."""
+    t = config.trainer
+    bundle = {"GPU": 1, "CPU": 1} if t.gpus else {"CPU": t.torch_threads}
+    if config.run.learner_resource:
+        bundle[config.run.learner_resource] = 1
+    return bundle
 
 
 COLOCATED_SHARE = 0.5  # of the shared GPU's Ray resource, for each of learner and actor (memory is split by config)
@@ -121,10 +167,11 @@ def place_learners(config: Config) -> tuple:
     """Reserve the learner ranks' resources; returns (placement group, one scheduling strategy
     per rank)."""
     t = config.trainer
-    bundle = _learner_bundle(t)
+    bundle = _learner_bundle(config)
     bundles = [dict(bundle) for _ in range(t.world_size)]
     if config.run.colocate:  # the actor group joins learner rank 0's bundle: the same GPU
         bundles[0]["CPU"] += config.actors.num_cpus
+    check_placeable(bundles[0], "trainer.gpus" if t.gpus else "trainer.torch_threads", "a learner rank")
     group = placement_group(bundles, strategy="PACK")
     get(group.ready(), config.run.startup_timeout_s, f"placement of {t.world_size} learner rank(s) {bundle}")
     return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
@@ -159,11 +206,12 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     t = config.trainer
     master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
     remote = ray.remote(Learner)
-    bundle = _learner_bundle(t)
+    bundle = _learner_bundle(config)
     gpus = [bundle.get("GPU", 0)] * t.world_size
     if config.run.colocate:
         gpus[0] = COLOCATED_SHARE
-    ranks = [remote.options(num_gpus=gpus[i], num_cpus=bundle["CPU"], scheduling_strategy=in_bundle[i])
+    label = {config.run.learner_resource: 1} if config.run.learner_resource else {}
+    ranks = [remote.options(num_gpus=gpus[i], num_cpus=bundle["CPU"], resources=label, scheduling_strategy=in_bundle[i])
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
                      weights, master_addr, master_port, config.run.seed, buffer_token)
              for i in range(t.world_size)]
@@ -180,7 +228,11 @@ def start_actors(config: Config, model_path: str, buffer_address: str, weights, 
     start_learners."""
     a = config.actors
     remote = ray.remote(RolloutActor)
-    placement = [{"num_gpus": a.gpus_per_group} for _ in range(a.count)]
+    label = {config.run.actor_resource: 1} if config.run.actor_resource else {}
+    placement = [{"num_gpus": a.gpus_per_group, "resources": label} for _ in range(a.count)]
+    if not config.run.colocate or a.count > 1:
+        check_placeable({"CPU": a.num_cpus, **({"GPU": a.gpus_per_group} if a.gpus_per_group else {}), **label},
+                        "actors.gpus_per_group" if a.gpus_per_group else "actors.num_cpus", "an actor group")
     if config.run.colocate:
         placement[0] = {"num_gpus": COLOCATED_SHARE, "scheduling_strategy": in_bundle[0]}
     # concurrency: run() holds one thread for the whole run; stats, stop and evaluate answer beside it

@@ -47,6 +47,13 @@ class RunConfig:
     the same GPU, its memory split by actors.gpu_memory_utilization."""
     startup_timeout_s: float = 600.0
     """Deadline for placing and starting the learner ranks, and for starting the actors."""
+    learner_resource: str = ""
+    """A custom Ray resource each learner rank takes one unit of, so that only the nodes that
+    offer it host the learner (slurm/ offers asyncrl_learner on a heterogeneous job's component
+    0); empty: any node."""
+    actor_resource: str = ""
+    """The same for each actor group (slurm/: asyncrl_actor, on component 1). A colocated actor
+    group shares learner rank 0's bundle and takes none."""
     wandb: str = "offline"
     """Weights & Biases: offline (written to run.dir/wandb, `wandb sync` uploads it later; no
     account needed), online, or disabled. Every metrics row, the config and the report's plots."""
