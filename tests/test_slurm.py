@@ -48,6 +48,41 @@ def wait_gone(pids_before: set, timeout_s: float) -> set:
     return left
 
 
+def render(capsys, tmp_path, *args) -> subprocess.CompletedProcess:
+    """`python -m launch slurm ... --dry-run`, in this process (its argument parsing and config
+    checks are the command's own)."""
+    from launch.__main__ import main
+    code = main(["slurm", "async_grpo", "--config", "tiny", "--dry-run", f"run.dir={tmp_path}", *args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_the_rendered_job_has_a_learner_and_an_actor_component_and_a_bad_config_fails_before_sbatch(capsys, tmp_path):
+    result = render(capsys, tmp_path, "--learner-nodes", "2", "--actor-nodes", "3", "--gpus-per-node", "4",
+                    "--partition", "gpu", "--time", "01:00:00", "--learner-gpus", "8", "trainer.max_steps=5",
+                    "trainer.batch_groups=8")
+    assert result.returncode == 0, result.stderr
+    header = [line for line in result.stdout.splitlines() if line.startswith("#SBATCH")]
+    split = header.index("#SBATCH hetjob")
+    learner, actor = header[:split], header[split + 1:]
+    assert "#SBATCH --nodes=2" in learner and "#SBATCH --nodes=3" in actor
+    for part in (learner, actor):
+        assert {"#SBATCH --gres=gpu:4", "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00"} <= set(part)
+    launch_args = next(line for line in result.stdout.splitlines() if line.startswith("launch_args="))
+    assert f"run.dir={tmp_path}" in launch_args and "trainer.max_steps=5" in launch_args
+    assert "trainer.gpus=8" in launch_args
+    script = tmp_path / "job.sbatch"
+    script.write_text(result.stdout)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert not (tmp_path / "slurm").exists()   # a dry run submits and writes nothing
+
+    too_big = render(capsys, tmp_path, "--learner-nodes", "1", "--actor-nodes", "1", "--gpus-per-node", "8",
+                     "--learner-gpus", "16", "trainer.batch_groups=16")
+    assert too_big.returncode == 2 and "trainer.gpus" in too_big.stderr and "give 8" in too_big.stderr
+    unknown = render(capsys, tmp_path, "--learner-nodes", "1", "--actor-nodes", "1", "trainer.no_such_key=1")
+    assert unknown.returncode == 2 and "trainer.no_such_key" in unknown.stderr
+
+
 def test_a_heterogeneous_job_trains_on_ray_across_both_components_and_leaves_no_ray_behind(slurm, tmp_path):
     before = ray_pids()
     job = submit(slurm, tmp_path, "trainer.max_steps=8", "buffer.curve=true")
