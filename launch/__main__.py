@@ -44,6 +44,12 @@ def count(minimum: int):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m launch", description="Run an asyncrl recipe.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(p)
+    return p
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """RECIPE, --actors, --learner-gpus, --config and key=value (here and in `launch slurm`)."""
     p.add_argument("recipe", choices=sorted(RECIPES), metavar="RECIPE",
                    help="; ".join(f"{name}: {text}" for name, text in RECIPES.items()))
     p.add_argument("--actors", type=count(1), metavar="N",
@@ -53,7 +59,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="NAME",
                    help="configs/NAME.yaml (or a path to a YAML file) applied over the recipe's defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last")
-    return p
+
+
+def recipe_overrides(args) -> list:
+    """The key=value overrides, with what --actors and --learner-gpus set."""
+    overrides = list(args.overrides)
+    if args.actors is not None:
+        overrides.append(f"actors.count={args.actors}")
+    if args.learner_gpus is not None:
+        overrides.append(f"trainer.gpus={args.learner_gpus}")
+    return overrides
 
 
 COMMANDS = {"export": "launch.export", "envs": "launch.envs", "report": "launch.report", "slurm": "launch.slurm"}  # commands with arguments of their own
@@ -69,11 +84,7 @@ def main(argv=None) -> int:
             return 2
         return 0
     args = parser().parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    if args.actors is not None:
-        overrides.append(f"actors.count={args.actors}")
-    if args.learner_gpus is not None:
-        overrides.append(f"trainer.gpus={args.learner_gpus}")
+    overrides = recipe_overrides(args)
     from buffer.client import BufferError
     from common.weights import WeightSyncError
     from launch.cluster import PeerError, Terminated, stop_on_sigterm

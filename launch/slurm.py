@@ -25,13 +25,16 @@ RESOURCES = {"learner": "asyncrl_learner", "actor": "asyncrl_actor"}   # the cus
 
 
 def parser() -> argparse.ArgumentParser:
-    from launch.__main__ import RECIPES, count
-    p = argparse.ArgumentParser(prog="python -m launch slurm", description=__doc__.splitlines()[0],
+    from launch.__main__ import add_recipe_arguments, count
+    p = argparse.ArgumentParser(prog="python -m launch slurm",
+                                description="Submit a recipe as a heterogeneous Slurm job (component 0: the "
+                                            "learner's nodes, component 1: the actors'), or print it (--dry-run); "
+                                            "docs/cluster.md.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: python -m launch slurm async_grpo --learner-nodes 2 --actor-nodes 4 "
                                        "--gpus-per-node 8 --partition gpu --learner-gpus 16 --actors 32 "
                                        "actors.gpus_per_group=1")
-    p.add_argument("recipe", choices=sorted(RECIPES), metavar="RECIPE")
+    add_recipe_arguments(p)
     p.add_argument("--learner-nodes", type=count(1), required=True, metavar="L", help="nodes of component 0")
     p.add_argument("--actor-nodes", type=count(1), required=True, metavar="A", help="nodes of component 1")
     p.add_argument("--gpus-per-node", type=count(0), default=0, metavar="G", help="GPUs of every node (0: CPU only)")
@@ -45,10 +48,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--join-timeout-s", type=float, default=300.0, help="deadline for every node to join Ray")
     p.add_argument("--python", default=sys.executable, help="the Python on the nodes (default: this one)")
     p.add_argument("--dry-run", action="store_true", help="print the job script instead of submitting it")
-    p.add_argument("--actors", type=count(1), metavar="N", help="actor groups (actors.count)")
-    p.add_argument("--learner-gpus", type=count(0), metavar="M", help="learner GPUs (trainer.gpus)")
-    p.add_argument("--config", metavar="NAME")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
     return p
 
 
@@ -101,14 +100,11 @@ def render(args, argv: list, launch_args: list, log_dir: Path) -> str:
 
 
 def main(argv) -> None:
+    from launch.__main__ import recipe_overrides
     from launch.config import build_config
 
     args = parser().parse_intermixed_args(argv)
-    overrides = list(args.overrides)
-    if args.actors is not None:
-        overrides.append(f"actors.count={args.actors}")
-    if args.learner_gpus is not None:
-        overrides.append(f"trainer.gpus={args.learner_gpus}")
+    overrides = recipe_overrides(args)
     recipe = importlib.import_module(f"launch.{args.recipe}")
     config = build_config(args.recipe, args.config, overrides, recipe.CONFIG_FILES)
     check_fits(config, args)
