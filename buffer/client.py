@@ -95,8 +95,10 @@ class BufferClient:
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
             rid = next(self._rids)
-            self._socket.send_multipart(with_rid(rid, message), copy=False)
             deadline = time.monotonic() + timeout_s
+            if not self._send(with_rid(rid, message), deadline):
+                self._connect()
+                continue
             # A request may wait long (a sample, an insert the rate limiter holds); a server that
             # died and restarted meanwhile forgot it. Pings every PING_S find that out (a new
             # incarnation answers), and the request is put to the new server for the time left.
@@ -119,7 +121,7 @@ class BufferClient:
                             asked = pong.get("incarnation")
                         elif isinstance(pong, dict) and pong.get("incarnation") != asked:
                             asked, rid = pong.get("incarnation"), next(self._rids)   # ask the new server
-                            self._socket.send_multipart(with_rid(rid, message), copy=False)
+                            self._send(with_rid(rid, message), deadline)
                         continue
                     if reply_rid != rid:
                         continue  # a late reply to an abandoned attempt
@@ -137,6 +139,19 @@ class BufferClient:
             self._connect()  # drop whatever is queued on the dead connection
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
                             f"({attempts} attempt(s)); {self._hint()}")
+
+    def _send(self, parts: list, deadline: float) -> bool:
+        """Send by the deadline; False when no connection takes the message in time (no server
+        up, or one whose CurveZMQ handshake refuses this client): a blocking send would wait
+        for a connection for ever."""
+        left = deadline - time.monotonic()
+        if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLOUT):
+            return False
+        try:
+            self._socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
 
     def _hint(self) -> str:
         if self.curve_keys is not None:
@@ -204,8 +219,12 @@ class BufferClient:
                 while todo and len(flying) < window:
                     i = todo.pop(0)
                     rid = next(self._rids)
-                    self._socket.send_multipart(with_rid(rid, messages[i]), copy=False)
+                    if not self._send(with_rid(rid, messages[i]), deadline):
+                        todo.insert(0, i)
+                        break
                     flying[rid] = i
+                if todo and not flying:
+                    break   # nothing could be sent before the deadline: a new connection, next attempt
                 left = deadline - time.monotonic()
                 if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
                     break
