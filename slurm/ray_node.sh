@@ -36,8 +36,8 @@ setsid "$ray_bin" start "${args[@]}" "${common[@]}" &
 ray_pid=$!
 stop() {
   pkill -TERM -s "$ray_pid" 2>/dev/null
-  for _ in $(seq 10); do pgrep -s "$ray_pid" > /dev/null || exit 0; sleep 1; done   # `ray start` drains for 30 s
-  echo "asyncrl: Ray on $(hostname) did not stop within 10 s of SIGTERM: killed"
+  for _ in $(seq 10); do pgrep -s "$ray_pid" > /dev/null || exit 0; sleep 0.5; done   # `ray start` drains for 30 s
+  echo "asyncrl: Ray on $(hostname) did not stop within 5 s of SIGTERM: killed"
   pkill -KILL -s "$ray_pid" 2>/dev/null
   exit 0
 }
