@@ -42,6 +42,7 @@ class SlurmCluster:
         self.started: list = []
         host = socket.gethostname()
         r = self.root
+        # Heterogeneous jobs are started by the backfill scheduler alone: every second here, not 30.
         self.conf.write_text(f"""\
 ClusterName=asyncrl-test
 SlurmctldHost={host}(127.0.0.1)
@@ -57,6 +58,7 @@ SlurmctldLogFile={r}/slurmctld.log
 SlurmdLogFile={r}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
+SchedulerParameters=bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 AccountingStorageType=accounting_storage/none

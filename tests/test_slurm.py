@@ -35,7 +35,8 @@ def ray_pids() -> set:
 def submit(slurm, run_dir, *overrides) -> str:
     result = slurm.run(sys.executable, "-m", "launch", "slurm", "async_grpo", "--config", "tiny",
                        "--learner-nodes", "1", "--actor-nodes", "1", "--cpus-per-node", "2", "--join-timeout-s", "120",
-                       f"run.dir={run_dir}", "run.wandb=disabled", *overrides, timeout_s=120)
+                       f"run.dir={run_dir}", "run.wandb=disabled", *overrides, check=False, timeout_s=120)
+    assert result.returncode == 0, result.stdout + result.stderr
     line = result.stdout.strip().splitlines()[-1]
     assert line.startswith("asyncrl: submitted Slurm job"), result.stdout + result.stderr
     return line.split()[4]
