@@ -76,20 +76,12 @@ def start_ray(config: Config, env: dict | None = None) -> None:
 def reach_head(address: str, timeout_s: float) -> None:
     """Wait until the Ray head at host:port accepts connections (ray.init would retry an
     unreachable head for ever); past the deadline, fail naming it."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():   # "auto", ray://...: Ray resolves those itself
-        return
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            return
-        except OSError as e:
-            if time.monotonic() > deadline:
-                raise PeerError(f"the Ray head at {address} (run.ray_address or RAY_ADDRESS) is not reachable after "
-                                f"{timeout_s:.0f}s: {e}; is Ray started there (ray start --head), and is the port "
-                                f"open from this node?") from None
-            time.sleep(1)
+    from launch.slurm import wait_for_head
+    unreachable = wait_for_head(address, timeout_s)
+    if unreachable:
+        raise PeerError(f"the Ray head at {address} (run.ray_address or RAY_ADDRESS) is not reachable after "
+                        f"{timeout_s:.0f}s: {unreachable}; is Ray started there (ray start --head), and is the port "
+                        f"open from this node?")
 
 
 def get(refs, timeout_s: float, what: str):

@@ -134,23 +134,34 @@ def main(argv) -> None:
 
 
 # -- inside the job ------------------------------------------------------------------------------
+def wait_for_head(address: str, timeout_s: float) -> str:
+    """Wait until host:port accepts a connection: "" once it does, else, past the deadline,
+    why the last try failed. Addresses Ray resolves itself ("auto", ray://...) pass at once."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return ""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return ""
+        except OSError as e:
+            if time.monotonic() > deadline:
+                return str(e)
+            time.sleep(1)
+
+
 def wait_for_nodes(address: str, learner_nodes, actor_nodes, timeout_s, logs: str = "") -> int:
     """Until the Ray head at `address` answers and every node of both components has joined
     (counted by their custom resources), or `timeout_s` passes: then say what is missing and
     return 1. slurm/ray_cluster.sh calls it between starting the nodes and the recipe."""
     want = {RESOURCES["learner"]: int(learner_nodes), RESOURCES["actor"]: int(actor_nodes)}
     deadline, started = time.monotonic() + float(timeout_s), time.monotonic()
-    host, port = address.rsplit(":", 1)
-    while True:   # the head first: ray.init would retry an unreachable head for ever
-        try:
-            socket.create_connection((host, int(port)), timeout=2).close()
-            break
-        except OSError as e:
-            if time.monotonic() > deadline:
-                print(f"asyncrl slurm: the Ray head at {address} is not reachable after {timeout_s}s ({e}); "
-                      f"see the head's log ({logs})", file=sys.stderr)
-                return 1
-            time.sleep(1)
+    unreachable = wait_for_head(address, float(timeout_s))   # the head first: ray.init would retry it for ever
+    if unreachable:
+        print(f"asyncrl slurm: the Ray head at {address} is not reachable after {timeout_s}s ({unreachable}); "
+              f"see the head's log ({logs})", file=sys.stderr)
+        return 1
     import ray
     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
     try:
