@@ -11,16 +11,19 @@ starts with load_format="dummy" and gets the learner's weights through the chann
      wait), and kept full (P requests in flight, a group of G refilled as it ends) for a window
   3. weight updates started (one collective_rpc); asyncrl: EpisodeRunner (one-turn
      environment, word tokenizer over token ids) + inserts into the buffer over ZeroMQ, in
-     rounds and then the actor's own loop (RolloutActor.run, P episodes in flight) for the
-     same window; ratio_tokens is kept-full over kept-full (rounds: ratio_tokens_rounds); while
-     the learner perturbs its weights and sends a version every second; per version: learner
-     has v (just before send) -> the worker swapped v in (time.time(), one host)
+     rounds, then the actor's own loop (RolloutActor.run, P episodes in flight) in windows that
+     alternate with vLLM kept full alone (bare, asyncrl, asyncrl, bare, ...: --pairs pairs, so
+     a drift of the machine falls on both); ratio_tokens is the mean of asyncrl's windows over
+     the mean of bare's, by vLLM's own generated-token counter, with each pair's ratio beside
+     it (rounds: ratio_tokens_rounds); while asyncrl runs the learner perturbs its weights and
+     sends a version every second; per version: learner has v (just before send) -> the worker
+     swapped v in (time.time(), one host)
   4. 0.5B: greedy check (batch 1, after updates, against a cold-started engine on the saved
      weights, same CUDA-graph setting) and the log-prob gap (learner's HF forward, bf16)
   5. 1.5B: vLLM's native path under load: pause_generation(keep), IPC weight-transfer
      update, resume; and the floor: a device-to-device copy of the weights' bytes
 Writes $OUT/actor_bench_<models>.json; prints a table, then one JSON line.
-Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick] [--rounds 0] [--continuous-s 20]
+Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick] [--rounds 0] [--pairs 2] [--continuous-s 12]
 """
 from __future__ import annotations
 
@@ -369,6 +372,25 @@ def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: flo
             "activity_s": result.get("activity_s"), "t0": t0, "t1": t1}
 
 
+def continuous_ratios(bare: list, ours: list) -> dict:
+    """asyncrl over bare from alternating windows: by vLLM's generated-token counter where it
+    is there (completions of 256-token requests kept in step end in waves a few seconds apart,
+    too coarse for windows of seconds), else by completed tokens; each pair's ratio beside the
+    ratio of the means, so the spread shows."""
+    def rates(rows, key):
+        return [x[key] for x in rows] if all(x.get(key) for x in rows) else None
+
+    out = {}
+    for suffix, key in (("", "engine_tokens_per_s"), ("_completed", "tokens_per_s")):
+        b, o = rates(bare, key), rates(ours, key)
+        if b and o:
+            out[f"ratio_tokens{suffix}"] = statistics.mean(o) / statistics.mean(b)
+            out[f"ratio_tokens{suffix}_pairs"] = [y / x for x, y in zip(b, o)]
+    if "ratio_tokens" not in out:
+        out["ratio_tokens"] = out.get("ratio_tokens_completed")
+    return out
+
+
 def greedy(engine, batch: list, new_tokens: int) -> list:
     """Batch-1 greedy continuations (one request at a time: the same kernels on any engine)."""
     async def run():
@@ -492,8 +514,6 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         bare_round(engine, prompts(rng, 64), 32)  # warm-up
         r["bare"] = [bare_round(engine, [p for p in prompts(rng, args.prompts // GROUP) for _ in range(GROUP)],
                                 NEW_TOKENS) for _ in range(args.rounds)]
-        if args.continuous_s:
-            r["bare_continuous"] = bare_continuous(engine, rng, args.prompts, args.warm_s, args.continuous_s)
     check_prompts = prompts(random.Random(7), 8)
     with phase(f"{shape}/install"):
         r["install"] = engine.start_weight_updates(learner.spec.receiver(0))
@@ -505,31 +525,36 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     with phase(f"{shape}/asyncrl"):
         runner = EpisodeRunner(engine, IdTokenizer(), make_env, RolloutConfig(
             group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=1.0, max_turns=1, max_seq_len=4096))
-        learner.ask("publish_start", args.update_every_s)
-        rounds = []
+        rounds, bare_windows, ours_windows = [], [], []
         try:
+            learner.ask("publish_start", args.update_every_s)
             for i in range(args.rounds):
                 tasks = [{"id": f"{shape}-{i}-{j}", "prompt": " ".join(f"t{t}" for t in p)}
                          for j, p in enumerate(prompts(rng, args.prompts // GROUP))]
                 rounds.append(actor_round(engine, runner, client, tasks))
-            if args.continuous_s:
-                r["asyncrl_continuous"] = actor_continuous(runner, client, args.prompts, args.warm_s, args.continuous_s)
-        finally:
             sent = learner.ask("publish_stop")
-        r["asyncrl"] = rounds
+            for i in range(args.pairs if args.continuous_s else 0):   # bare, ours, ours, bare, ...
+                for kind in ("bare", "asyncrl") if i % 2 == 0 else ("asyncrl", "bare"):
+                    if kind == "bare":    # no version arrives: the learner is quiet
+                        bare_windows.append(bare_continuous(engine, rng, args.prompts, args.warm_s, args.continuous_s))
+                        continue
+                    learner.ask("publish_start", args.update_every_s)
+                    try:
+                        ours_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
+                                                             args.continuous_s))
+                    finally:
+                        sent = learner.ask("publish_stop")   # every version sent so far
+        finally:
+            with contextlib.suppress(Exception):
+                sent = learner.ask("publish_stop")
+        r.update(asyncrl=rounds, bare_continuous=bare_windows, asyncrl_continuous=ours_windows)
         engine.check()
-        r.update(update_stats(sent, engine.log, rounds + [r[k] for k in ("asyncrl_continuous",) if k in r]))
+        r.update(update_stats(sent, engine.log, rounds + ours_windows))
         if r.get("bare") and rounds:
             bare = statistics.mean(x["tokens_per_s"] for x in r["bare"])
             r["ratio_tokens_rounds"] = statistics.mean(x["tokens_per_s"] for x in rounds) / bare
-        if "bare_continuous" in r and "asyncrl_continuous" in r:   # the figure: both kept full, same window
-            bare, ours = r["bare_continuous"], r["asyncrl_continuous"]
-            r["ratio_tokens_completed"] = ours["tokens_per_s"] / bare["tokens_per_s"]
-            # vLLM's step counter where it is there: completions of 256-token requests kept in
-            # step end in waves a few seconds apart, too coarse for a window of seconds
-            r["ratio_tokens"] = (ours["engine_tokens_per_s"] / bare["engine_tokens_per_s"]
-                                 if bare["engine_tokens_per_s"] and ours["engine_tokens_per_s"] is not None
-                                 else r["ratio_tokens_completed"])
+        if bare_windows and ours_windows:   # the figure: both kept full, windows alternating
+            r.update(continuous_ratios(bare_windows, ours_windows))
         else:
             r["ratio_tokens"] = r.get("ratio_tokens_rounds")
     with phase(f"{shape}/floor"):
@@ -604,9 +629,11 @@ def summary(out: dict) -> dict:
             "ratio_tokens_0p5b": a.get("ratio_tokens"), "ratio_tokens_1p5b": b.get("ratio_tokens"),
             "ratio_tokens_rounds_0p5b": a.get("ratio_tokens_rounds"),
             "ratio_tokens_completed_0p5b": a.get("ratio_tokens_completed"),
-            "bare_tokens_per_s_0p5b": (a.get("bare_continuous") or {}).get("tokens_per_s", _mean(a.get("bare"), "tokens_per_s")),
-            "asyncrl_tokens_per_s_0p5b": (a.get("asyncrl_continuous") or {}).get("tokens_per_s",
-                                                                                 _mean(a.get("asyncrl"), "tokens_per_s")),
+            "ratio_tokens_pairs_0p5b": a.get("ratio_tokens_pairs"), "ratio_tokens_pairs_1p5b": b.get("ratio_tokens_pairs"),
+            "bare_tokens_per_s_0p5b": _mean(a.get("bare_continuous") or a.get("bare"), "engine_tokens_per_s"
+                                            if a.get("bare_continuous") else "tokens_per_s"),
+            "asyncrl_tokens_per_s_0p5b": _mean(a.get("asyncrl_continuous") or a.get("asyncrl"), "engine_tokens_per_s"
+                                               if a.get("asyncrl_continuous") else "tokens_per_s"),
             "update_ms_0p5b": a.get("update_ms_median"), "update_ms_max_0p5b": a.get("update_ms_max"),
             "update_ms_1p5b": b.get("update_ms_median"), "update_ms_max_1p5b": b.get("update_ms_max"),
             "floor_ms_0p5b": a.get("floor_ms"), "floor_ms_1p5b": b.get("floor_ms"),
@@ -631,9 +658,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="256 prompts, one round each")
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--continuous-s", type=float, default=20.0,
-                   help="window of the continuous measure (both kept at --prompts in flight; 0: rounds only)")
-    p.add_argument("--warm-s", type=float, default=5.0, help="before the continuous window opens")
+    p.add_argument("--continuous-s", type=float, default=12.0,
+                   help="each window of the continuous measure (both kept at --prompts in flight; 0: rounds only)")
+    p.add_argument("--pairs", type=int, default=2, help="pairs of alternating windows (bare and asyncrl)")
+    p.add_argument("--warm-s", type=float, default=4.0, help="before each continuous window opens")
     p.add_argument("--update-every-s", type=float, default=1.0)
     p.add_argument("--greedy-tokens", type=int, default=48)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)

@@ -1,8 +1,9 @@
-"""Learner throughput and MFU on one GPU: asyncrl's Learner.train_on (FSDP2, bf16 compute, fp32
-master weights and AdamW) on Qwen2-0.5B / -1.5B-shaped models with random weights, at 4k-token
-rows, plus the time to gather and publish all weights.
+"""Learner throughput and MFU on one GPU: asyncrl's Learner.train_on (bf16 compute, fp32 master
+weights and AdamW) on Qwen2-0.5B / -1.5B-shaped models with random weights, at 4k-token rows,
+for each backend (FSDP2 over the Hugging Face model; Megatron-core's GPTModel, where
+megatron-core is installed), plus the time to gather and publish all weights.
 
-  python -m bench.learner_bench --models 0.5b 1.5b --out $OUT/learner_bench.json
+  python -m bench.learner_bench --models 0.5b 1.5b --backends fsdp2 megatron --out $OUT/learner_bench.json
 
 Each step is what the learner does per sampled batch: one no-grad pass for the proximal
 log-probs, then forward and backward per micro-batch (packed by trainer.micro_batch_tokens),
@@ -54,7 +55,7 @@ def make_groups(rows: int, prompt: int, length: int, vocab: int, group_size: int
     return groups
 
 
-def bench_one(shape: str, args, peak: float) -> dict:
+def bench_one(shape: str, backend: str, args, peak: float) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,15 +76,16 @@ def bench_one(shape: str, args, peak: float) -> dict:
     results = {}
     buffer = BufferServer(BufferConfig()).start()  # publish() tells the buffer the new version
     for ac in args.activation_checkpointing:
-        name = f"{shape}_ac{int(ac)}"
-        trainer = TrainerConfig(gpus=1, batch_groups=args.rows // 8, micro_batch_tokens=args.micro_tokens,
+        name = f"{shape}_{backend}_ac{int(ac)}"
+        trainer = TrainerConfig(gpus=1, backend=backend, batch_groups=args.rows // 8, micro_batch_tokens=args.micro_tokens,
                                 activation_checkpointing=bool(ac), lr=1e-6, max_steps=100)
         t = time.monotonic()
         torch.cuda.reset_peak_memory_stats()
-        learner = Learner(0, folder, "bfloat16", trainer, LossConfig(), buffer.address, 5.0, LocalWeightChannel())
-        load_s = time.monotonic() - t
+        learner = None
         groups = make_groups(args.rows, args.prompt, args.seq, cfg.vocab_size)
         try:
+            learner = Learner(0, folder, "bfloat16", trainer, LossConfig(), buffer.address, 5.0, LocalWeightChannel())
+            load_s = time.monotonic() - t
             times = []
             for step in range(args.warmup + args.steps):
                 torch.cuda.synchronize()
@@ -101,14 +103,19 @@ def bench_one(shape: str, args, peak: float) -> dict:
             publish_s = time.monotonic() - t
             results[name] = {
                 "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s), "mfu": round(step_flops / step_s / peak, 4),
-                "tflops": round(step_flops / step_s / 1e12, 1), "rows": args.rows, "seq": args.seq,
+                "tflops": round(step_flops / step_s / 1e12, 1), "backend": backend, "rows": args.rows, "seq": args.seq,
                 "micro_batch_tokens": args.micro_tokens, "activation_checkpointing": bool(ac),
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "load_s": round(load_s, 1),
                 "publish_s": round(publish_s, 3), "loss": metrics["loss/policy"], "steps_s": [round(x, 3) for x in times]}
         except torch.OutOfMemoryError as e:
             results[name] = {"error": f"out of memory: {str(e)[:200]}"}
+        except Exception as e:   # one backend failing leaves the others' figures
+            import traceback
+            traceback.print_exc()
+            results[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(json.dumps({name: results[name]}), flush=True)
-        learner.close()
+        if learner is not None:
+            learner.close()
         del learner
         torch.cuda.empty_cache()
     buffer.stop()
@@ -118,6 +125,8 @@ def bench_one(shape: str, args, peak: float) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["0.5b", "1.5b"])
+    parser.add_argument("--backends", nargs="+", default=None,
+                        help="fsdp2 and/or megatron (default: both where megatron-core is installed)")
     parser.add_argument("--rows", type=int, default=32, help="rows per step (groups of 8)")
     parser.add_argument("--seq", type=int, default=4096, help="tokens per row")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row (not trained)")
@@ -134,16 +143,20 @@ def main():
     device = torch.cuda.get_device_name(0)
     peak = peak_flops(device, args.peak_tflops)
     out = {"device": device, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "peak_tflops": peak / 1e12}
+    from learner import megatron
+    backends = args.backends or (["fsdp2", "megatron"] if megatron.available() else ["fsdp2"])
     for shape in args.models:
-        out.update(bench_one(shape, args, peak))
+        for backend in backends:
+            out.update(bench_one(shape, backend, args, peak))
     for shape in args.models:
         tag = shape.replace(".", "p")
-        best = max((v for k, v in out.items() if k.startswith(f"{shape}_ac") and "mfu" in v),
-                   key=lambda v: v["mfu"], default=None)
-        if best is not None:
-            out[f"mfu_fsdp2_{tag}"], out[f"tokens_per_s_fsdp2_{tag}"] = best["mfu"], best["tokens_per_s"]
-            out[f"publish_s_{tag}"] = best["publish_s"]
-    out["mfu_megatron_1p5b"] = None  # the Megatron-core backend is not built yet
+        for backend in ("fsdp2", "megatron"):
+            best = max((v for k, v in out.items() if k.startswith(f"{shape}_{backend}_ac") and "mfu" in v),
+                       key=lambda v: v["mfu"], default=None)
+            out[f"mfu_{backend}_{tag}"] = best and best["mfu"]   # None where not run or failed
+            out[f"tokens_per_s_{backend}_{tag}"] = best and best["tokens_per_s"]
+            if best is not None:
+                out[f"publish_s_{backend}_{tag}"] = best["publish_s"]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -181,11 +181,14 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
             actors_before = {s["actor_id"]: s for s in actor_stats}
             logger.log(metrics)
             if held_out is not None and step == t.max_steps:
+                if t.publish_lag:   # score the weights the learner made, not the lagged ones the actors have
+                    cluster.get([r.publish_unlagged.remote() for r in ranks], config.run.step_timeout_s,
+                                "the final weights past trainer.publish_lag")
                 held_out.finish(step, metrics["weights/version"])
             elif held_out is not None:
                 held_out.poll()
-                if held_out.due(step):
-                    held_out.request(step, metrics["weights/version"])
+                if held_out.due(step):   # the version the actors can have (behind by trainer.publish_lag)
+                    held_out.request(step, metrics["weights/published"])
             if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
                 cluster.get([r.checkpoint.remote(str(run_dir / "checkpoints")) for r in ranks],
                             config.run.step_timeout_s, f"learner checkpoint at step {step}")

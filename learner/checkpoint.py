@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_state_dict
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -33,7 +34,7 @@ def save(learner, folder: Path, keep: int = 2) -> Path:
     model_state, optim_state = get_state_dict(learner.model, learner.optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(partial))
     torch.save(_extras(learner), partial / f"rank-{learner.rank}.pt")
-    if learner.sharded:
+    if learner.distributed:
         dist.barrier()  # every rank's files are in place
     if learner.rank == 0:
         if final.exists():
@@ -41,7 +42,7 @@ def save(learner, folder: Path, keep: int = 2) -> Path:
         partial.rename(final)
         for old in checkpoints(folder)[:-keep]:
             shutil.rmtree(old)
-    if learner.sharded:
+    if learner.distributed:
         dist.barrier()
     return final
 
@@ -66,19 +67,44 @@ def restore(learner, path: Path) -> None:
 def save_hf(state: dict, model_path: str, out) -> None:
     """Write full weights (a state dict) with model_path's config and tokenizer as a Hugging
     Face folder that transformers and vLLM load."""
-    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    plain.load_state_dict(state)
+    config = AutoConfig.from_pretrained(model_path)
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:   # a tied head may come as the embedding alone
+        raise ValueError(f"weights do not fit {model_path}: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    plain.tie_weights()
     plain.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
 
 
 def export(path: Path, model_path: str, out) -> None:
-    """A checkpoint's weights (saved by any number of ranks) as a Hugging Face folder, in one
-    process."""
+    """A checkpoint's weights (saved by any number of ranks, either backend) as a Hugging Face
+    folder, in one process (a Megatron checkpoint needs no megatron-core: its names are
+    converted)."""
+    path = Path(path)
+    if backend(path) == "megatron":
+        from learner import megatron
+
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        weights = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
+                   for k, m in meta.items() if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+        state = {"model": weights}
+        dcp.load(state, checkpoint_id=str(path))
+        gpt = {k.removeprefix("gpt."): v for k, v in state["model"].items()}
+        save_hf(megatron.to_hugging_face(gpt, AutoConfig.from_pretrained(model_path).get_text_config()),
+                model_path, out)
+        return
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path))
     save_hf(state["model"], model_path, out)
+
+
+def backend(path: Path) -> str:
+    """The learner backend that wrote a checkpoint (fsdp2 for those written before it was recorded)."""
+    return torch.load(Path(path) / "rank-0.pt", weights_only=False).get("backend", "fsdp2")
 
 
 def checkpoints(folder: Path) -> list:
@@ -97,6 +123,7 @@ def latest(folder: Path) -> Path | None:
 
 def _extras(learner) -> dict:
     return {"step": learner.step_count, "version": learner.version, "scheduler": learner.scheduler.state_dict(),
+            "backend": learner.config.backend,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
                     "python": random.getstate(), "numpy": np.random.get_state()}}

@@ -33,11 +33,13 @@ def shard(model: torch.nn.Module, device_type: str, world_size: int, compute_dty
     return model
 
 
-def checkpoint_activations(model: torch.nn.Module) -> None:
-    """Recompute every decoder block's activations in the backward pass. The checkpoint wraps
-    each block's forward inside its module call, so FSDP's hooks (which gather the block's
-    weights) stay outside it and run again for the recomputation."""
-    for block in decoder_blocks(model):
+def checkpoint_activations(model: torch.nn.Module, blocks: list | None = None) -> None:
+    """Recompute every decoder block's activations in the backward pass (torch's checkpoint:
+    the recomputation runs under the forward's autocast). The checkpoint wraps each block's
+    forward inside its module call, so FSDP's hooks (which gather the block's weights) stay
+    outside it and run again for the recomputation. `blocks`: other than the model's
+    declared ones (Megatron's layers)."""
+    for block in decoder_blocks(model) if blocks is None else blocks:
         block.forward = functools.partial(_recomputed, block.forward)
 
 

@@ -3,11 +3,14 @@ publish weights every `sync_every` steps.
 
 One Learner per process (rank). With more than one rank the model is sharded with FSDP2
 (gloo on CPU, NCCL on GPU), each rank samples its own share of the batch, and the loss is
-normalised by the policy-token count of the whole global batch. Plain Python; launch/ runs
+normalised by the policy-token count of the whole global batch. `trainer.backend=megatron`
+trains Megatron-core's GPTModel instead (learner/megatron.py, GPU only) with the same loss,
+batches and checkpoints; weights leave it in Hugging Face names. Plain Python; launch/ runs
 the ranks as Ray actors.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import datetime
 import math
@@ -25,12 +28,13 @@ from transformers import AutoModelForCausalLM
 from buffer.client import BufferClient
 from common import telemetry
 from common.config import check
-from learner import checkpoint, flops, fsdp
+from learner import checkpoint, flops, fsdp, megatron
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
 
 
 LR_SCHEDULES = ("constant", "cosine")
+BACKENDS = ("fsdp2", "megatron")
 MASTER_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -51,8 +55,19 @@ class TrainerConfig:
     """Learner steps to run (one sampled batch each)."""
     sync_every: int = 1
     """Publish weights to the actors every this many steps (version += 1 each time)."""
+    publish_lag: int = 0
+    """For off-policy experiments (bench/staleness_study.py): at version v the actors get the
+    weights of version v - publish_lag (the initial ones until then), so every group is exactly
+    that many versions old when the learner first can sample it. The learner keeps that many
+    versions in host memory. 0: the actors get each version as it is made."""
     gpus: int = 0
     """Learner GPUs, one rank each (--learner-gpus); 0 trains on CPU."""
+    backend: str = "fsdp2"
+    """fsdp2: the Hugging Face model, sharded with FSDP2 (CPU or GPU). megatron: Megatron-core's
+    GPTModel built from the same checkpoint (Qwen2 and Llama families; GPU only;
+    `pip install -e '.[megatron]'`)."""
+    tensor_parallel: int = 1
+    """Megatron: ranks per model replica. Only 1 for now (see learner/megatron.py)."""
     cpu_workers: int = 1
     """Learner ranks when gpus=0; more than one shards the model with FSDP2 over gloo."""
     batch_groups: int = 8
@@ -107,6 +122,13 @@ class TrainerConfig:
         check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         check(self.sync_every >= 1, "sync_every", f"must be >= 1, got {self.sync_every}")
         check(self.gpus >= 0, "gpus", f"must be >= 0, got {self.gpus}")
+        check(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}, got {self.backend!r}")
+        check(self.tensor_parallel == 1, "tensor_parallel",
+              f"must be 1 for now (tensor parallel above 1 is not built), got {self.tensor_parallel}")
+        if self.backend == "megatron":
+            check(self.gpus > 0, "backend", "megatron runs on GPUs only, and trainer.gpus is 0")
+            check(megatron.available(), "backend",
+                  "megatron needs megatron-core, which is not installed (pip install -e '.[megatron]')")
         check(self.cpu_workers >= 1, "cpu_workers", f"must be >= 1, got {self.cpu_workers}")
         check(self.batch_groups >= 1 and self.batch_groups % self.world_size == 0, "batch_groups",
               f"must be a positive multiple of the learner's {self.world_size} rank(s), got {self.batch_groups}")
@@ -117,6 +139,7 @@ class TrainerConfig:
         check(self.minibatches >= 1, "minibatches", f"must be >= 1, got {self.minibatches}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        check(self.publish_lag >= 0, "publish_lag", f"must be >= 0, got {self.publish_lag}")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule",
@@ -142,10 +165,13 @@ class Learner:
         if trainer.gpus:
             torch.cuda.set_device(0)  # Ray shows each rank only its own GPU
         self.device = torch.device("cuda:0" if trainer.gpus else "cpu")
-        # FSDP2 on GPU, even on one (its mixed precision and the multi-GPU path are then the
-        # same code); on CPU only with more than one rank.
-        self.sharded = self.world_size > 1 or trainer.gpus > 0
-        if self.sharded:
+        # A process group on GPU, even on one rank (FSDP2's mixed precision and the multi-GPU path
+        # are then the same code; Megatron's parallel_state needs one); on CPU only with more
+        # than one rank. The FSDP2 backend then shards the model.
+        self.distributed = self.world_size > 1 or trainer.gpus > 0
+        self.megatron = trainer.backend == "megatron"
+        self.sharded = self.distributed and not self.megatron   # FSDP2 holds the model
+        if self.distributed:
             backend, timeout = "nccl" if trainer.gpus else "gloo", datetime.timedelta(seconds=trainer.dist_timeout_s)
             if self.world_size == 1:  # nobody to meet: an in-process store
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
@@ -153,22 +179,33 @@ class Learner:
                 os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
                 dist.init_process_group(backend, rank=rank, world_size=self.world_size, timeout=timeout)
         self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=master)
-        self.model_config = model.config.get_text_config()   # for the model FLOPs of a step
         self.peak_flops = flops.peak(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
-        self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
+        if self.megatron:
+            megatron.initialize(trainer.tensor_parallel, seed)
+            model = self._build_megatron(model_path, master)
+            self.model_config = model.hf_config
+            self.param_names = list(model.hugging_face_state_dict())  # what actors load; tied weights once
+            # pi_ref: built again (Megatron modules hold process groups, which do not deepcopy)
+            self.reference = self._build_megatron(model_path, master).requires_grad_(False).eval() \
+                if loss.kl_coef > 0 else None
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=master)
+            self.model_config = model.config.get_text_config()   # for the model FLOPs of a step
+            self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
+            model.to(self.device)
+            # pi_ref for the KL term: the initial weights, frozen, sharded like the policy
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval() if loss.kl_coef > 0 else None
+            if trainer.activation_checkpointing:
+                fsdp.checkpoint_activations(model)
         # Eval mode (dropout off) while training, as RL fine-tuning of LMs does: the log-probs
         # that enter the importance weights must be the policy's, not one dropout draw of it.
-        model.to(self.device).eval()
-        # pi_ref for the KL term: the initial weights, frozen, sharded like the policy
-        self.reference = copy.deepcopy(model).requires_grad_(False) if loss.kl_coef > 0 else None
-        if trainer.activation_checkpointing:
-            fsdp.checkpoint_activations(model)
+        model.eval()
         if self.sharded:
             fsdp.shard(model, self.device.type, self.world_size, self.compute_dtype)
             if self.reference is not None:
                 fsdp.shard(self.reference, self.device.type, self.world_size, self.compute_dtype)
-        # Unsharded (CPU, one rank) with a compute dtype other than the master's: autocast.
+        # Not FSDP2 (CPU with one rank, or Megatron) with a compute dtype other than the master's:
+        # autocast.
         self.autocast = not self.sharded and self.compute_dtype != master
         self.model = model
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.lr, weight_decay=trainer.weight_decay)
@@ -177,9 +214,15 @@ class Learner:
         self.model_path = model_path
         self.step_count = 0
         self.version = 0
+        self.lagged = collections.deque()   # (version, host tensors) made but not yet sent (publish_lag)
+        self.published = 0                  # the newest version the actors were sent
+
+    def _build_megatron(self, model_path: str, master: torch.dtype):
+        return megatron.build(model_path, master, self.device, self.config.tensor_parallel,
+                              self.config.activation_checkpointing)
 
     def _all_reduce(self, values: list, op=None) -> list:
-        if not self.sharded:
+        if not self.distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
@@ -196,7 +239,8 @@ class Learner:
         gather_s = send_s = 0.0
         if self.step_count % self.config.sync_every == 0:
             gather_s, send_s = self._publish()
-        metrics.update({"weights/version": self.version, "weights/sync_s": gather_s + send_s,
+        metrics.update({"weights/version": self.version, "weights/published": self.published,
+                        "weights/sync_s": gather_s + send_s,
                         "weights/gather_s": gather_s, "weights/send_s": send_s, "learner/wait_s": wait_s,
                         "learner/step_s": time.monotonic() - t0})
         if self.device.type == "cuda":
@@ -283,7 +327,7 @@ class Learner:
             return token_logprobs(model, micro, entropy=entropy)
 
     def _check_equal_micro_batches(self, count: int) -> None:
-        if self.sharded:  # FSDP's backward is a collective: unequal counts would hang, not fail
+        if self.distributed:  # FSDP's backward is a collective: unequal counts would hang, not fail
             neg_fewest, most = self._all_reduce([-count, count], op=dist.ReduceOp.MAX)
             if -neg_fewest != most:  # every rank sees it and raises
                 raise RuntimeError(f"learner ranks hold between {int(-neg_fewest)} and {int(most)} micro-batches; "
@@ -309,7 +353,8 @@ class Learner:
             loss_sum, metric_sums = policy_loss(
                 logprobs, proximal, micro.behaviour_logprobs[:, start:], micro.advantages[:, start:], mask, lc,
                 weights=weights, reference_logprobs=reference, entropy=entropy[0] if entropy else None)
-            # FSDP averages gradients over ranks; scale so the result is sum / the global divisor.
+            # Ranks average gradients (FSDP2 in its backward, Megatron below); scale so the
+            # result is sum / the global divisor.
             (loss_sum * self.world_size / max(divisor, 1.0)).backward()
             loss += float(loss_sum.detach()) / max(divisor, 1.0)
             for k, v in metric_sums.items():
@@ -317,6 +362,8 @@ class Learner:
                     maxes[k] = max(maxes.get(k, float(v)), float(v))
                 else:
                     sums[k] = sums.get(k, 0.0) + float(v)
+        if self.megatron and self.world_size > 1:
+            megatron.average_gradients(self.model)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         self.optimizer.step()
@@ -343,19 +390,46 @@ class Learner:
     def _publish(self) -> tuple:
         """Publish as version+1; returns the seconds (gathering the weights, sending them):
         the gather is a collective when sharded; the send lasts as long as the channel holds
-        it (common/weights.py); the actors then swap the version in on their own."""
+        it (common/weights.py); the actors then swap the version in on their own. With
+        trainer.publish_lag = k the version is kept on the host and version+1-k is sent."""
         t = time.monotonic()
         self.version += 1
         tensors = self._gather_weights()
         gathered = time.monotonic()
         if self.rank == 0:
-            self.weights.send(self.version, tensors)
+            if self.config.publish_lag:
+                self.lagged.append((self.version, {n: v.detach().to("cpu", copy=True) for n, v in tensors.items()}))
+                tensors = None
+                if len(self.lagged) > self.config.publish_lag:
+                    version, host = self.lagged.popleft()
+                    tensors = {n: v.to(self.device) for n, v in host.items()} if self.weights.device_tensors else host
+            else:
+                version = self.version
+            if tensors is not None:
+                self.weights.send(version, tensors)
+                self.published = version
             self.buffer.set_learner_version(self.version)
         return gathered - t, time.monotonic() - gathered
 
+    def publish_unlagged(self) -> int:
+        """Send the current weights as the current version, past any publish_lag (the end of a
+        lagged run: its held-out evaluation scores the weights the learner made). Every rank
+        calls it; returns the version sent."""
+        tensors = self._gather_weights()
+        if self.rank == 0 and self.version > self.published:
+            self.lagged.clear()
+            self.weights.send(self.version, tensors)
+            self.published = self.version
+        return self.version
+
     def _gather_weights(self) -> dict:
         """The tensors rank 0 sends as this version (a collective when sharded; {} elsewhere)."""
-        if self.world_size == 1 and self.weights is not None and self.weights.device_tensors:
+        if self.megatron:  # every rank holds the whole model (tensor parallel 1); rank 0 sends it
+            state = self.model.hugging_face_state_dict() if self.rank == 0 else {}
+            tensors = {n: state[n].detach().to(self.compute_dtype) for n in self.param_names} if state else {}
+            if tensors and not self.weights.device_tensors:
+                tensors = {n: v.cpu() for n, v in tensors.items()}
+        elif self.world_size == 1 and self.weights is not None and self.weights.device_tensors:
             # one rank and a GPU channel (CUDA IPC): its own parameters, read in place, in the
             # master dtype; receivers cast as they copy (send returns once they copied out)
             params = dict(self.model.named_parameters())
@@ -369,13 +443,19 @@ class Learner:
 
     def export(self, path: str) -> None:
         """Save the current weights and the tokenizer in Hugging Face format (rank 0 writes)."""
-        state = fsdp.full_state_dict(self.model, self.sharded)
+        if self.megatron:
+            state = {k: v.detach().cpu() for k, v in self.model.hugging_face_state_dict().items()}
+        else:
+            state = fsdp.full_state_dict(self.model, self.sharded)
         if self.rank == 0:
             checkpoint.save_hf(state, self.model_path, path)
 
     def close(self) -> None:
         self.buffer.close()
-        if self.sharded and dist.is_initialized():
+        if self.distributed and dist.is_initialized():
+            if self.megatron:
+                from megatron.core import parallel_state
+                parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
 
 

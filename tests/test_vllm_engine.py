@@ -254,3 +254,48 @@ def test_greedy_output_after_a_swap_equals_a_cold_started_engine(engine_and_lear
         assert [s.tokens for s in run(sequential(cold))] == [s.tokens for s in swapped]
     finally:
         cold.close()
+
+
+@gpu
+def test_export_served_by_vllm_gives_the_learners_logprobs(tiny_qwen2, tiny_model_path, tmp_path):
+    """`python -m launch export`'s conversion, served by vLLM: the log-probs vLLM reports for
+    the tokens it samples are the learner's for the same tokens on the weights it exported."""
+    import shutil
+
+    pytest.importorskip("vllm")
+    from actors.engines.vllm import VLLMEngine
+    from common.rollout import RolloutGroup
+    from common.weights import LocalWeightChannel
+    from learner import checkpoint
+    from learner.batch import make_batch, token_logprobs
+    from learner.learner import Learner, TrainerConfig
+    from learner.loss import LossConfig
+    from tests.conftest import make_group
+
+    model = tmp_path / "model"   # the tiny Qwen2 with a tokenizer, which an export carries
+    shutil.copytree(tiny_qwen2, model)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.exists(os.path.join(tiny_model_path, f)):
+            shutil.copy(os.path.join(tiny_model_path, f), model / f)
+    learner = Learner(0, str(model), "float32", TrainerConfig(batch_groups=2, lr=1e-3, max_steps=2), LossConfig(),
+                      "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())   # on the CPU: no CUDA before vLLM
+    for s in range(2):
+        learner.train_on([make_group(seed=s), make_group(seed=s + 10)], [0, 0])
+    checkpoint.export(learner.checkpoint(str(tmp_path / "checkpoints")), str(model), tmp_path / "export")
+    engine = VLLMEngine(str(tmp_path / "export"), gpu_memory_utilization=0.2, max_num_seqs=16, enforce_eager=True,
+                        max_model_len=4096, seed=0, dtype="float32")
+    prompts = [[11, 12, 13], [40, 41], [7] * 9, [100, 200, 300, 400]]
+    try:
+        samples = run(_gather(engine, prompts, 32, 1.0))
+    finally:
+        engine.close()
+    rows = [{"tokens": p + s.tokens, "loss_mask": [0] * len(p) + [1] * len(s.tokens),
+             "behaviour_logprobs": [0.0] * len(p) + list(s.logprobs), "token_versions": [-1] * len(p) + [0] * len(s.tokens),
+             "reward": 0.0, "turn_rewards": [0.0], "error": ""} for p, s in zip(prompts, samples)]
+    batch = make_batch([RolloutGroup.from_rows(rows, temperature=1.0)])
+    with torch.no_grad():
+        start, ours = token_logprobs(learner.model, batch)
+    mask = batch.loss_mask[:, start:]
+    gap = (ours - batch.behaviour_logprobs[:, start:]).abs() * mask
+    print(f"vLLM (fp32) vs learner log-probs on the export: mean {gap.sum() / mask.sum():.2e}, max {gap.max():.2e}")
+    assert gap.max() < 1e-2 and gap.sum() / mask.sum() < 1e-3

@@ -1,0 +1,64 @@
+"""trainer.publish_lag = k: the actors get version v - k when the learner makes v, so every
+group the learner trains on is exactly k versions old (the off-policy study's variable)."""
+import pytest
+import torch
+
+from common.config import ConfigError
+from common.metrics import read_metrics
+from common.weights import LocalWeightChannel
+from learner.learner import Learner, TrainerConfig
+from launch.config import build_config
+from learner.loss import LossConfig
+from tests.conftest import make_group
+from tests.test_end_to_end import launch
+
+
+def test_a_lagged_learner_sends_each_version_k_publications_late(tiny_model_path, buffer_server):
+    channel = LocalWeightChannel()
+    one = Learner(0, tiny_model_path, "float32", TrainerConfig(batch_groups=1, lr=1e-2, publish_lag=2, max_steps=5),
+                  LossConfig(), buffer_server().address, 5.0, channel)
+    made = {}
+    for v in range(1, 6):
+        one.train_on([make_group(seed=v)], [0])
+        one.publish()
+        made[v] = {n: p.detach().clone() for n, p in one.model.named_parameters()}
+        sent = channel.poll(0)
+        if v <= 2:
+            assert sent is None   # the actors keep the initial weights
+        else:
+            version, tensors = sent
+            assert version == v - 2 and all(torch.equal(tensors[n], made[v - 2][n]) for n in made[v])
+        assert one.buffer.info()["learner_version"] == v   # staleness counts from the learner's version
+    assert one.publish_unlagged() == 5
+    version, tensors = channel.poll(0)
+    assert version == 5 and all(torch.equal(tensors[n], made[5][n]) for n in made[5])
+    one.close()
+
+
+def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tmp_path):
+    result = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.publish_lag=2",
+                    "buffer.table.max_staleness=2", "eval.every=3", "eval.tasks=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = read_metrics(tmp_path)
+    # step s samples at learner version s - 1; the actors hold max(0, s - 3)
+    assert [(m["staleness/mean"], m["staleness/max"]) for m in steps] == [(0, 0), (1, 1)] + [(2, 2)] * 4
+    assert [m["weights/published"] for m in steps] == [0, 0, 1, 2, 3, 4]
+    evals = read_metrics(tmp_path, "eval")
+    # held-out scores: the initial weights, the lagged ones mid-run, the learner's own at the end
+    assert [(m["weights/version"], m["eval/version_last"]) for m in evals] == [(0, 0), (1, 1), (6, 6)]
+
+
+@pytest.mark.parametrize("recipe, overrides, key, words", [
+    ("async_grpo", ["trainer.publish_lag=9"], "buffer.table.max_staleness", "must be >= trainer.publish_lag=9"),
+    ("async_grpo", ["trainer.publish_lag=2", "run.resume=true"], "trainer.publish_lag", "cannot resume"),
+    ("async_grpo", ["trainer.publish_lag=-1"], "trainer.publish_lag", "must be >= 0"),
+])
+def test_a_lag_that_cannot_work_fails_at_start_naming_its_key(recipe, overrides, key, words):
+    with pytest.raises(ConfigError, match=words) as info:
+        build_config(recipe, "tiny", overrides)
+    assert info.value.key == key
+
+
+def test_a_synchronous_run_refuses_a_lag(tmp_path):
+    result = launch("sync_grpo", tmp_path, "trainer.publish_lag=1", "buffer.table.max_staleness=1", timeout=60)
+    assert result.returncode == 2 and "trainer.publish_lag" in result.stderr and "asynchronous" in result.stderr
