@@ -103,8 +103,9 @@ class IpcWeightSender(WeightSender):
                     entries.append((name, hid, None if known.get(name) == hid else args))
                     known[name] = hid
                 try:
-                    self._socket.send_multipart([identity, pickle.dumps(("bucket", version, i, count, uuid_, entries))])
-                except self._zmq.ZMQError:  # gone (ROUTER_MANDATORY): it never acks; named below
+                    self._socket.send_multipart([identity, pickle.dumps(("bucket", version, i, count, uuid_, entries))],
+                                                self._zmq.NOBLOCK)
+                except self._zmq.ZMQError:  # gone (ROUTER_MANDATORY) or not reading: it never acks; named below
                     break
         waiting = dict(self._receivers)
         deadline = time.monotonic() + self.timeout_s
@@ -202,8 +203,18 @@ class IpcWeightReceiver(WeightReceiver):
             self._socket.connect(self.address)
         if time.monotonic() - self._last_hello > self.HELLO_EVERY_S:
             uuid_ = _gpu_uuid(torch.cuda.current_device()) if torch.cuda.is_available() else ""
-            self._socket.send(pickle.dumps(("hello", self.name, uuid_)))
+            self._send(("hello", self.name, uuid_))
             self._last_hello = time.monotonic()
+
+    def _send(self, message: tuple) -> None:
+        """Queue a control message without ever blocking: with the sender gone, ZeroMQ's queue
+        fills (a hello every few seconds) and a blocking send would wait for ever. A message
+        that does not fit is dropped; the sender's own deadline names a receiver that never
+        acknowledged."""
+        try:
+            self._socket.send(pickle.dumps(message), self._zmq.NOBLOCK)
+        except self._zmq.Again:
+            pass
 
     def _next(self, timeout_s: float):
         if not self._socket.poll(max(0, int(timeout_s * 1000))):
@@ -240,9 +251,9 @@ class IpcWeightReceiver(WeightReceiver):
         except BaseException as e:
             if not committing:  # commit releases the staging itself, failed or not
                 sink.abort()
-            self._socket.send(pickle.dumps(("nack", version, f"{type(e).__name__}: {e}")))
+            self._send(("nack", version, f"{type(e).__name__}: {e}"))
             raise
-        self._socket.send(pickle.dumps(("ack", version)))
+        self._send(("ack", version))
         self.version = version
         t_committed = time.monotonic()
         # where a receive spends its time (benches): begin to writes queued, then the wait for them

