@@ -150,6 +150,28 @@ class _PendingInsert:
     stored: list = field(default_factory=list)   # one bool per group stored so far, in order
 
 
+def _bind_error(address: str, e: "zmq.ZMQError") -> ConfigError:
+    key = "buffer.port" if e.errno == zmq.EADDRINUSE else "buffer.host"
+    return ConfigError(key, f"cannot bind {address}: {zmq.strerror(e.errno)}")
+
+
+def check_bindable(config: "BufferConfig") -> None:
+    """Fail at once, naming the key, if the configured address cannot be bound (a port in use,
+    a host not this machine's): before a job starts anything else. The server binds for real
+    later; this only spares the wait for the rest of the start-up."""
+    if not config.port:
+        return
+    address = f"tcp://{config.host or '127.0.0.1'}:{config.port}"
+    probe = zmq.Context.instance().socket(zmq.ROUTER)
+    probe.setsockopt(zmq.LINGER, 0)
+    try:
+        probe.bind(address)
+    except zmq.ZMQError as e:
+        raise _bind_error(address, e) from None
+    finally:
+        probe.close(0)
+
+
 class BufferServer:
     def __init__(self, config: BufferConfig, seed: int = 0, version_token: str = ""):
         """`version_token`: when set, only requests carrying it may move the learner version
@@ -188,8 +210,7 @@ class BufferServer:
                 self.port = self._socket.bind_to_random_port(f"tcp://{host}")
         except zmq.ZMQError as e:
             self.close()
-            key = "buffer.port" if e.errno == zmq.EADDRINUSE else "buffer.host"
-            raise ConfigError(key, f"cannot bind {address}: {zmq.strerror(e.errno)}") from None
+            raise _bind_error(address, e) from None
         self.address = f"tcp://{host}:{self.port}"
         if not keys and host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("buffer: %s is reachable from other hosts without CurveZMQ: anyone who reaches the "

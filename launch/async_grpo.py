@@ -16,6 +16,7 @@ from buffer import curve
 from buffer.client import BufferClient
 from buffer.curve import CurveKeys
 from buffer.process import BufferProcess
+from buffer.server import check_bindable
 from common.config import ConfigError, to_yaml
 from common.metrics import MetricsLogger
 from common import wandb_run
@@ -45,6 +46,7 @@ def main(config: Config) -> Path:
         raise ConfigError("run.resume", f"no checkpoint under {run_dir / 'checkpoints'} to resume from "
                           "(trainer.checkpoint_every saves them)")
 
+    check_bindable(config.buffer)   # a port in use fails here, not after Ray and wandb have started
     # CurveZMQ for the buffer (buffer.curve): a fresh key set for this job, in the environment
     curve_keys = CurveKeys.generate() if config.buffer.curve else None
     client_keys = curve_keys.for_clients() if curve_keys else None

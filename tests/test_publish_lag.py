@@ -46,6 +46,15 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
     evals = read_metrics(tmp_path, "eval")
     # held-out scores: the initial weights, the lagged ones mid-run, the learner's own at the end
     assert [(m["weights/version"], m["eval/version_last"]) for m in evals] == [(0, 0), (1, 1), (6, 6)]
+    # the study's scoring of such a run (bench/staleness_study.py): the final held-out score is
+    # the learner's own weights', staleness as above, the stability signals from the steps
+    from bench.staleness_study import score, summarise
+    scores = score(tmp_path, wall_s=1.0)
+    assert scores["held_out"] == evals[-1]["eval/reward"] and scores["held_out_start"] == evals[0]["eval/reward"]
+    assert scores["staleness_mean"] == (0 + 1 + 2 * 4) / 6 and scores["steps"] == 6
+    assert scores["loss/kl_behaviour"] == pytest.approx(sum(m["loss/kl_behaviour"] for m in steps) / 6)
+    row = summarise([scores | {"lag": 2, "correction": "truncate", "lr": None, "seed": 0}])[0]
+    assert row["held_out"] == row["held_out_min"] == row["held_out_max"] == scores["held_out"]
 
 
 @pytest.mark.parametrize("recipe, overrides, key, words", [
