@@ -141,7 +141,7 @@ def plot(summary: list, path: str) -> None:
         ax.errorbar(lags, means, yerr=[[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]],
                     marker="o", capsize=3, label=label)
     ax.set_xlabel("staleness k (versions; trainer.publish_lag)")
-    ax.set_ylabel("held-out reward at the end (mean, min–max over seeds)")
+    ax.set_ylabel("held-out reward at the end\n(mean; bars: min–max over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
