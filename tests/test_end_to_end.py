@@ -222,17 +222,17 @@ def test_weights_broadcast_over_gloo_reach_every_actor(tmp_path):
 
 
 def test_a_stopped_run_resumes_from_its_newest_checkpoint(tmp_path):
-    first = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=3")
+    first = launch("async_grpo", tmp_path, "trainer.max_steps=4", "trainer.checkpoint_every=2")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3", "step-6"]
-    second = launch("async_grpo", tmp_path, "trainer.max_steps=9", "trainer.checkpoint_every=3", "run.resume=true")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2", "step-4"]
+    second = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every=2", "run.resume=true")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "step-6" in second.stdout
+    assert "resumed from" in second.stdout and "step-4" in second.stdout
     assert "the buffer resumed with" in second.stdout  # its checkpoint, saved beside the learner's
     metrics = read_metrics(tmp_path)
-    assert [m["step"] for m in metrics] == list(range(1, 10))
-    # Resuming publishes the restored weights as version 7; steps 7-9 publish 8-10.
-    assert [m["weights/version"] for m in metrics[6:]] == [8, 9, 10]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    # Resuming publishes the restored weights as version 5; steps 5-6 publish 6-7.
+    assert [m["weights/version"] for m in metrics[4:]] == [6, 7]
 
 
 def test_resuming_a_run_with_no_checkpoint_fails_at_start_naming_the_key(tmp_path):

@@ -36,7 +36,7 @@ def test_a_lagged_learner_sends_each_version_k_publications_late(tiny_model_path
 
 
 def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tmp_path):
-    result = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.publish_lag=2",
+    result = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.publish_lag=2", "actors.count=1",
                     "buffer.table.max_staleness=2", "eval.every=3", "eval.tasks=8")
     assert result.returncode == 0, result.stderr[-3000:]
     steps = read_metrics(tmp_path)

@@ -27,7 +27,14 @@ def version_tensors(version: int) -> dict:
             "counts": torch.randint(0, 1000, (7,), generator=g)}
 
 
-def _sender(spec, versions, die_after_buckets):
+def _log_to(path) -> None:
+    """This process's stderr (Python's and the C++ libraries') into a file the test shows."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+
+
+def _sender(spec, versions, die_after_buckets, log):
+    _log_to(log)
     if die_after_buckets is not None:  # a fault injected on purpose: the process dies mid-transfer
         import common.weights_broadcast as channel
         real, sent = channel._broadcast, []
@@ -44,7 +51,8 @@ def _sender(spec, versions, die_after_buckets):
     time.sleep(2)  # let the receivers read the last version before the store goes away
 
 
-def _receiver(spec, index, versions, results):
+def _receiver(spec, index, versions, results, log):
+    _log_to(log)
     served = {n: torch.zeros_like(t) for n, t in version_tensors(0).items()}
     staged = StagedWeights(served)
     receiver = spec.receiver(index)
@@ -60,30 +68,41 @@ def _receiver(spec, index, versions, results):
 
 
 def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
+    """Run a sender and two receivers; returns (every receiver's results, seconds, and a text
+    with each process's exit code and stderr, for assertion messages). Each receiver has a
+    queue of its own: a process that dies while writing to a shared one would hold its lock."""
+    import tempfile
+
     spec = BroadcastChannelSpec("127.0.0.1", free_port(), receivers=2, timeout_s=timeout_s, bucket_mb=0.004)
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets))]
-    procs += [ctx.Process(target=_receiver, args=(spec, i, versions, results)) for i in range(2)]
+    logs = [os.path.join(tempfile.mkdtemp(prefix="weights-test-"), f"{name}.log")
+            for name in ("sender", "receiver0", "receiver1")]
+    queues = [ctx.Queue() for _ in range(2)]
+    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0]))]
+    procs += [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1])) for i in range(2)]
     for p in procs:
         p.start()
     out, t = [], time.monotonic()
     expected = 2 * len(versions) if die_after_buckets is None else 2 * (len(versions) - 1) + 2
     while len(out) < expected and time.monotonic() - t < 60:
-        try:
-            out.append(results.get(timeout=1.0))
-        except Exception:
-            pass
+        for q in queues:
+            try:
+                out.append(q.get(timeout=0.5))
+            except Exception:
+                pass
+    seconds = time.monotonic() - t
     for p in procs:
         p.join(10)
         if p.is_alive():
             p.kill()
-    return out, time.monotonic() - t
+    report = "\n".join(f"-- {os.path.basename(log)} (exit {p.exitcode}):\n{open(log).read()[-3000:]}"
+                       for p, log in zip(procs, logs))
+    return out, seconds, report
 
 
 def test_every_receiver_gets_every_version_exactly():
-    out, _ = run_channel([1, 2, 3])
-    assert sorted((i, v) for i, v, _, _ in out) == [(i, v) for i in range(2) for v in (1, 2, 3)]
+    out, _, report = run_channel([1, 2, 3])
+    assert sorted((i, v) for i, v, _, _ in out) == [(i, v) for i in range(2) for v in (1, 2, 3)], report
     for index, version, served, error in out:
         assert error == ""
         for name, tensor in version_tensors(version).items():
@@ -94,9 +113,9 @@ def test_a_sender_killed_mid_transfer_fails_the_receivers_in_time_and_they_keep_
     # Version 1 arrives whole; the sender dies after the first bucket of version 2.
     buckets = len(_pack_layout(version_tensors(1), int(0.004 * 2 ** 20))[1])
     assert buckets >= 2
-    out, seconds = run_channel([1, 2], die_after_buckets=buckets + 1, timeout_s=5.0)
+    out, seconds, report = run_channel([1, 2], die_after_buckets=buckets + 1, timeout_s=5.0)
     failed = [(i, served, error) for i, v, served, error in out if v is None]
-    assert len(failed) == 2, out
+    assert len(failed) == 2, f"{[(i, v, error) for i, v, _, error in out]}\n{report}"
     for index, served, error in failed:
         assert "weight sender (learner rank 0) at 127.0.0.1" in error, error
         for name, tensor in version_tensors(1).items():  # still serving version 1
