@@ -178,7 +178,7 @@ class MegatronCausalLM(torch.nn.Module):
 
 def initialize(tensor_parallel: int, seed: int) -> None:
     """parallel_state on the default process group (already initialised), and on GPU the
-    model-parallel RNG that recomputation and tensor-parallel layers draw from."""
+    model-parallel RNG that Megatron's layers draw from."""
     from megatron.core import parallel_state, tensor_parallel as tp
 
     if not parallel_state.model_parallel_is_initialized():
