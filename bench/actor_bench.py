@@ -260,6 +260,12 @@ def prompts(rng: random.Random, n: int) -> list:
     return [[rng.randrange(100, VOCAB - 100) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
 
 
+def stop_tokens(share: float) -> list:
+    """A fixed random `share` of the vocabulary as stop tokens (random weights sample nearly
+    uniformly, so each token stops a request with about that probability)."""
+    return sorted(random.Random(5).sample(range(VOCAB), int(VOCAB * share))) if share > 0 else []
+
+
 def bare_round(engine, batch: list, new_tokens: int) -> dict:
     """AsyncLLM alone on the engine's loop: every prompt at once, FINAL_ONLY, logprobs=0."""
     params = engine.sampling_params(new_tokens, 1.0)
@@ -316,6 +322,7 @@ def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, wi
     one prompt after another; output tokens of the requests that end inside the window (after
     warm_s), per second. The lanes are cancelled (their requests aborted) when it closes."""
     params = engine.sampling_params(NEW_TOKENS, 1.0)
+    cpu = [{}, {}]
 
     async def run():
         from vllm import TokensPrompt
@@ -337,16 +344,16 @@ def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, wi
 
         lanes = [asyncio.ensure_future(lane(i)) for i in range(max(1, inflight // GROUP))]
         await asyncio.sleep(warm_s)
-        c0 = vllm_generated_tokens()
+        c0, cpu[0] = vllm_generated_tokens(), cpu_seconds()
         await asyncio.sleep(window_s)
-        c1 = vllm_generated_tokens()
+        c1, cpu[1] = vllm_generated_tokens(), cpu_seconds()
         for task in lanes:
             task.cancel()
         await asyncio.gather(*lanes, return_exceptions=True)
         return counted[0], c0, c1
     tokens, c0, c1 = engine.call(run(), timeout_s=warm_s + window_s + 120)
     return {"tokens": tokens, "window_s": window_s, "tokens_per_s": tokens / window_s,
-            "engine_tokens_per_s": (c1 - c0) / window_s if c0 is not None else None}
+            "engine_tokens_per_s": (c1 - c0) / window_s if c0 is not None else None, "cpu_s": cpu_delta(*cpu)}
 
 
 def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float) -> dict:
@@ -360,16 +367,44 @@ def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: flo
     thread = threading.Thread(target=lambda: result.update(actor.run()), daemon=True)
     thread.start()
     time.sleep(warm_s)
-    before, c0, t0 = runner.generated_tokens, vllm_generated_tokens(), time.time()
+    before, c0, t0, cpu0 = runner.generated_tokens, vllm_generated_tokens(), time.time(), cpu_seconds()
     time.sleep(window_s)
-    tokens, c1, t1 = runner.generated_tokens - before, vllm_generated_tokens(), time.time()
+    tokens, c1, t1, cpu1 = runner.generated_tokens - before, vllm_generated_tokens(), time.time(), cpu_seconds()
     actor.stop()
     thread.join(120)
     if thread.is_alive():
         raise TimeoutError("the actor's loop did not stop within 120 s of stop()")
     return {"tokens": tokens, "wall_s": t1 - t0, "tokens_per_s": tokens / (t1 - t0), "groups": actor.groups,
             "engine_tokens_per_s": (c1 - c0) / (t1 - t0) if c0 is not None else None,
-            "activity_s": result.get("activity_s"), "t0": t0, "t1": t1}
+            "activity_s": result.get("activity_s"), "t0": t0, "t1": t1, "cpu_s": cpu_delta(cpu0, cpu1)}
+
+
+def cpu_seconds() -> dict:
+    """CPU seconds so far of each thread of this process (by thread name; threads Python did
+    not start, such as ZeroMQ's, by native id) and of each child process (by its name): the
+    difference over a window says which thread was busy. {} without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    me = psutil.Process()
+    out = {}
+    for t in me.threads():
+        key = names.get(t.id, f"native-{t.id}")
+        out[key] = out.get(key, 0.0) + t.user_time + t.system_time
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            key = f"process {child.name()}"
+            out[key] = out.get(key, 0.0) + times.user + times.system
+    return out
+
+
+def cpu_delta(before: dict, after: dict, top: int = 8) -> dict:
+    """Per thread or child process, CPU seconds between two cpu_seconds() readings, busiest first."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    return {k: round(v, 2) for k, v in sorted(delta.items(), key=lambda kv: -kv[1])[:top]}
 
 
 def continuous_ratios(bare: list, ours: list) -> dict:
@@ -489,6 +524,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     native = shape == "1.5b" and not args.no_native
     engine = learner = buffer = None
     sent = []
+    stops = stop_tokens(args.stop_share)
+    r["stop_tokens"] = len(stops)
     with phase(f"{shape}/start"):
         ctx = tmp.get_context("spawn")
         bconn, child = ctx.Pipe()
@@ -506,7 +543,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         t = time.monotonic()
         engine = VLLMEngine(model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
                             max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
-                            max_model_len=1024, load_format="dummy", disable_log_stats=False, **extra)
+                            max_model_len=1024, load_format="dummy", disable_log_stats=False,
+                            stop_token_ids=stops, **extra)
         r["engine_start_s"] = round(time.monotonic() - t, 1)
     if engine is None:
         return
@@ -525,7 +563,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     with phase(f"{shape}/asyncrl"):
         runner = EpisodeRunner(engine, IdTokenizer(), make_env, RolloutConfig(
             group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=1.0, max_turns=1, max_seq_len=4096))
-        rounds, bare_windows, ours_windows = [], [], []
+        rounds, bare_windows, ours_windows, quiet_windows = [], [], [], []
         try:
             learner.ask("publish_start", args.update_every_s)
             for i in range(args.rounds):
@@ -534,9 +572,14 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
                 rounds.append(actor_round(engine, runner, client, tasks))
             sent = learner.ask("publish_stop")
             for i in range(args.pairs if args.continuous_s else 0):   # bare, ours, ours, bare, ...
-                for kind in ("bare", "asyncrl") if i % 2 == 0 else ("asyncrl", "bare"):
+                kinds = ("bare", "asyncrl") if i % 2 == 0 else ("asyncrl", "bare")
+                for kind in kinds + (("quiet",) if args.quiet_windows else ()):
                     if kind == "bare":    # no version arrives: the learner is quiet
                         bare_windows.append(bare_continuous(engine, rng, args.prompts, args.warm_s, args.continuous_s))
+                        continue
+                    if kind == "quiet":   # the actor's loop with no weight updates: what the updates cost
+                        quiet_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
+                                                              args.continuous_s))
                         continue
                     learner.ask("publish_start", args.update_every_s)
                     try:
@@ -547,7 +590,10 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         finally:
             with contextlib.suppress(Exception):
                 sent = learner.ask("publish_stop")
-        r.update(asyncrl=rounds, bare_continuous=bare_windows, asyncrl_continuous=ours_windows)
+        r.update(asyncrl=rounds, bare_continuous=bare_windows, asyncrl_continuous=ours_windows,
+                 asyncrl_quiet_continuous=quiet_windows)
+        if bare_windows and quiet_windows:
+            r["ratio_tokens_quiet"] = continuous_ratios(bare_windows, quiet_windows).get("ratio_tokens")
         engine.check()
         r.update(update_stats(sent, engine.log, rounds + ours_windows))
         if r.get("bare") and rounds:
@@ -585,7 +631,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         with phase(f"{shape}/cold"):
             cold = VLLMEngine(os.path.join(work, "final"), gpu_memory_utilization=args.gpu_memory_utilization,
                               max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
-                              max_model_len=1024)
+                              max_model_len=1024, stop_token_ids=stops)
             try:
                 tokens = [s.tokens for s in greedy(cold, check_prompts, args.greedy_tokens)]
             finally:
@@ -629,6 +675,7 @@ def summary(out: dict) -> dict:
             "ratio_tokens_0p5b": a.get("ratio_tokens"), "ratio_tokens_1p5b": b.get("ratio_tokens"),
             "ratio_tokens_rounds_0p5b": a.get("ratio_tokens_rounds"),
             "ratio_tokens_completed_0p5b": a.get("ratio_tokens_completed"),
+            "ratio_tokens_quiet_0p5b": a.get("ratio_tokens_quiet"), "stop_tokens": (a or b).get("stop_tokens"),
             "ratio_tokens_pairs_0p5b": a.get("ratio_tokens_pairs"), "ratio_tokens_pairs_1p5b": b.get("ratio_tokens_pairs"),
             "bare_tokens_per_s_0p5b": _mean(a.get("bare_continuous") or a.get("bare"), "engine_tokens_per_s"
                                             if a.get("bare_continuous") else "tokens_per_s"),
@@ -663,6 +710,11 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2, help="pairs of alternating windows (bare and asyncrl)")
     p.add_argument("--warm-s", type=float, default=4.0, help="before each continuous window opens")
     p.add_argument("--update-every-s", type=float, default=1.0)
+    p.add_argument("--quiet-windows", action="store_true",
+                   help="after each pair, a window of the actor's loop with no weight updates")
+    p.add_argument("--stop-share", type=float, default=0.0,
+                   help="this share of the vocabulary stops a request (both sides): lengths vary "
+                        "(geometric, mean ~1/share, capped at 256), so completions do not come in waves")
     p.add_argument("--greedy-tokens", type=int, default=48)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     p.add_argument("--max-num-seqs", type=int, default=512)

@@ -55,6 +55,26 @@ def make_groups(rows: int, prompt: int, length: int, vocab: int, group_size: int
     return groups
 
 
+VARIANTS = {   # trainer settings compared: the plain logits, the chunked log-prob head, and compiled blocks
+    "plain": dict(logprob_chunk=0),
+    "chunked": dict(logprob_chunk=4096),
+    "compiled": dict(logprob_chunk=4096, compile=True),
+}
+
+
+def profile(learner, groups, path: str) -> None:
+    """One more step under torch.profiler; its kernels by GPU time, to `path`."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        learner.train_on(groups, [0] * len(groups))
+        torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=60))
+
+
 def bench_one(shape: str, backend: str, args, peak: float) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -75,10 +95,10 @@ def bench_one(shape: str, backend: str, args, peak: float) -> dict:
         del model
     results = {}
     buffer = BufferServer(BufferConfig()).start()  # publish() tells the buffer the new version
-    for ac in args.activation_checkpointing:
-        name = f"{shape}_{backend}_ac{int(ac)}"
+    for ac, variant in [(ac, v) for ac in args.activation_checkpointing for v in args.variants]:
+        name = f"{shape}_{backend}_ac{int(ac)}_{variant}"
         trainer = TrainerConfig(gpus=1, backend=backend, batch_groups=args.rows // 8, micro_batch_tokens=args.micro_tokens,
-                                activation_checkpointing=bool(ac), lr=1e-6, max_steps=100)
+                                activation_checkpointing=bool(ac), lr=1e-6, max_steps=100, **VARIANTS[variant])
         t = time.monotonic()
         torch.cuda.reset_peak_memory_stats()
         learner = None
@@ -93,6 +113,8 @@ def bench_one(shape: str, backend: str, args, peak: float) -> dict:
                 metrics = learner.train_on(groups, [0] * len(groups))
                 torch.cuda.synchronize()
                 times.append(time.monotonic() - t)
+            if args.profile_dir:
+                profile(learner, groups, os.path.join(args.profile_dir, name + ".txt"))
             step_s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]
             tokens = args.rows * args.seq
             trained = args.rows * (args.seq - args.prompt)        # positions with a vocabulary projection
@@ -104,7 +126,7 @@ def bench_one(shape: str, backend: str, args, peak: float) -> dict:
             results[name] = {
                 "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s), "mfu": round(step_flops / step_s / peak, 4),
                 "tflops": round(step_flops / step_s / 1e12, 1), "backend": backend, "rows": args.rows, "seq": args.seq,
-                "micro_batch_tokens": args.micro_tokens, "activation_checkpointing": bool(ac),
+                "micro_batch_tokens": args.micro_tokens, "activation_checkpointing": bool(ac), "variant": variant,
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "load_s": round(load_s, 1),
                 "publish_s": round(publish_s, 3), "loss": metrics["loss/policy"], "steps_s": [round(x, 3) for x in times]}
         except torch.OutOfMemoryError as e:
@@ -132,6 +154,9 @@ def main():
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens per row (not trained)")
     parser.add_argument("--micro-tokens", type=int, default=16384, help="trainer.micro_batch_tokens")
     parser.add_argument("--activation-checkpointing", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=["plain", "chunked", "compiled"], choices=sorted(VARIANTS),
+                        help="trainer settings to compare (see VARIANTS)")
+    parser.add_argument("--profile-dir", help="write each case's kernel table (one profiled step) here")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--peak-tflops", type=float)

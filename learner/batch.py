@@ -1,12 +1,14 @@
 """From rollout groups to padded training tensors, split into micro-batches."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from common.rollout import RolloutGroup
+from learner import logprob_head
 from learner.loss import group_advantages
 
 
@@ -94,14 +96,21 @@ def token_logprobs(model, batch: Batch, entropy: bool = False) -> tuple:
     """log pi(token t+1 | tokens <= t) at the batch's sampling temperature, from the first
     position any row trains on: returns (start, logprobs [B, T-1-start]), and with `entropy`
     also the entropy of pi at each of those positions [B, T-1-start]. Positions before
-    `start` are prompt in every row; skipping them skips most of the vocabulary projection."""
+    `start` are prompt in every row; skipping them skips most of the vocabulary projection.
+    A model with a LogprobHead (learner/logprob_head.py) never makes the logits whole."""
     trained = batch.loss_mask.sum(0).nonzero()
     start = int(trained[0]) if len(trained) else batch.loss_mask.shape[1] - 1
     width = batch.tokens.shape[1]
-    logits = model(input_ids=batch.tokens, attention_mask=batch.attention_mask,
-                   logits_to_keep=width - start, use_cache=False).logits[:, :-1]  # [B, T-1-start, V]
-    logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)       # [B, T-1-start, V]
-    chosen = logprobs.gather(-1, batch.tokens[:, start + 1:, None])[..., 0]
+    targets = batch.tokens[:, start + 1:]                                             # [B, T-1-start]
+    head = logprob_head.head_of(model)
+    with head.request(targets, batch.temperature, entropy) if head else contextlib.nullcontext():
+        out = model(input_ids=batch.tokens, attention_mask=batch.attention_mask,
+                    logits_to_keep=width - start, use_cache=False).logits
+    if head:                                                                          # [B, T-1-start, 1 or 2]
+        return (start, out[..., 0]) + ((out[..., 1],) if entropy else ())
+    logits = out[:, :-1]                                                              # [B, T-1-start, V]
+    logprobs = torch.log_softmax(logits.float() / batch.temperature, dim=-1)         # [B, T-1-start, V]
+    chosen = logprobs.gather(-1, targets[..., None])[..., 0]
     if not entropy:
         return start, chosen
     return start, chosen, -(logprobs.exp() * logprobs).sum(-1)

@@ -43,6 +43,13 @@ def checkpoint_activations(model: torch.nn.Module, blocks: list | None = None) -
         block.forward = functools.partial(_recomputed, block.forward)
 
 
+def compile_blocks(model: torch.nn.Module, blocks: list | None = None) -> None:
+    """torch.compile every decoder block in place (the module stays itself, so FSDP2 shards it
+    and its hooks run around the compiled forward). `blocks`: other than the model's declared ones."""
+    for block in decoder_blocks(model) if blocks is None else blocks:
+        block.compile()
+
+
 def _recomputed(forward, *args, **kwargs):
     if not torch.is_grad_enabled():  # no backward to come (the proximal and reference passes)
         return forward(*args, **kwargs)

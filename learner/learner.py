@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM
 from buffer.client import BufferClient
 from common import telemetry
 from common.config import check
-from learner import checkpoint, flops, fsdp, megatron
+from learner import checkpoint, flops, fsdp, logprob_head, megatron
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
 
@@ -85,6 +85,14 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in the backward pass instead of keeping
     them: less memory for long sequences, about a third more compute."""
+    logprob_chunk: int = 4096
+    """Positions projected onto the vocabulary at a time when taking token log-probs
+    (learner/logprob_head.py: the [rows, positions, vocabulary] logits are never whole, and
+    their backward recomputes each chunk). 0: the plain projection, all logits at once. Hugging
+    Face models (trainer.backend=fsdp2) only."""
+    compile: bool = False
+    """torch.compile each decoder block (fuses its norms, rotary embedding, activation and
+    residual adds; the first steps of each new batch shape pay the compilation)."""
     minibatches: int = 1
     """Optimizer steps per sampled batch, each on its share of the rows (PPO mini-batches)."""
     epochs: int = 1
@@ -133,6 +141,7 @@ class TrainerConfig:
         check(self.batch_groups >= 1 and self.batch_groups % self.world_size == 0, "batch_groups",
               f"must be a positive multiple of the learner's {self.world_size} rank(s), got {self.batch_groups}")
         check(self.micro_batch_rows >= 1, "micro_batch_rows", "must be >= 1")
+        check(self.logprob_chunk >= 0, "logprob_chunk", f"must be >= 0, got {self.logprob_chunk}")
         check(self.micro_batch_tokens >= 0, "micro_batch_tokens", f"must be >= 0, got {self.micro_batch_tokens}")
         check(self.master_dtype in MASTER_DTYPES, "master_dtype",
               f"must be one of {MASTER_DTYPES}, got {self.master_dtype!r}")
@@ -193,6 +202,7 @@ class Learner:
             self.model_config = model.config.get_text_config()   # for the model FLOPs of a step
             self.param_names = [n for n, _ in model.named_parameters()]  # what actors load; tied weights once
             model.to(self.device)
+            logprob_head.install(model, trainer.logprob_chunk)   # before the copy: pi_ref gets one too
             # pi_ref for the KL term: the initial weights, frozen, sharded like the policy
             self.reference = copy.deepcopy(model).requires_grad_(False).eval() if loss.kl_coef > 0 else None
             if trainer.activation_checkpointing:
@@ -200,6 +210,8 @@ class Learner:
         # Eval mode (dropout off) while training, as RL fine-tuning of LMs does: the log-probs
         # that enter the importance weights must be the policy's, not one dropout draw of it.
         model.eval()
+        if trainer.compile:   # inside FSDP's per-block hooks, outside nothing else (as torchtitan does)
+            fsdp.compile_blocks(model, megatron.layers(model) if self.megatron else None)
         if self.sharded:
             fsdp.shard(model, self.device.type, self.world_size, self.compute_dtype)
             if self.reference is not None:

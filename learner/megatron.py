@@ -176,6 +176,11 @@ class MegatronCausalLM(torch.nn.Module):
                              f"unexpected {unexpected[:5]}")
 
 
+def layers(model: "MegatronCausalLM") -> list:
+    """The decoder layers (what activation checkpointing and compilation act on)."""
+    return list(model.gpt.decoder.layers)
+
+
 def initialize(tensor_parallel: int, seed: int) -> None:
     """parallel_state on the default process group (already initialised), and on GPU the
     model-parallel RNG that Megatron's layers draw from."""
@@ -217,7 +222,7 @@ def build(model_path: str, master_dtype: torch.dtype, device: torch.device, tens
     model = MegatronCausalLM(gpt, hf).to(device)
     if activation_checkpointing:   # not Megatron's own recompute: it runs only in train mode and drops autocast
         from learner import fsdp
-        fsdp.checkpoint_activations(model, list(gpt.decoder.layers))
+        fsdp.checkpoint_activations(model, layers(model))
     weights = AutoModelForCausalLM.from_pretrained(model_path, dtype=master_dtype).state_dict()
     model.load_hugging_face_state_dict({k: v.to(device) for k, v in weights.items()})
     return model

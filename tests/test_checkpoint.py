@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.weights import LocalWeightChannel
-from learner import checkpoint
+from learner import checkpoint, logprob_head
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
 from tests.conftest import make_group
@@ -106,6 +106,7 @@ def test_export_writes_a_hugging_face_folder_with_the_learners_log_probs(tiny_mo
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "step-2")
+    logprob_head.install(exported, one.config.logprob_chunk)   # the learner's path: equal weights, equal bits
     probe = make_batch(batch(9))
     with torch.no_grad():
         assert torch.equal(token_logprobs(exported, probe)[1], token_logprobs(one.model, probe)[1])

@@ -51,3 +51,29 @@ def test_colocated_vllm_actor_and_learner_share_one_gpu_and_train_over_cuda_ipc(
     evals = read_metrics(tmp_path, kind="eval")
     assert evals[-1]["step"] == len(metrics) and evals[-1]["eval/version_first"] >= len(metrics)
     assert evals[0]["eval/reward"] < evals[-1]["eval/reward"]
+
+
+def _gpu_learner_figures(model_path, **trainer) -> list:
+    from common.weights import LocalWeightChannel
+    from learner.learner import Learner, TrainerConfig
+    from learner.loss import LossConfig
+    from tests.conftest import make_group
+
+    config = TrainerConfig(gpus=1, batch_groups=2, micro_batch_rows=4, minibatches=2, lr=1e-3, **trainer)
+    learner = Learner(0, model_path, "bfloat16", config, LossConfig(entropy_coef=0.01),
+                      "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
+    try:
+        out = []
+        for step in range(3):
+            groups = [make_group(group_size=4, length=24, seed=10 * step + i, rewards=[i, 1, 0, 0.5]) for i in range(2)]
+            metrics = learner.train_on(groups, [0, 0])
+            out.append([metrics[k] for k in ("loss/policy", "learner/grad_norm", "loss/entropy")])
+        return out
+    finally:
+        learner.close()
+
+
+def test_compiled_blocks_and_the_chunked_head_train_as_the_plain_learner_on_a_gpu(tiny_model_path):
+    plain = _gpu_learner_figures(tiny_model_path, logprob_chunk=0)
+    fast = _gpu_learner_figures(tiny_model_path, logprob_chunk=16, compile=True)
+    torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=2e-3)   # bf16 both
