@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from transformers import AutoTokenizer
 
-from actors.engines.hf import HFEngine
+from actors.engine_process import EngineProcess, resolve
 from actors.evaluation import EvalConfig, TrainingTasks, held_out_tasks, play
 from actors.environments import ProcessEnvironments
 from actors.rollout import EpisodeRunner, RolloutConfig
@@ -31,6 +31,7 @@ from common.config import check
 from envs import registry
 
 ENGINES = ("hf", "vllm")
+ENGINE_PLACES = ("auto", "own", "actor")
 
 
 @dataclass
@@ -39,6 +40,12 @@ class ActorsConfig:
     """Actor groups, each with its own engine (--actors)."""
     engine: str = "hf"
     """Inference engine: hf (transformers; CPU, or one GPU) or vllm (vLLM's AsyncLLM; GPUs)."""
+    engine_process: str = "auto"
+    """Where the engine runs: own (a process of its own, actors/engine_process.py: vLLM's
+    frontend takes a whole core at hundreds of sequences, and a rollout loop sharing its GIL
+    takes throughput from it), actor (the actor's process), or auto: own for vllm with a
+    broadcast or ipc weight transport, actor otherwise (a Ray object-store receiver needs the
+    actor's Ray connection)."""
     max_inflight_episodes: int = 16
     """Episodes in flight per actor group (whole groups of rollout.group_size); the engine
     batches their pending requests."""
@@ -65,6 +72,8 @@ class ActorsConfig:
     def validate(self):
         check(self.count >= 1, "count", f"must be >= 1, got {self.count}")
         check(self.engine in ENGINES, "engine", f"must be one of {ENGINES}, got {self.engine!r}")
+        check(self.engine_process in ENGINE_PLACES, "engine_process",
+              f"must be one of {ENGINE_PLACES}, got {self.engine_process!r}")
         check(self.max_inflight_episodes >= 1, "max_inflight_episodes", "must be >= 1")
         check(self.gpus_per_group >= 0, "gpus_per_group", f"must be >= 0, got {self.gpus_per_group}")
         if self.engine == "vllm":
@@ -165,16 +174,22 @@ class RolloutActor:
 
 def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, stop_token_ids: list, seed: int,
                 max_model_len: int):
-    """The actor group's engine, by actors.engine."""
+    """The actor group's engine, by actors.engine, in this process or one of its own
+    (actors.engine_process; auto counts as actor here: launch/ resolves it)."""
     if config.engine == "vllm":
-        from actors.engines.vllm import VLLMEngine  # vLLM is needed only where it runs
-        return VLLMEngine(model_path, tensor_parallel_size=config.gpus_per_group,
-                          gpu_memory_utilization=config.gpu_memory_utilization, max_num_seqs=config.max_num_seqs,
-                          enforce_eager=config.enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                          stop_token_ids=stop_token_ids)
-    device = "cuda" if config.gpus_per_group and torch.cuda.is_available() else "cpu"
-    return HFEngine(model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
-                    pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed)
+        build = "actors.engines.vllm:VLLMEngine"   # vLLM is imported only where it runs
+        kwargs = dict(model_path=model_path, tensor_parallel_size=config.gpus_per_group,
+                      gpu_memory_utilization=config.gpu_memory_utilization, max_num_seqs=config.max_num_seqs,
+                      enforce_eager=config.enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      stop_token_ids=stop_token_ids)
+    else:
+        device = "cuda" if config.gpus_per_group and torch.cuda.is_available() else "cpu"
+        build = "actors.engines.hf:HFEngine"
+        kwargs = dict(model_path=model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
+                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed)
+    if config.engine_process == "own":
+        return EngineProcess(build, kwargs, name=f"{config.engine} engine")
+    return resolve(build)(**kwargs)
 
 
 async def _generate(a: RolloutActor, max_groups: int | None) -> dict:

@@ -317,6 +317,17 @@ def vllm_generated_tokens() -> float | None:
     return sum(found) if found else None
 
 
+def engine_counter(engine) -> float | None:
+    """vLLM's generated-token counter, read where the engine runs (EngineProcess.run)."""
+    return vllm_generated_tokens()
+
+
+def engine_log(engine) -> dict:
+    """The engine's version log (swaps and staged versions), read where the engine runs."""
+    engine.log.drain()
+    return {"swaps": engine.log.swaps, "staged": engine.log.staged}
+
+
 def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, window_s: float) -> dict:
     """AsyncLLM alone, kept full: inflight/G lanes, each generating one group of G requests of
     one prompt after another; output tokens of the requests that end inside the window (after
@@ -356,20 +367,21 @@ def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, wi
             "engine_tokens_per_s": (c1 - c0) / window_s if c0 is not None else None, "cpu_s": cpu_delta(*cpu)}
 
 
-def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float) -> dict:
+def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float, counter=None) -> dict:
     """The actor's own loop (actors/actor.py: RolloutActor.run) over the bench's engine, kept at
     `inflight` episodes; tokens of the episodes that end inside the window, per second."""
     from actors.actor import ActorsConfig, RolloutActor
 
+    counter = counter or vllm_generated_tokens
     actor = RolloutActor.of_parts(0, ActorsConfig(engine="vllm", gpus_per_group=1, max_inflight_episodes=inflight),
                                   runner.config, runner, make_env(), client)
     result = {}
     thread = threading.Thread(target=lambda: result.update(actor.run()), daemon=True)
     thread.start()
     time.sleep(warm_s)
-    before, c0, t0, cpu0 = runner.generated_tokens, vllm_generated_tokens(), time.time(), cpu_seconds()
+    before, c0, t0, cpu0 = runner.generated_tokens, counter(), time.time(), cpu_seconds()
     time.sleep(window_s)
-    tokens, c1, t1, cpu1 = runner.generated_tokens - before, vllm_generated_tokens(), time.time(), cpu_seconds()
+    tokens, c1, t1, cpu1 = runner.generated_tokens - before, counter(), time.time(), cpu_seconds()
     actor.stop()
     thread.join(120)
     if thread.is_alive():
@@ -521,7 +533,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     work = tempfile.mkdtemp(prefix=f"actor-bench-{shape}-")
     model_dir = write_config(os.path.join(work, "model"), shape)
     rng = random.Random(0)
-    native = shape == "1.5b" and not args.no_native
+    native = shape == "1.5b" and not args.no_native and not args.engine_process   # needs vLLM here
     engine = learner = buffer = None
     sent = []
     stops = stop_tokens(args.stop_share)
@@ -541,17 +553,28 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # IPC handles ride vLLM's RPC pickled
             extra["weight_transfer_config"] = {"backend": "ipc"}
         t = time.monotonic()
-        engine = VLLMEngine(model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
-                            max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
-                            max_model_len=1024, load_format="dummy", disable_log_stats=False,
-                            stop_token_ids=stops, **extra)
+        kwargs = dict(model_path=model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
+                      max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
+                      max_model_len=1024, load_format="dummy", disable_log_stats=False, stop_token_ids=stops, **extra)
+        if args.engine_process:   # as a run places it (actors.engine_process=own)
+            from actors.engine_process import EngineProcess
+            engine = EngineProcess("actors.engines.vllm:VLLMEngine", kwargs, name="vllm engine")
+        else:
+            engine = VLLMEngine(**kwargs)
         r["engine_start_s"] = round(time.monotonic() - t, 1)
+        r["engine_process"] = bool(args.engine_process)
     if engine is None:
         return
+
+    def here(function, *more):
+        """function(engine, *more) where the engine runs: vLLM alone stays vLLM alone."""
+        if args.engine_process:
+            return engine.run(f"bench.actor_bench:{function.__name__}", *more, timeout_s=600)
+        return function(engine, *more)
     with phase(f"{shape}/bare"):
-        bare_round(engine, prompts(rng, 64), 32)  # warm-up
-        r["bare"] = [bare_round(engine, [p for p in prompts(rng, args.prompts // GROUP) for _ in range(GROUP)],
-                                NEW_TOKENS) for _ in range(args.rounds)]
+        here(bare_round, prompts(rng, 64), 32)  # warm-up
+        r["bare"] = [here(bare_round, [p for p in prompts(rng, args.prompts // GROUP) for _ in range(GROUP)],
+                          NEW_TOKENS) for _ in range(args.rounds)]
     check_prompts = prompts(random.Random(7), 8)
     with phase(f"{shape}/install"):
         r["install"] = engine.start_weight_updates(learner.spec.receiver(0))
@@ -564,6 +587,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         runner = EpisodeRunner(engine, IdTokenizer(), make_env, RolloutConfig(
             group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=1.0, max_turns=1, max_seq_len=4096))
         rounds, bare_windows, ours_windows, quiet_windows = [], [], [], []
+        counter = lambda: here(engine_counter)   # noqa: E731
         try:
             learner.ask("publish_start", args.update_every_s)
             for i in range(args.rounds):
@@ -575,16 +599,16 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
                 kinds = ("bare", "asyncrl") if i % 2 == 0 else ("asyncrl", "bare")
                 for kind in kinds + (("quiet",) if args.quiet_windows else ()):
                     if kind == "bare":    # no version arrives: the learner is quiet
-                        bare_windows.append(bare_continuous(engine, rng, args.prompts, args.warm_s, args.continuous_s))
+                        bare_windows.append(here(bare_continuous, rng, args.prompts, args.warm_s, args.continuous_s))
                         continue
                     if kind == "quiet":   # the actor's loop with no weight updates: what the updates cost
                         quiet_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
-                                                              args.continuous_s))
+                                                              args.continuous_s, counter))
                         continue
                     learner.ask("publish_start", args.update_every_s)
                     try:
                         ours_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
-                                                             args.continuous_s))
+                                                             args.continuous_s, counter))
                     finally:
                         sent = learner.ask("publish_stop")   # every version sent so far
         finally:
@@ -595,7 +619,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         if bare_windows and quiet_windows:
             r["ratio_tokens_quiet"] = continuous_ratios(bare_windows, quiet_windows).get("ratio_tokens")
         engine.check()
-        r.update(update_stats(sent, engine.log, rounds + ours_windows))
+        r.update(update_stats(sent, here(engine_log), rounds + ours_windows))
         if r.get("bare") and rounds:
             bare = statistics.mean(x["tokens_per_s"] for x in r["bare"])
             r["ratio_tokens_rounds"] = statistics.mean(x["tokens_per_s"] for x in rounds) / bare
@@ -648,9 +672,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
 def update_stats(sent: list, log, rounds: list) -> dict:
     """Per version sent and swapped in while a round ran (an idle engine swaps at its next
     request): learner has v -> the worker swapped v in."""
-    log.drain()
-    swaps = {s["version"]: s for s in log.swaps}
-    staged = {s["version"]: s for s in log.staged}
+    swaps = {s["version"]: s for s in log["swaps"]}
+    staged = {s["version"]: s for s in log["staged"]}
     windows = [(x["t0"], x["t1"]) for x in rounds]
     rows = []
     for s in sent:
@@ -710,6 +733,9 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=2, help="pairs of alternating windows (bare and asyncrl)")
     p.add_argument("--warm-s", type=float, default=4.0, help="before each continuous window opens")
     p.add_argument("--update-every-s", type=float, default=1.0)
+    p.add_argument("--engine-process", action="store_true",
+                   help="the engine in a process of its own (actors/engine_process.py), as runs place it; "
+                        "vLLM alone runs there too. No native-path comparison in this mode")
     p.add_argument("--quiet-windows", action="store_true",
                    help="after each pair, a window of the actor's loop with no weight updates")
     p.add_argument("--stop-share", type=float, default=0.0,

@@ -129,4 +129,10 @@ def build_config(recipe: str, name: str | None = None, overrides: list = (), rec
         config.run.weight_transport = ("ipc" if config.run.colocate else
                                        "broadcast" if config.trainer.gpus and config.actors.gpus_per_group else
                                        "object_store")
+    if config.actors.engine_process == "auto":
+        config.actors.engine_process = ("own" if config.actors.engine == "vllm"
+                                        and config.run.weight_transport != "object_store" else "actor")
+    check(config.actors.engine_process != "own" or config.run.weight_transport != "object_store",
+          "actors.engine_process", "own needs run.weight_transport broadcast or ipc: the object store's "
+          "receiver needs the actor's own Ray connection")
     return config

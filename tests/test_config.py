@@ -115,6 +115,8 @@ def test_stopping_a_run_takes_every_step_even_after_one_fails_and_raises_nothing
      "must be 1 with run.colocate"),
     (["run.weight_transport=ipc"], "run.weight_transport", "needs the learner and the actors on one GPU"),
     (["actors.gpu_memory_utilization=1.5"], "actors.gpu_memory_utilization", "must lie in (0, 1]"),
+    (["actors.engine_process=own"], "actors.engine_process", "own needs run.weight_transport broadcast or ipc"),
+    (["actors.engine_process=remote"], "actors.engine_process", "must be one of"),
 ])
 def test_placements_that_cannot_work_are_refused_naming_the_key(overrides, key, words):
     with pytest.raises(ConfigError, match=re.escape(words)) as info:
@@ -131,3 +133,6 @@ def test_placements_that_cannot_work_are_refused_naming_the_key(overrides, key, 
 def test_the_weight_transport_follows_the_placement_and_the_saved_config_names_it(overrides, transport):
     config = build_config("async_grpo", "tiny", overrides)
     assert config.run.weight_transport == transport
+    # a vLLM engine gets a process of its own where its weights need no Ray connection
+    own = config.actors.engine == "vllm" and transport != "object_store"
+    assert config.actors.engine_process == ("own" if own else "actor")

@@ -211,9 +211,11 @@ def test_a_killed_buffer_is_restarted_and_sigterm_stops_every_part(tmp_path):
     assert not left, [Path(f"/proc/{p}/cmdline").read_bytes()[:120] for p in left]
 
 
-def test_weights_broadcast_over_gloo_reach_every_actor(tmp_path):
-    result = launch("async_grpo", tmp_path, "trainer.max_steps=12", "run.weight_transport=broadcast")
+def test_weights_broadcast_over_gloo_reach_every_actor_engine_in_a_process_of_its_own(tmp_path):
+    result = launch("async_grpo", tmp_path, "trainer.max_steps=12", "run.weight_transport=broadcast",
+                    "actors.engine_process=own")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["actors"]["engine_process"] == "own"
     metrics = read_metrics(tmp_path)
     assert [m["weights/version"] for m in metrics] == list(range(1, 13))
     bound = yaml.safe_load((tmp_path / "config.yaml").read_text())["buffer"]["table"]["max_staleness"]

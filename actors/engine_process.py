@@ -1,0 +1,349 @@
+"""An engine in a process of its own, behind the Engine interface.
+
+Why: vLLM's AsyncLLM decodes the engine core's outputs on an event loop of the process that
+made it, and at hundreds of sequences that loop takes a whole core (docs/benchmarks.md, the
+actor group on an H100). A rollout loop in the same process takes its CPU from that loop
+through the GIL, and the engine's throughput drops by as much. Here the engine (its
+frontend, for vLLM) lives in a child process (`python -m actors.engine_process`, a fresh
+interpreter), and the actor's process keeps only the rollout loop and this client.
+
+Wire: ZeroMQ over an ipc:// socket in a private folder, msgpack. The client (DEALER) sends
+[op, rid, payload]; the engine process (ROUTER) answers [rid, ok, payload]. Ops: generate
+(one Sample per request), abort (an awaiting task was cancelled: the request is cancelled
+there too), call (version, check, stats, start_weight_updates, close; `run` runs a function
+of the engine there, for benches and tests). Nothing waits forever: the engine process must
+say it is ready within startup_timeout_s, every call has call_timeout_s, a generate waits as
+long as its caller (the rollout loop's own deadline cancels it), and the client's I/O thread
+watches the process: if it dies, every pending request fails at once, naming its pid and exit
+code. The engine process watches its parent and exits with it.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import itertools
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from actors.engine import Engine, Sample, settle_from_thread
+
+CALLS = ("version", "check", "stats", "start_weight_updates", "close", "run")
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process failed, died or did not answer; the text names it."""
+
+
+def resolve(path: str):
+    """'package.module:attribute' -> the attribute."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _error_of(payload: dict) -> BaseException:
+    """An error raised in the engine process, as its own type where both sides know it."""
+    from common.weights import WeightSyncError
+    from actors.engine import WeightUpdateError
+
+    known = {"WeightSyncError": WeightSyncError, "WeightUpdateError": WeightUpdateError,
+             "TimeoutError": TimeoutError, "ValueError": ValueError, "NotImplementedError": NotImplementedError}
+    return known.get(payload["type"], EngineProcessError)(f"{payload['message']} (in the engine process)")
+
+
+class EngineProcess(Engine):
+    """Client: `build` ('module:callable') called with `kwargs` in the engine process makes the engine."""
+
+    def __init__(self, build: str, kwargs: dict, startup_timeout_s: float = 900.0, call_timeout_s: float = 120.0,
+                 name: str = "engine"):
+        import zmq
+
+        self.name, self.call_timeout_s = name, call_timeout_s
+        self._zmq = zmq
+        self._folder = tempfile.mkdtemp(prefix="asyncrl-engine-")   # 0700: only this user may connect
+        self.address = f"ipc://{os.path.join(self._folder, 'socket')}"
+        self._ids = itertools.count(1)
+        self._pending: dict = {}            # rid -> (loop or None, future)
+        self._outbox_lock = threading.Lock()
+        self._died: str | None = None
+        self._version = 0
+        ctx = zmq.Context.instance()
+        self._wake_address = f"inproc://engine-wake-{id(self)}"
+        self._wake_in = ctx.socket(zmq.PULL)
+        self._wake_in.bind(self._wake_address)
+        self._wake_out = ctx.socket(zmq.PUSH)
+        self._wake_out.connect(self._wake_address)
+        self._outbox: list = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "actors.engine_process"], stdin=subprocess.PIPE,
+                                     env={**os.environ, "ASYNCRL_ENGINE_PARENT": str(os.getpid()),
+                                          # what this process imports, the engine process imports too
+                                          "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        self.proc.stdin.write(pickle.dumps({"build": build, "kwargs": kwargs, "address": self.address}))
+        self.proc.stdin.close()
+        self._socket = ctx.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.connect(self.address)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._io, name=f"{name}-io", daemon=True)
+        self._thread.start()
+        try:
+            self._call("version", timeout_s=startup_timeout_s, what="starting")   # answered once it is built
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the Engine interface ---------------------------------------------------------------
+    @property
+    def version(self) -> int:
+        self._version = self._call("version")
+        return self._version
+
+    async def generate(self, prompt: list, max_new_tokens: int, temperature: float) -> Sample:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        rid = self._submit("generate", {"prompt": [int(t) for t in prompt], "max_new_tokens": int(max_new_tokens),
+                                        "temperature": float(temperature)}, loop, future)
+        try:
+            tokens, logprobs, versions, finish, self._version = await future
+        except asyncio.CancelledError:
+            if self._died is None:
+                self._post(["abort", rid, None])
+            raise
+        return Sample(tokens, logprobs, versions, finish)
+
+    def start_weight_updates(self, receiver):
+        return self._call("start_weight_updates", pickle.dumps(receiver), timeout_s=max(self.call_timeout_s, 300.0))
+
+    def check(self) -> None:
+        if self._died:
+            raise EngineProcessError(self._died)
+        self._call("check")
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def run(self, function: str, *args, timeout_s: float | None = None):
+        """`function` ('module:callable') called as function(engine, *args) in the engine process
+        (a coroutine function on its event loop, any other on a thread); its result, which must
+        travel as msgpack. For benches and tests (vLLM alone, in the engine's own process)."""
+        return self._call("run", pickle.dumps((function, args)), timeout_s=timeout_s)
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self._died is None and self._thread.is_alive():
+            try:
+                self._call("close", timeout_s=60.0)
+            except Exception:
+                pass
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5.0)
+        try:
+            self.proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10.0)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _submit(self, op: str, payload, loop, future) -> int:
+        if self._died:
+            raise EngineProcessError(self._died)
+        rid = next(self._ids)
+        self._pending[rid] = (loop, future)
+        self._post([op, rid, payload])
+        return rid
+
+    def _post(self, message: list) -> None:
+        with self._outbox_lock:   # callers come from any thread; only the I/O thread touches the socket
+            self._outbox.append(message)
+            self._wake_out.send(b"", self._zmq.NOBLOCK)
+
+    def _call(self, op: str, payload=None, timeout_s: float | None = None, what: str | None = None):
+        future = concurrent.futures.Future()
+        self._submit("call", [op, payload], None, future)
+        timeout_s = self.call_timeout_s if timeout_s is None else timeout_s
+        try:
+            return future.result(timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise EngineProcessError(f"the {self.name} process (pid {self.proc.pid}) did not answer "
+                                     f"{what or op} within {timeout_s:g}s") from None
+
+    def _io(self) -> None:
+        import msgpack
+
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        next_check = 0.0
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(200))
+                if self._wake_in in events:
+                    while True:
+                        try:
+                            self._wake_in.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    with self._outbox_lock:
+                        outbox, self._outbox = self._outbox, []
+                    for message in outbox:
+                        self._socket.send(msgpack.packb(message, use_bin_type=True))
+                if self._socket in events:
+                    while True:
+                        try:
+                            frame = self._socket.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._settle(*msgpack.unpackb(frame, raw=False))
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + 0.5
+                    code = self.proc.poll()
+                    if code is not None:
+                        self._fail_all(f"the {self.name} process (pid {self.proc.pid}) exited with code {code}")
+                        return
+        except Exception as e:   # the client can no longer reach the engine: say so to every waiter
+            self._fail_all(f"the {self.name} process's client failed: {type(e).__name__}: {e}")
+        finally:
+            for socket in (self._socket, self._wake_in, self._wake_out):
+                socket.close(0)
+
+    def _settle(self, rid: int, ok: bool, payload) -> None:
+        entry = self._pending.pop(rid, None)
+        if entry is None:
+            return   # an aborted request's late answer
+        loop, future = entry
+        result, error = (payload, None) if ok else (None, _error_of(payload))
+        if loop is None:
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        else:
+            settle_from_thread(loop, future, result, error)
+
+    def _fail_all(self, reason: str) -> None:
+        self._died = reason
+        pending, self._pending = self._pending, {}
+        for loop, future in pending.values():
+            if loop is None:
+                future.set_exception(EngineProcessError(reason))
+            else:
+                settle_from_thread(loop, future, error=EngineProcessError(reason))
+
+
+# -- the engine process ---------------------------------------------------------------------
+class _Server:
+    """Serves the engine that `build` makes; it is built on a thread while the socket already
+    answers, so a build that fails is reported to the client's first call, not lost."""
+
+    def __init__(self, build, address: str):
+        import zmq
+        import zmq.asyncio
+
+        self.build = build
+        self.engine = None
+        self.socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.bind(address)
+        self.tasks: dict = {}       # rid -> task of a generate under way
+        self.closing = False
+
+    async def ready(self):
+        """The engine, once built (raises the build's error)."""
+        if self.engine is None:
+            self.engine = await self.built
+        return self.engine
+
+    async def serve(self) -> None:
+        import msgpack
+
+        parent = int(os.environ.get("ASYNCRL_ENGINE_PARENT", "0"))
+        self.built = asyncio.ensure_future(asyncio.to_thread(self.build))
+        while not self.closing:
+            if parent and os.getppid() != parent:   # the actor died: nobody waits for this engine
+                return
+            if not await self.socket.poll(1000):
+                continue
+            identity, frame = await self.socket.recv_multipart()
+            op, rid, payload = msgpack.unpackb(frame, raw=False)
+            if op == "generate":
+                self.tasks[rid] = asyncio.ensure_future(self._generate(identity, rid, payload))
+            elif op == "abort":
+                task = self.tasks.pop(rid, None)
+                if task is not None:
+                    task.cancel()
+            elif op == "call":
+                asyncio.ensure_future(self._call(identity, rid, *payload))
+
+    async def _reply(self, identity: bytes, rid: int, ok: bool, payload) -> None:
+        import msgpack
+
+        await self.socket.send_multipart([identity, msgpack.packb([rid, ok, payload], use_bin_type=True)])
+
+    @staticmethod
+    def _error(e: BaseException) -> dict:
+        return {"type": type(e).__name__, "message": f"{type(e).__name__}: {e}"}
+
+    async def _generate(self, identity: bytes, rid: int, request: dict) -> None:
+        try:
+            engine = await self.ready()
+            s = await engine.generate(request["prompt"], request["max_new_tokens"], request["temperature"])
+            reply = (True, [list(s.tokens), [float(x) for x in s.logprobs], list(s.versions), s.finish_reason,
+                            engine.version])
+        except asyncio.CancelledError:
+            return   # aborted: the client no longer waits
+        except Exception as e:
+            reply = (False, self._error(e))
+        finally:
+            self.tasks.pop(rid, None)
+        await self._reply(identity, rid, *reply)
+
+    async def _call(self, identity: bytes, rid: int, op: str, payload) -> None:
+        try:
+            if op not in CALLS:
+                raise ValueError(f"unknown engine call {op!r}; one of {CALLS}")
+            if op == "close" and (not self.built.done() or self.built.exception() is not None):
+                self.closing = True   # no engine to close (still building, or its build failed)
+                await self._reply(identity, rid, True, None)
+                return
+            await self.ready()
+            if op == "version":
+                result = self.engine.version
+            elif op == "check":
+                result = self.engine.check()
+            elif op == "stats":
+                result = {**self.engine.stats(), "pending_requests": len(self.tasks)}
+            elif op == "start_weight_updates":   # may wait for the engine (vLLM: a collective_rpc)
+                result = await asyncio.to_thread(self.engine.start_weight_updates, pickle.loads(payload))
+            elif op == "run":   # a coroutine function on this loop, any other on a thread of its own
+                function, args = pickle.loads(payload)
+                function = resolve(function)
+                result = await (function(self.engine, *args) if asyncio.iscoroutinefunction(function)
+                                else asyncio.to_thread(function, self.engine, *args))
+            else:   # close
+                for task in list(self.tasks.values()):
+                    task.cancel()
+                await asyncio.to_thread(self.engine.close)
+                self.closing, result = True, None
+            await self._reply(identity, rid, True, result)
+        except Exception as e:
+            await self._reply(identity, rid, False, self._error(e))
+
+
+def main() -> None:
+    spec = pickle.loads(sys.stdin.buffer.read())
+    server = _Server(lambda: resolve(spec["build"])(**spec["kwargs"]), spec["address"])
+    try:
+        asyncio.run(server.serve())
+    finally:
+        if server.engine is not None and not server.closing:
+            server.engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""An engine in a process of its own answers as the same engine in the actor's process, and
+every way it can fail ends the waits on it in time, naming it."""
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.engine_process import EngineProcess, EngineProcessError
+from actors.engines.hf import HFEngine
+from common.weights_broadcast import BroadcastChannelSpec
+from tests.conftest import generate
+
+PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+
+
+def hf_kwargs(model_path, stop_token_ids=(2,)) -> dict:
+    return dict(model_path=model_path, stop_token_ids=list(stop_token_ids), pad_token_id=0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def remote(tiny_model_path):
+    engine = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path), startup_timeout_s=120)
+    yield engine
+    engine.close()
+
+
+def test_an_engine_in_its_own_process_answers_as_in_the_actors_process(remote, tiny_model_path):
+    local = HFEngine(**hf_kwargs(tiny_model_path))
+    try:
+        for temperature in (0.0, 1.0):   # one request at a time: the same draws in both
+            ours = [generate(remote, [p], max_new_tokens=6, temperature=temperature)[0] for p in PROMPTS]
+            theirs = [generate(local, [p], max_new_tokens=6, temperature=temperature)[0] for p in PROMPTS]
+            assert [(s.tokens, s.versions, s.finish_reason) for s in ours] == \
+                [(s.tokens, s.versions, s.finish_reason) for s in theirs]
+            np.testing.assert_allclose(sum((s.logprobs for s in ours), []), sum((s.logprobs for s in theirs), []),
+                                       atol=1e-6)
+    finally:
+        local.close()
+    assert remote.version == 0 and remote.stats()["pending_requests"] == 0
+    remote.check()
+
+
+def test_requests_from_several_event_loops_and_threads_all_come_back(remote):
+    results = []
+
+    def one_loop(seed):
+        rng = np.random.default_rng(seed)
+        prompts = [rng.integers(3, 19, int(rng.integers(1, 6))).tolist() for _ in range(8)]
+        results.append(len(generate(remote, prompts, max_new_tokens=4, temperature=1.0)))
+
+    threads = [threading.Thread(target=one_loop, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [8, 8, 8]
+
+
+def test_a_request_nobody_waits_for_is_cancelled_in_the_engine_process(tiny_model_path):
+    remote = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path, stop_token_ids=()),
+                           startup_timeout_s=120)   # no stop token: a request runs its whole length
+    try:
+        _abandon_a_request(remote)
+    finally:
+        remote.close()
+
+
+def _abandon_a_request(remote):
+    async def abandon():
+        task = asyncio.ensure_future(remote.generate([3, 4], 200, 1.0))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    asyncio.run(abandon())
+    deadline = time.monotonic() + 10
+    while remote.stats()["pending_requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert remote.stats()["pending_requests"] == 0
+    assert len(generate(remote, [[3]], max_new_tokens=2, temperature=1.0)[0].tokens) >= 1   # still serving
+
+
+def test_a_killed_engine_process_fails_every_wait_on_it_in_time_naming_it(tiny_model_path):
+    engine = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path, stop_token_ids=()),
+                           startup_timeout_s=120)
+
+    async def wait_then_kill():
+        task = asyncio.ensure_future(engine.generate([3, 4], 100000, 1.0))
+        await asyncio.sleep(0.5)
+        os.kill(engine.proc.pid, signal.SIGKILL)
+        t = time.monotonic()
+        with pytest.raises(EngineProcessError, match=rf"pid {engine.proc.pid}\) exited with code -9"):
+            await asyncio.wait_for(task, 10)
+        return time.monotonic() - t
+    assert asyncio.run(wait_then_kill()) < 5
+    with pytest.raises(EngineProcessError, match="exited"):
+        engine.check()
+    with pytest.raises(EngineProcessError, match="exited"):
+        generate(engine, [[3]], max_new_tokens=2, temperature=1.0)
+    engine.close()
+
+
+def test_an_engine_that_cannot_be_built_fails_the_start_with_the_cause(tmp_path):
+    with pytest.raises(EngineProcessError, match="in the engine process"):
+        EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(str(tmp_path / "no-model")), startup_timeout_s=120)
+
+
+def test_weights_reach_an_engine_process_over_the_broadcast_channel(tiny_model_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = BroadcastChannelSpec("127.0.0.1", port, receivers=1, timeout_s=60.0)
+    engine = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path), startup_timeout_s=120)
+    try:
+        engine.start_weight_updates(spec.receiver(0))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+        zeros = {n: torch.zeros_like(p) for n, p in model.named_parameters()}   # a uniform policy
+        sender = spec.sender()
+        sender.send(1, zeros)
+        deadline = time.monotonic() + 60
+        while engine.version < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        sample = generate(engine, [[3, 4]], max_new_tokens=4, temperature=1.0)[0]
+        assert engine.version == 1 and set(sample.versions) == {1}
+        np.testing.assert_allclose(sample.logprobs, [-np.log(model.config.vocab_size)] * len(sample.tokens), atol=1e-5)
+        assert engine.stats()["weight_swaps"] == 1
+    finally:
+        engine.close()
+
+
+def engine_facts(engine, extra):
+    """Runs in the engine process (EngineProcess.run)."""
+    return {"pid": os.getpid(), "class": type(engine).__name__, "extra": extra}
+
+
+def test_a_function_runs_beside_the_engine_in_its_process(remote):
+    facts = remote.run("tests.test_engine_process:engine_facts", [1, 2])
+    assert facts == {"pid": remote.proc.pid, "class": "HFEngine", "extra": [1, 2]}
+    with pytest.raises(EngineProcessError, match="in the engine process"):
+        remote.run("tests.test_engine_process:no_such_function")
