@@ -6,9 +6,10 @@ each number of writer clients (1, 8, 32; --quick: 8), every system gets the same
 takes them out in batches of --batch.
 
   asyncrl    the buffer server in its own process (`python -m buffer`, as a run starts it);
-             writers: BufferClient.insert, one group per acknowledged request (validated,
-             deduplicated by id); reader: BufferClient.sample (uniform selector, groups kept,
-             so a sample never waits for inserts: its latency is the service time)
+             writers: BufferClient.put, one group per request, up to --window (16) requests
+             in flight, each acknowledged as it lands (validated, deduplicated by id; only
+             acknowledged groups count); reader: BufferClient.sample (uniform selector, groups
+             kept, so a sample never waits for inserts: its latency is the service time)
   raw pyzmq  the floor: a forwarder process (ROUTER in, PUSH out) passing the same frames
              from DEALER writers (no acknowledgement, no schema, no table) to a PULL reader
   ray queue  ray.util.queue.Queue (an actor); writers are Ray tasks calling put() with the
@@ -22,7 +23,7 @@ machine and date; given --reverb-python (the interpreter of a venv with dm-rever
 bench/reverb_bench.py), DeepMind's Reverb does the same work too, and reverb_share_items_4k
 and reverb_share_mb_1m (asyncrl over Reverb, 8 writers; inserts only, each acknowledged) join it.
 
-    python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--out FILE]
+    python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--window 16] [--out FILE]
                                  [--reverb-python /tmp/reverb-venv/bin/python]
 """
 from __future__ import annotations
@@ -83,20 +84,28 @@ def _wait_until(t: float) -> None:
 
 
 # -- asyncrl ---------------------------------------------------------------------------------
-def _asyncrl_writer(address, tokens, index, start, seconds, out):
+def _asyncrl_writer(address, tokens, window, index, start, seconds, out):
+    """Puts each group as it is made, as an actor does with groups as they finish, with up to
+    `window` unacknowledged (window 1: each insert waits for its acknowledgement). Counts the
+    groups acknowledged by the end; latency: from the put to its acknowledgement landing."""
+    from collections import deque
+
     from buffer.client import BufferClient
 
-    group, client = make_group(tokens), BufferClient(address, timeout_s=60)
-    latencies, n = [], 0
+    group, client = make_group(tokens), BufferClient(address, timeout_s=60, window=window)
+    latencies, sent, n = [], deque(), 0
     _wait_until(start)
     end = start + seconds
     while time.time() < end:
         group.id = f"w{index}-{n}"
-        t = time.perf_counter()
-        client.insert(group)
-        latencies.append(time.perf_counter() - t)
+        sent.append(time.perf_counter())
+        client.put(group)
         n += 1
-    out.put(("writer", n, np.asarray(latencies, dtype=np.float32)))
+        while len(sent) > client.in_flight:   # acknowledgements land in order
+            latencies.append(time.perf_counter() - sent.popleft())
+    acknowledged = n - client.in_flight
+    client.flush()
+    out.put(("writer", acknowledged, np.asarray(latencies, dtype=np.float32)))
 
 
 def _asyncrl_reader(address, batch, start, seconds, out):
@@ -114,7 +123,7 @@ def _asyncrl_reader(address, batch, start, seconds, out):
     out.put(("reader", n, np.asarray(latencies, dtype=np.float32)))
 
 
-def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str) -> dict:
+def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str, window: int = 16) -> dict:
     from buffer.process import BufferProcess
     from buffer.server import BufferConfig
     from buffer.table import TableConfig
@@ -130,7 +139,8 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
             group.id = f"seed-{i}"
             seed.insert(group)
         seed.close()
-        return _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens), (server.address, batch), writers, seconds)
+        return _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
+                    writers, seconds)
     finally:
         server.stop()
 
@@ -309,6 +319,8 @@ def main():
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batch", type=int, default=16, help="groups per sample")
+    parser.add_argument("--window", type=int, default=16,
+                        help="asyncrl: inserts in flight per writer (1: each waits for its acknowledgement)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--out", help="also write every row and the summary here (JSON)")
     parser.add_argument("--reverb-python", help="the python of a venv with dm-reverb: run Reverb on the same work")
@@ -331,7 +343,8 @@ def main():
                 if system == "reverb":
                     r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, args.batch)
                 else:
-                    r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work)
+                    extra = {"window": args.window} if system == "asyncrl" else {}
+                    r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
                 r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
                 rows.append(r)
                 print(f"{system:<10} {size:>5} {writers:>7} {r['items_per_s']:>9.0f} {r['mb_per_s']:>8.1f} "
@@ -359,6 +372,7 @@ def main():
         "asyncrl_mb_per_s_1m": round(get("asyncrl", "1m")["mb_per_s"], 1) if get("asyncrl", "1m") else None,
         "bytes_4k": encoded_size(groups["4k"]), "bytes_1m": encoded_size(groups["1m"]),
         "machine": f"{platform.node()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
+        "window": args.window,
         "command": "python -m bench.buffer_bench " + " ".join(sys.argv[1:]),
     }
     if args.out:

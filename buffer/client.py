@@ -10,6 +10,11 @@ old one died with the request, and the request is put to the new one. An error r
 server's reason, for any request, even one it could not decode) raises at once. Failures
 raise BufferError naming the server's address and the cause.
 
+Inserts may also be pipelined (`put`, then `flush`): up to `window` requests in flight, each
+acknowledged as it lands, with the same deadlines, retries and re-sends (ids are unique, so a
+re-sent put is stored once). Replies are matched to requests by rid, so a blocking call made
+while puts are in flight hands their acknowledgements on instead of dropping them.
+
 Nothing acknowledged is lost to a server restart: inserted groups are kept until a
 checkpoint of the server holds them (every reply says what its newest checkpoint holds, and
 which server incarnation answered) and re-sent, once, when a new incarnation answers.
@@ -19,15 +24,18 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from dataclasses import dataclass, field
 
 import zmq
 
 from buffer.curve import CurveKeys, secure_client
-from common.rollout import RolloutGroup
-from common.wire import WireError, decode, encode, split_rid, with_rid
+from common.rollout import ARRAY_FIELDS, RolloutGroup
+from common.wire import WireError, decode, encode, recv_frames, send_frames, split_rid, with_rid
 
 
 RESEND_BATCH = 64  # groups per re-sent insert
+COALESCE_BYTES = 1 << 20   # puts wait to go together only while smaller: one request is served
+                           # whole before the server reads the next (a learner's sample among them)
 PING_S = 2.0       # a long wait for a reply checks this often that the same server still lives
 PING = encode({"op": "ping"})
 ROLLOUTS = "rollouts"  # the table the actors insert into and the learner samples (buffer/server.py)
@@ -55,11 +63,43 @@ class BufferHeld(BufferError):
         self.reply, self.stored = reply, list(reply.get("stored", []))
 
 
+class BufferRefused(BufferError):
+    """Pipelined inserts that the server refused (malformed, unknown table) or held past their
+    deadline, since the last flush; the other puts were acknowledged. `refused`: [(index of
+    the put since the last flush, its group ids, the server's reason)]."""
+
+    def __init__(self, message: str, refused: list):
+        super().__init__(message)
+        self.refused = refused
+
+
+@dataclass(eq=False)
+class _Put:
+    """One put: stored whole or refused alone, even when it travels with others."""
+    index: int          # its number among the puts since the last flush
+    groups: tuple
+    wire: list          # the groups as the request carries them
+    priorities: list | None
+
+
+@dataclass(eq=False)
+class _Request:
+    """Puts sent together as one insert request, until its reply lands."""
+    message: list       # the encoded request, re-sent as it is
+    puts: list
+    table: str
+    attempts: int = 0   # sends after a reconnect count; re-sends to a restarted server do not
+    deadline: float = 0.0
+    asked: str | None = None   # the incarnation it was last sent to
+    rids: list = field(default_factory=list)   # of every send; the first reply to land wins
+
+
 class BufferClient:
     def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3, version_token: str = "",
-                 curve_keys: CurveKeys | None = None):
+                 curve_keys: CurveKeys | None = None, window: int = 16):
         """`curve_keys`: the job's CurveZMQ client keys, for a server with buffer.curve=true;
-        None takes them from ASYNCRL_BUFFER_CURVE when it is set (buffer/curve.py)."""
+        None takes them from ASYNCRL_BUFFER_CURVE when it is set (buffer/curve.py). `window`:
+        pipelined inserts (put) in flight at most."""
         self.address = address
         self.curve_keys = curve_keys if curve_keys is not None else CurveKeys.from_env()
         self.version_token = version_token  # what set_learner_version shows the server
@@ -71,6 +111,16 @@ class BufferClient:
         self._incarnation = None   # of the server that answered last
         self._unsaved: list = []   # [incarnation, seq, table, group]: acknowledged, no checkpoint holds it yet
         self.resent_groups = 0
+        if window < 1:
+            raise ValueError(f"buffer client: window must be >= 1, got {window}")
+        self.window = window
+        self._flying: dict[int, _Request] = {}   # rid -> unacknowledged request (a re-sent one has several)
+        self.in_flight = 0                       # unacknowledged requests of puts
+        self._queued: list = []                  # (put, table): waiting for room in the window
+        self._queued_bytes = 0                   # their arrays
+        self._flushed = {"puts": 0, "stored": 0, "duplicates": 0}   # since the last flush
+        self._refused: list = []             # BufferRefused.refused, since the last flush
+        self._ping_rid = None
         self._connect()
 
     def _connect(self) -> None:
@@ -83,6 +133,7 @@ class BufferClient:
         self._socket.connect(self.address)
 
     def close(self) -> None:
+        """Close the connection; puts not yet acknowledged are given up (flush() first)."""
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -97,37 +148,32 @@ class BufferClient:
             rid = next(self._rids)
             deadline = time.monotonic() + timeout_s
             if not self._send(with_rid(rid, message), deadline):
-                self._connect()
+                self._reconnect()
                 continue
             # A request may wait long (a sample, an insert the rate limiter holds); a server that
             # died and restarted meanwhile forgot it. Pings every PING_S find that out (a new
             # incarnation answers), and the request is put to the new server for the time left.
-            asked, ping_rid, next_ping = self._incarnation, None, time.monotonic() + PING_S
+            asked, next_ping = self._incarnation, time.monotonic() + PING_S
             while (left := deadline - time.monotonic()) > 0:
-                wait = max(0.0, min(left, next_ping - time.monotonic()))
-                if not self._socket.poll(int(wait * 1000) + 1):
+                got = self._receive(max(0.0, min(left, next_ping - time.monotonic())))
+                if got is None:
                     if time.monotonic() >= next_ping:
-                        ping_rid, next_ping = next(self._rids), time.monotonic() + PING_S
-                        try:   # never block here: with no server connected, a ping is skipped
-                            self._socket.send_multipart(with_rid(ping_rid, PING), copy=False, flags=zmq.NOBLOCK)
-                        except zmq.Again:
-                            pass
+                        next_ping = time.monotonic() + PING_S
+                        self._ping()
                     continue
-                try:
-                    reply_rid, body = split_rid(self._socket.recv_multipart(copy=False))
-                    if reply_rid == ping_rid and ping_rid is not None:
-                        pong = decode(body)
-                        if asked is None and isinstance(pong, dict):   # a first call: the server that answers now
-                            asked = pong.get("incarnation")
-                        elif isinstance(pong, dict) and pong.get("incarnation") != asked:
-                            asked, rid = pong.get("incarnation"), next(self._rids)   # ask the new server
-                            self._send(with_rid(rid, message), deadline)
-                        continue
-                    if reply_rid != rid:
-                        continue  # a late reply to an abandoned attempt
-                    reply = decode(body)
-                except WireError as e:
-                    raise BufferError(f"buffer at {self.address} sent a malformed reply to {op}: {e}") from None
+                reply_rid, reply = got
+                if reply_rid == self._ping_rid and isinstance(reply, dict):
+                    incarnation = reply.get("incarnation")
+                    self._pong(incarnation)
+                    if asked is None:   # a first call: the server that answers now
+                        asked = incarnation
+                    elif incarnation != asked:
+                        asked, rid = incarnation, next(self._rids)   # ask the new server
+                        self._send(with_rid(rid, message), deadline)
+                    continue
+                if reply_rid != rid:
+                    self._dispatch(reply_rid, reply)   # a put's acknowledgement, or a late reply
+                    continue
                 if not isinstance(reply, dict) or not reply.get("ok"):
                     error = reply.get("error") if isinstance(reply, dict) else reply
                     if isinstance(reply, dict) and reply.get("held"):
@@ -136,19 +182,42 @@ class BufferClient:
                     raise BufferError(f"buffer at {self.address} refused {op}: {error}")
                 self._observe(reply)
                 return reply
-            self._connect()  # drop whatever is queued on the dead connection
+            self._reconnect()  # drop whatever is queued on the dead connection
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
                             f"({attempts} attempt(s)); {self._hint()}")
+
+    def _receive(self, wait_s: float):
+        """The next reply as (rid, decoded header), or None if none comes within wait_s."""
+        if not self._socket.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0):
+            return None
+        try:
+            rid, body = split_rid(recv_frames(self._socket))
+            return rid, decode(body)
+        except WireError as e:
+            raise BufferError(f"buffer at {self.address} sent a malformed reply: {e}") from None
+
+    def _ping(self) -> None:
+        self._ping_rid = next(self._rids)
+        try:   # never block here: with no server connected, a ping is skipped
+            send_frames(self._socket, with_rid(self._ping_rid, PING), block=False)
+        except zmq.Again:
+            pass
+
+    def _reconnect(self) -> None:
+        """A new connection (the old one's queue is dropped); the puts in flight go again."""
+        self._connect()
+        for request in self._unacknowledged():
+            self._send_request(request, block=False)
 
     def _send(self, parts: list, deadline: float) -> bool:
         """Send by the deadline; False when no connection takes the message in time (no server
         up, or one whose CurveZMQ handshake refuses this client): a blocking send would wait
         for a connection for ever."""
-        left = deadline - time.monotonic()
-        if left <= 0 or not self._socket.poll(int(left * 1000) + 1, zmq.POLLOUT):
+        left = deadline - time.monotonic()   # <= 0: only if the connection takes it at once
+        if not self._socket.poll(int(left * 1000) + 1 if left > 0 else 0, zmq.POLLOUT):
             return False
         try:
-            self._socket.send_multipart(parts, copy=False, flags=zmq.NOBLOCK)
+            send_frames(self._socket, parts, block=False)
             return True
         except zmq.Again:
             return False
@@ -162,9 +231,12 @@ class BufferClient:
         """Forget the acknowledged groups the server's newest checkpoint holds; re-send, once,
         those a restarted server (a new incarnation) may have lost."""
         incarnation, covered = reply.get("incarnation"), reply.get("checkpoint_seq", 0)
-        restarted = self._incarnation is not None and incarnation != self._incarnation
+        first, restarted = self._incarnation is None, self._incarnation not in (None, incarnation)
         self._incarnation = incarnation
-        self._unsaved = [u for u in self._unsaved if u[0] != incarnation or u[1] > covered]
+        if self._flying and (first or restarted):
+            self._pong(incarnation)
+        if self._unsaved:
+            self._unsaved = [u for u in self._unsaved if u[0] != incarnation or u[1] > covered]
         if restarted:
             lost = [u for u in self._unsaved if u[0] != incarnation]
             self._unsaved = [u for u in self._unsaved if u[0] == incarnation]
@@ -201,54 +273,152 @@ class BufferClient:
         if reply.get("checkpoints"):
             self._unsaved += [[reply["incarnation"], reply["seq"], table, g] for g in groups]
 
-    def insert_many(self, batches: list, window: int = 16, timeout_s: float | None = None,
-                    table: str = ROLLOUTS) -> list:
-        """insert() for many requests (each a list of groups) with up to `window` of them in
-        flight, acknowledged as they land; the replies in order. An attempt that gets no reply
-        by its deadline reconnects and re-sends what is unacknowledged (ids are unique, so a
-        request the server had stored is refused, not stored twice)."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        messages = [encode({"op": "insert", "groups": [g.to_wire() for g in groups], "timeout_s": timeout_s,
-                            "table": table}) for groups in batches]
-        replies: list = [None] * len(messages)
-        for attempt in range(1 + self.retries):
-            todo = [i for i, r in enumerate(replies) if r is None]
-            flying: dict = {}  # rid -> index
-            deadline = time.monotonic() + timeout_s + _grace(timeout_s)
-            while todo or flying:
-                while todo and len(flying) < window:
-                    i = todo.pop(0)
-                    rid = next(self._rids)
-                    if not self._send(with_rid(rid, messages[i]), deadline):
-                        todo.insert(0, i)
-                        break
-                    flying[rid] = i
-                if todo and not flying:
-                    break   # nothing could be sent before the deadline: a new connection, next attempt
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._socket.poll(int(left * 1000) + 1):
-                    break
-                try:
-                    rid, body = split_rid(self._socket.recv_multipart(copy=False))
-                    reply = decode(body)
-                except WireError as e:
-                    raise BufferError(f"buffer at {self.address} sent a malformed reply to insert: {e}") from None
-                i = flying.pop(rid, None)
-                if i is None:
-                    continue  # a late reply to an abandoned attempt
-                if not isinstance(reply, dict) or not reply.get("ok"):
-                    error = reply.get("error") if isinstance(reply, dict) else reply
-                    raise BufferError(f"buffer at {self.address} refused insert: {error}")
-                self._observe(reply)
-                self._keep(reply, batches[i], table)
-                replies[i] = reply
-                deadline = time.monotonic() + timeout_s + _grace(timeout_s)  # each landing restarts the clock
-            if all(r is not None for r in replies):
-                return replies
+    # -- pipelined inserts ------------------------------------------------------------------
+    def put(self, *groups: RolloutGroup, priorities: list | None = None, table: str = ROLLOUTS) -> None:
+        """Insert `groups` into `table` without waiting for the reply: sent at once while fewer
+        than `window` requests are unacknowledged; while `window` are, the puts made meanwhile
+        wait here (up to `window` of them or COALESCE_BYTES, then put waits until half the
+        window has landed)
+        and go together, as one request, with the next put that finds room, or at flush(): a
+        writer that stops putting flushes. Each put is stored
+        whole or, if malformed, refused alone; a refusal, or a hold by the rate limiter past
+        timeout_s, is raised by flush(). Acknowledged groups are kept until a checkpoint holds
+        them, as insert()'s are."""
+        if priorities is not None and len(priorities) != len(groups):
+            raise ValueError(f"buffer put: {len(priorities)} priorities for {len(groups)} groups")
+        self._take_replies()
+        if self._queued and self._queued[0][1] != table:   # a request names one table
+            self._send_queued()
+        put = _Put(self._flushed["puts"], groups, [g.to_wire() for g in groups],
+                   None if priorities is None else [float(p) for p in priorities])
+        self._flushed["puts"] += 1
+        self._queued.append((put, table))
+        self._queued_bytes += sum(getattr(g, name).nbytes for g in groups for name in ARRAY_FIELDS)
+        if self.in_flight < self.window or len(self._queued) > self.window or self._queued_bytes >= COALESCE_BYTES:
+            self._send_queued()
+
+    def flush(self) -> dict:
+        """Send what waits and wait until every put is acknowledged. Returns, since the last
+        flush, {puts, stored: groups stored, duplicates: groups whose id was stored before};
+        raises BufferRefused naming the puts the server refused or held (the others are stored
+        all the same), and BufferTimeout if a request stays unacknowledged through every retry
+        (the puts still unacknowledged are then given up)."""
+        if self._queued:
+            self._send_queued()
+        self._await(lambda: self.in_flight == 0)
+        done, refused = self._flushed, self._refused
+        self._flushed, self._refused = {"puts": 0, "stored": 0, "duplicates": 0}, []
+        if refused:
+            index, ids, error = refused[0]
+            raise BufferRefused(f"buffer at {self.address} refused {len(refused)} of {done['puts']} pipelined "
+                                f"inserts; the first, put {index} (groups {ids}): {error}", refused)
+        return done
+
+    def _send_queued(self) -> None:
+        """The waiting puts as one request, once the window has room: when it is full, after
+        half of it has landed, so that replies are taken and requests sent in bursts (one
+        wake-up for several, not one each)."""
+        if self.in_flight >= self.window:
+            self._await(lambda: self.in_flight <= self.window // 2)
+        queued, self._queued, self._queued_bytes = self._queued, [], 0
+        puts, table = [p for p, _ in queued], queued[0][1]
+        fields = {"groups": [w for p in puts for w in p.wire], "parts": [len(p.groups) for p in puts],
+                  "timeout_s": self.timeout_s, "table": table}
+        if any(p.priorities is not None for p in puts):
+            fields["priorities"] = [x for p in puts for x in (p.priorities or [1.0] * len(p.groups))]
+        self.in_flight += 1
+        self._send_request(_Request(encode({"op": "insert", **fields}), puts, table), block=True)
+
+    def _take_replies(self) -> None:
+        while (got := self._receive(0)) is not None:   # the acknowledgements that are here already
+            self._dispatch(*got)
+
+    def _await(self, done) -> None:
+        """Take replies until done(); re-send the requests past their deadline on a new
+        connection (BufferTimeout once one has used its retries) and, as pings or replies find
+        a restarted server, those the old one took with it."""
+        next_ping = time.monotonic() + PING_S
+        while not done():
+            now = time.monotonic()
+            due = min(r.deadline for r in self._flying.values())
+            if now >= due:
+                self._retry()
+                continue
+            got = self._receive(min(due, next_ping) - now)
+            if got is not None:
+                self._dispatch(*got)
+            elif time.monotonic() >= next_ping:
+                next_ping = time.monotonic() + PING_S
+                self._ping()
+
+    def _retry(self) -> None:
+        requests = self._unacknowledged()
+        if any(r.attempts > self.retries for r in requests):
+            lost = sum(len(r.puts) for r in requests) + len(self._queued)
+            self._flying, self._queued, self._queued_bytes, self.in_flight = {}, [], 0, 0
+            self._flushed, self._refused = {"puts": 0, "stored": 0, "duplicates": 0}, []
             self._connect()
-        missing = sum(r is None for r in replies)
-        raise BufferTimeout(f"buffer at {self.address} did not acknowledge {missing} of {len(replies)} inserts "
-                            f"within {timeout_s:.1f}s ({1 + self.retries} attempt(s)); {self._hint()}")
+            raise BufferTimeout(f"buffer at {self.address} did not acknowledge {lost} pipelined insert(s) "
+                                f"within {self.timeout_s:.1f}s ({1 + self.retries} attempt(s)); {self._hint()}")
+        for r in requests:
+            r.attempts += 1
+        self._reconnect()
+
+    def _send_request(self, request: _Request, block: bool) -> None:
+        """Send a request on the current connection, due back by timeout_s (and the time the
+        server may hold it). Unsent (no connection took it): past due at once, so _await retries it."""
+        if not request.rids:
+            request.attempts = 1
+        rid = next(self._rids)
+        request.rids.append(rid)
+        request.asked, self._flying[rid] = self._incarnation, request
+        request.deadline = time.monotonic() + self.timeout_s + _grace(self.timeout_s)
+        if not self._send(with_rid(rid, request.message), request.deadline if block else time.monotonic()):
+            request.deadline = time.monotonic()
+
+    def _unacknowledged(self) -> list:
+        return list(dict.fromkeys(self._flying.values()))   # each request once, in the order sent
+
+    def _dispatch(self, rid: int, reply) -> None:
+        """A reply no blocking call waits for: a request's of puts, a ping's, or a late reply
+        to an abandoned attempt (dropped)."""
+        request = self._flying.get(rid)
+        if request is None:
+            if rid == self._ping_rid and isinstance(reply, dict):
+                self._pong(reply.get("incarnation"))
+            return
+        for r in request.rids:
+            self._flying.pop(r, None)
+        self.in_flight -= 1
+        if not isinstance(reply, dict):
+            reply = {"ok": False, "error": f"a reply that is not a map: {reply!r:.80}"}
+        if reply.get("ok") or reply.get("held"):
+            self._observe(reply)
+        if not reply.get("ok") and not reply.get("held"):   # the whole request was refused
+            self._refused += [(p.index, [g.id for g in p.groups], reply.get("error")) for p in request.puts]
+            return
+        refused = {k: reason for k, reason in reply.get("refused", [])}
+        stored, at = reply.get("stored", []), 0   # one bool per group of the puts not refused, a prefix if held
+        for k, put in enumerate(request.puts):
+            if k in refused:
+                self._refused.append((put.index, [g.id for g in put.groups], refused[k]))
+                continue
+            landed = stored[at:at + len(put.groups)]
+            at += len(put.groups)
+            self._keep(reply, put.groups[:len(landed)], request.table)
+            self._flushed["stored"] += sum(map(bool, landed))
+            self._flushed["duplicates"] += len(landed) - sum(map(bool, landed))
+            if len(landed) < len(put.groups):   # held past its deadline: the rest never went in
+                self._refused.append((put.index, [g.id for g in put.groups], reply.get("error")))
+
+    def _pong(self, incarnation) -> None:
+        """Re-send the requests sent to an older server than the one answering now: it died
+        with them (or they wait, queued, for the new one, which then refuses the second copy)."""
+        for request in self._unacknowledged():
+            if request.asked is None:
+                request.asked = incarnation
+            elif request.asked != incarnation:
+                self._send_request(request, block=False)
 
     def update_priorities(self, priorities: dict, table: str = ROLLOUTS) -> dict:
         """Set the priorities of groups by id ({id: priority}); {updated: how many are held}."""

@@ -9,11 +9,16 @@ A request or reply is [rid, header, *array frames] (common/wire.py): the rid fra
 request id) leads, and every reply echoes it, even to a request that is oversize or cannot be
 decoded (a request without a valid rid frame gets rid 0, which no client uses). The header is
 a map with `op`. Ops:
-  insert      {groups, priorities?, timeout_s?, table?}
-                                 -> {stored: one bool per group, size, learner_version, seq};
+  insert      {groups, priorities?, timeout_s?, table?, parts?}
+                                 -> {stored: one bool per group, size, learner_version, seq,
+                                    refused};
                                     waits while the rate limiter holds it, storing the groups
                                     as it lets them in; at timeout_s an error with held=true
-                                    and `stored` (the prefix stored) and `seq`
+                                    and `stored` (the prefix stored) and `seq`. All groups are
+                                    stored or, if one is malformed, none; with `parts` (sizes
+                                    of consecutive runs of groups: a client's pipelined puts),
+                                    each run is, and `refused` lists [part, reason] of the
+                                    runs refused (`stored`: one bool per group of the others)
   update_priorities {ids, priorities, table?} -> {updated: how many of the ids are held}
   sample      {n, timeout_s, table?} -> {groups, staleness, learner_version}; waits for n groups
   set_version {version, token}   -> {learner_version, dropped}; with a version token set, only
@@ -54,11 +59,12 @@ from buffer.client import ROLLOUTS, BufferError
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, check
 from common.rollout import RolloutGroup, SchemaError
-from common.wire import WireError, decode, encode, split_rid, with_rid
+from common.wire import WireError, decode, encode, recv_frames, send_frames, split_rid, with_rid
 
 log = logging.getLogger(__name__)
 MAX_VERSION = 2**53  # a policy version past this is not one a learner publishes
-DRAIN_MAX = 16  # requests taken from the socket between two passes over the waiting samples
+DRAIN_MAX = 16  # requests taken from the socket between two passes over the waiting samples,
+DRAIN_BYTES = 1 << 16  # or fewer once they hold this much (a client's pipelined puts go several a request)
 
 
 @dataclass
@@ -148,6 +154,7 @@ class _PendingInsert:
     priorities: list
     deadline: float
     stored: list = field(default_factory=list)   # one bool per group stored so far, in order
+    refused: list = field(default_factory=list)  # [part, reason] of the parts refused (request with parts)
 
 
 def _bind_error(address: str, e: "zmq.ZMQError") -> ConfigError:
@@ -331,11 +338,17 @@ class BufferServer:
                 wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
             if poller.poll(wait_ms):
                 # Take what has arrived (inserts are seen before the samples waiting behind
-                # them), but at most DRAIN_MAX requests: under a steady stream of inserts a
-                # drain would never end and the samples would starve.
+                # them), but at most DRAIN_MAX requests or DRAIN_BYTES: under a steady stream
+                # of inserts a drain would never end and the samples would starve.
+                taken = 0
                 for _ in range(DRAIN_MAX):
-                    self._handle(self._socket.recv_multipart(copy=False))
-                    if not self._socket.poll(0):
+                    try:
+                        frames = recv_frames(self._socket, block=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    taken += sum(len(f) for f in frames)
+                    if taken >= DRAIN_BYTES:
                         break
             self._serve_pending()
 
@@ -374,7 +387,7 @@ class BufferServer:
         reply["incarnation"], reply["checkpoint_seq"] = self.incarnation, self.checkpoint_seq
         reply["checkpoints"] = bool(self.config.checkpoint_dir)
         try:
-            self._socket.send_multipart([identity, *with_rid(rid, encode(reply))], copy=False, flags=zmq.NOBLOCK)
+            send_frames(self._socket, [identity, *with_rid(rid, encode(reply))], block=False)
             return True
         except zmq.ZMQError as e:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -383,32 +396,54 @@ class BufferServer:
             return False
 
     def _op_insert(self, identity, rid, request):
-        if not isinstance(request["groups"], list):
+        raw = request["groups"]
+        if not isinstance(raw, list):
             raise RequestError("insert needs 'groups', a list of rollout groups")
-        groups = []
-        for i, data in enumerate(request["groups"]):  # all valid, or none stored
-            try:
-                groups.append(RolloutGroup.from_wire(data))
-            except SchemaError as e:
-                raise SchemaError(f"group {i}: {e}") from None
-        first = {}
-        for i, g in enumerate(groups):
-            if first.setdefault(g.id, i) != i:
-                raise RequestError(f"group {i}: id {g.id!r} repeats group {first[g.id]}'s")
+        # `parts` (a client's pipelined puts sent together): sizes of consecutive runs of groups,
+        # each stored whole or refused alone; without it the request is one part, refused whole
+        parts = request.get("parts")
+        if parts is not None and not (isinstance(parts, list) and all(type(n) is int and n >= 1 for n in parts)
+                                      and sum(parts) == len(raw)):
+            raise RequestError(f"'parts' must be a list of sizes >= 1 adding up to the {len(raw)} groups")
         priorities = request.get("priorities")
         if priorities is None:
-            priorities = [1.0] * len(groups)
-        if not isinstance(priorities, list) or len(priorities) != len(groups):
-            raise RequestError(f"'priorities' must be a list of one number per group ({len(groups)})")
-        priorities = [_priority(p) for p in priorities]
+            priorities = [1.0] * len(raw)
+        if not isinstance(priorities, list) or len(priorities) != len(raw):
+            raise RequestError(f"'priorities' must be a list of one number per group ({len(raw)})")
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
         name, table = self._table(request)
-        insert = _PendingInsert(identity, rid, name, groups, priorities, time.monotonic() + timeout_s)
+        groups, kept, refused, start = [], [], [], 0
+        for k, size in enumerate(parts or [len(raw)]):
+            try:
+                part = self._part(raw, start, start + size)
+                kept += [_priority(p) for p in priorities[start:start + size]]
+                groups += part
+            except (SchemaError, RequestError) as e:
+                if parts is None:
+                    raise
+                self.errors += 1
+                refused.append([k, f"{type(e).__name__}: {e}"])
+            start += size
+        insert = _PendingInsert(identity, rid, name, groups, kept, time.monotonic() + timeout_s, refused=refused)
         held = any(p.table == name for p in self._pending_inserts)   # it waits behind those
         if held or not self._admit(insert):  # the rate limiter holds (the rest of) it
             self._pending_inserts.append(insert)
             return None
         return self._stored(insert)
+
+    @staticmethod
+    def _part(raw: list, start: int, end: int) -> list:
+        """The groups raw[start:end], all valid, or SchemaError/RequestError naming the first
+        that is not (by its index in the request)."""
+        groups, first = [], {}
+        for i in range(start, end):
+            try:
+                groups.append(RolloutGroup.from_wire(raw[i]))
+            except SchemaError as e:
+                raise SchemaError(f"group {i}: {e}") from None
+            if first.setdefault(groups[-1].id, i) != i:
+                raise RequestError(f"group {i}: id {groups[-1].id!r} repeats group {first[groups[-1].id]}'s")
+        return groups
 
     def _admit(self, insert: _PendingInsert) -> bool:
         """Store, in order, as many of the insert's groups as its table's rate limiter lets in
@@ -423,7 +458,7 @@ class BufferServer:
     def _stored(self, insert: _PendingInsert) -> dict:
         table = self.tables[insert.table]
         return {"stored": insert.stored, "size": len(table), "learner_version": table.learner_version,
-                "seq": self.inserts}  # covered once checkpoint_seq reaches it
+                "seq": self.inserts, "refused": insert.refused}  # covered once checkpoint_seq reaches it
 
     def _op_update_priorities(self, identity, rid, request):
         ids, priorities = request.get("ids"), request.get("priorities")
@@ -484,7 +519,7 @@ class BufferServer:
             table = self.tables[p.table]
             if now >= p.deadline:
                 self._reply(p.identity, p.rid, {
-                    "ok": False, "held": True, "stored": p.stored, "seq": self.inserts,
+                    "ok": False, "held": True, "stored": p.stored, "seq": self.inserts, "refused": p.refused,
                     "error": f"timeout: the rate limiter ({table.config.rate_limiter}) of the table "
                     f"{p.table!r} held this insert of {len(p.groups)} group(s) past its deadline, "
                     f"{len(p.stored)} of them stored: the learner is not sampling (size {len(table)}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 
 from common.config import check
 from common.rollout import RolloutGroup
@@ -101,6 +102,7 @@ class Table:
         self.learner_version = 0
         self.stats = TableStats()
         self._items: OrderedDict[str, _Entry] = OrderedDict()  # insertion order
+        self._keys: list | None = None   # list(self._items), kept while nothing leaves (uniform draws from it)
         self._seen: OrderedDict[str, None] = OrderedDict()      # recent ids, for idempotent inserts
         self._remember_ids = remember_ids
         self._rng = random.Random(seed)
@@ -122,6 +124,8 @@ class Table:
             self.stats.dropped_staleness[self.staleness(group)] += 1
             return True
         self._items[group.id] = _Entry(group, priority=float(priority), order=self.stats.inserts)
+        if self._keys is not None:
+            self._keys.append(group.id)
         while len(self._items) > self.config.max_size:
             self._remove_unsampled(next(iter(self._items)))
             self.stats.evicted += 1
@@ -131,6 +135,7 @@ class Table:
         """Remove a group that leaves without (all its) hand-outs; the ratio limiter counts
         what it will never hand out as handed out."""
         entry = self._items.pop(key)
+        self._keys = None
         if self.config.max_times_sampled:
             self.stats.unsampled_credit += self.config.max_times_sampled - entry.times_sampled
         elif entry.times_sampled == 0:
@@ -201,18 +206,22 @@ class Table:
         until mark_sampled, so a sample whose reply cannot be delivered takes nothing."""
         if not self.can_sample(n):
             return None
-        keys, selector = list(self._items), self.config.selector
+        selector = self.config.selector
+        # fifo and lifo read the ends, and uniform a kept key list: a sample costs O(n), not
+        # O(table) (listing an OrderedDict of 10k groups took 0.5 ms a sample)
         if selector == "fifo":
-            chosen = keys[:n]
+            chosen = list(islice(self._items, n))
         elif selector == "lifo":
-            chosen = keys[-n:][::-1]
+            chosen = list(islice(reversed(self._items), n))
         elif selector == "uniform":
-            chosen = self._rng.sample(keys, n)
+            if self._keys is None:
+                self._keys = list(self._items)
+            chosen = self._rng.sample(self._keys, n)
         elif selector in ("max_heap", "min_heap"):
             sign = -1.0 if selector == "max_heap" else 1.0
-            chosen = sorted(keys, key=lambda k: (sign * self._items[k].priority, self._items[k].order))[:n]
+            chosen = sorted(self._items, key=lambda k: (sign * self._items[k].priority, self._items[k].order))[:n]
         else:  # prioritized: n distinct draws, each with probability ~ priority ** exponent
-            chosen, left = [], keys
+            chosen, left = [], list(self._items)
             weights = [self._items[k].priority ** self.config.priority_exponent for k in left]
             for _ in range(n):
                 total = sum(weights)
@@ -229,6 +238,7 @@ class Table:
             entry.times_sampled += 1
             if self.config.max_times_sampled and entry.times_sampled >= self.config.max_times_sampled:
                 del self._items[group.id]
+                self._keys = None
                 self.stats.consumed += 1
             self.stats.staleness[self.staleness(group)] += 1
         self.stats.samples += len(groups)
@@ -251,7 +261,7 @@ class Table:
 
     def restore(self, state: dict) -> None:
         """Become the table `state()` described (its groups validated again)."""
-        self._items = OrderedDict()
+        self._items, self._keys = OrderedDict(), None
         for data, times_sampled, priority, order in state["items"]:
             group = RolloutGroup.from_wire(data)
             self._items[group.id] = _Entry(group, int(times_sampled), float(priority), int(order))

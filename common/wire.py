@@ -9,17 +9,25 @@ Between a buffer client and server, every request and reply leads with one more 
 request id, RID_BYTES bytes, big-endian unsigned (`with_rid`, `split_rid`). It is readable
 without decoding the rest, so a server can echo it in its reply to a message it cannot decode
 or will not read (oversize), and a client can skip a reply to an attempt it abandoned.
+
+`send_frames` and `recv_frames` move a message over a ZeroMQ socket for a fraction of what
+pyzmq's send_multipart and recv_multipart cost a small message (about 6 against 20 µs to send
+three frames, 10 against 34 µs to receive eight, on the buffer's two-core machine): those
+combine enum flags frame by frame and track zero-copy sends of frames too small to gain from it.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import msgpack
 import numpy as np
+import zmq
 
 RID_BYTES = 8
+COPY_BELOW = 1 << 16   # bytes: a smaller frame is copied into its message; zero-copy bookkeeping costs more
+_MORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)   # plain ints: pyzmq's enum flags are slow to combine
 ALLOWED_DTYPES = {"|u1", "|i1", "|b1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"}
+_DTYPES = {name: np.dtype(name) for name in ALLOWED_DTYPES}
 
 
 class WireError(ValueError):
@@ -32,7 +40,7 @@ def encode(payload: Any) -> list:
 
     def default(obj):
         if isinstance(obj, np.ndarray):
-            array = np.ascontiguousarray(obj)
+            array = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
             if array.dtype.str not in ALLOWED_DTYPES:
                 raise WireError(f"arrays of dtype {array.dtype} cannot be sent")
             frames.append(memoryview(array).cast("B") if array.size else b"")
@@ -50,44 +58,65 @@ def with_rid(rid: int, frames: list) -> list:
     return [rid.to_bytes(RID_BYTES, "big"), *frames]
 
 
+def send_frames(socket: zmq.Socket, frames: Sequence, block: bool = True) -> None:
+    """Send frames (bytes, zmq.Frames or byte memoryviews, as encode makes) as one message;
+    zmq.Again when not `block`ing and the socket cannot take it now."""
+    flags, last = 0 if block else _NOBLOCK, len(frames) - 1
+    for i, frame in enumerate(frames):
+        socket.send(frame, flags | _MORE if i < last else flags, copy=len(frame) < COPY_BELOW)
+
+
+def recv_frames(socket: zmq.Socket, block: bool = True) -> list:
+    """Receive one message as zmq.Frames, which share memory with ZeroMQ's buffers; zmq.Again
+    when not `block`ing and none has arrived (a message arrives whole, all frames at once)."""
+    frames = [socket.recv(0 if block else _NOBLOCK, copy=False)]
+    while frames[-1].more:
+        frames.append(socket.recv(copy=False))
+    return frames
+
+
 def split_rid(frames: Sequence) -> tuple[int, list]:
     """(rid, the other frames) of a message led by its request id; WireError if it is not."""
-    if not frames or _view(frames[0]).nbytes != RID_BYTES:
+    rid = memoryview(frames[0]) if frames else None   # a zmq.Frame's own buffer (frame.buffer costs 3x)
+    if rid is None or rid.nbytes != RID_BYTES:
         raise WireError(f"a message must lead with its request id, a frame of {RID_BYTES} bytes")
-    return int.from_bytes(_view(frames[0]), "big"), list(frames[1:])
-
-
-def _view(frame) -> memoryview:
-    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+    return int.from_bytes(rid, "big"), list(frames[1:])
 
 
 def decode(frames: Sequence) -> Any:
-    """Decode [header, *array_frames]. Arrays are read-only views of the frames."""
+    """Decode [header, *array_frames]. Arrays are views of the frames, not copies: treat them
+    as read-only."""
     if not frames:
         raise WireError("empty message")
-    buffers = [_view(f) for f in frames]
+    buffers = [memoryview(f) for f in frames]
     used = set()
 
+    # Called for every map of the header (a small group has nine), so it is written for speed:
+    # exact type checks, the dtypes looked up, no generator.
     def hook(obj):
         if "__nd__" not in obj:
             return obj
         spec = obj["__nd__"]
-        if not (isinstance(spec, list) and len(spec) == 3):
+        if type(spec) is not list or len(spec) != 3:
             raise WireError(f"bad array reference {spec!r}")
         index, dtype, shape = spec
-        if not isinstance(index, int) or not 1 <= index < len(buffers) or index in used:
+        if type(index) is not int or not 0 < index < len(buffers) or index in used:
             raise WireError(f"array reference to frame {index!r} of {len(buffers) - 1} frames")
-        if dtype not in ALLOWED_DTYPES:
+        dt = _DTYPES.get(dtype) if type(dtype) is str else None
+        if dt is None:
             raise WireError(f"array dtype {dtype!r} is not allowed")
-        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        if type(shape) is not list:
             raise WireError(f"bad array shape {shape!r}")
-        used.add(index)
-        dt = np.dtype(dtype)
-        expected = math.prod(shape) * dt.itemsize
+        expected = dt.itemsize
+        for n in shape:
+            if type(n) is not int or n < 0:
+                raise WireError(f"bad array shape {shape!r}")
+            expected *= n
         if buffers[index].nbytes != expected:
             raise WireError(f"frame {index} holds {buffers[index].nbytes} bytes, "
                             f"array {dtype}{shape} needs {expected}")
-        return np.frombuffer(buffers[index], dtype=dt).reshape(shape)
+        used.add(index)
+        return np.ndarray(shape, dt, buffers[index])
 
     try:
         payload = msgpack.unpackb(buffers[0], object_hook=hook, raw=False, strict_map_key=True)

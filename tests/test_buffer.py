@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import zmq
 
-from buffer.client import BufferClient, BufferError, BufferHeld, BufferTimeout
+from buffer.client import BufferClient, BufferError, BufferHeld, BufferRefused, BufferTimeout
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, validate
@@ -310,25 +310,76 @@ def test_priorities_given_at_insert_and_updated_choose_what_a_max_heap_samples(b
         client.close()
 
 
-def test_many_inserts_in_flight_are_acknowledged_in_order_and_stored_once(buffer_server):
+def test_pipelined_inserts_are_acknowledged_as_they_land_and_stored_once(buffer_server):
     server = buffer_server(max_size=1000)
-    client = BufferClient(server.address, timeout_s=5.0)
+    client = BufferClient(server.address, timeout_s=5.0, window=8)
     try:
-        batches = [[make_group(seed=i, prompt_id=f"p{i}")] for i in range(40)]
-        replies = client.insert_many(batches, window=8)
-        assert [r["stored"] for r in replies] == [[True]] * 40
-        again = client.insert_many(batches[:5], window=8)      # re-sent: refused, not stored twice
-        assert [r["stored"] for r in again] == [[False]] * 5 and client.stats()["size"] == 40
+        groups = [make_group(seed=i, prompt_id=f"p{i}") for i in range(40)]
+        for g in groups:
+            client.put(g)
+            assert client.in_flight <= 8
+        assert client.flush() == {"puts": 40, "stored": 40, "duplicates": 0} and client.in_flight == 0
+        client.put(*groups[:5])                 # re-sent: refused, not stored twice
+        assert client.stats()["size"] == 40     # a blocking call hands the put's reply on, not drops it
+        assert client.flush() == {"puts": 1, "stored": 0, "duplicates": 5}
+        assert [g.prompt_id for g in client.sample(3)[0]] == ["p0", "p1", "p2"]   # in the order put
     finally:
         client.close()
 
 
-def test_many_inserts_to_a_dead_server_fail_within_their_deadline():
-    client = BufferClient("tcp://127.0.0.1:9", timeout_s=0.2, retries=1)
+def test_a_malformed_put_is_refused_alone_and_the_others_are_stored(buffer_server):
+    client = BufferClient(buffer_server().address, timeout_s=5.0, window=4)
+    try:
+        good = [make_group(seed=i) for i in range(4)]
+        bad = make_group(seed=9)
+        bad.rewards = bad.rewards.astype("float64")
+        client.put(good[0])
+        client.put(good[1], bad)                # refused whole, alone
+        client.put(good[2])
+        client.put(good[3], table="nope")       # refused too: no such table
+        with pytest.raises(BufferRefused, match="refused 2 of 4 pipelined inserts; the first, put 1") as refused:
+            client.flush()
+        assert [(index, ids) for index, ids, _ in refused.value.refused] == [(1, [good[1].id, bad.id]), (3, [good[3].id])]
+        assert "rewards: dtype must be float32" in refused.value.refused[0][2]
+        assert "unknown table 'nope'" in refused.value.refused[1][2]
+        assert sorted(g.id for g in client.sample(2)[0]) == sorted([good[0].id, good[2].id])
+        client.put(good[1])                     # the next flush starts afresh
+        assert client.flush() == {"puts": 1, "stored": 1, "duplicates": 0}
+    finally:
+        client.close()
+
+
+def test_puts_made_while_the_window_is_full_go_together_and_a_malformed_one_is_refused_alone():
+    server = BufferServer(BufferConfig(timeout_s=5.0))   # bound, not serving yet: nothing is acknowledged
+    client = BufferClient(server.address, timeout_s=5.0, window=2)
+    try:
+        good = [make_group(seed=i) for i in range(5)]
+        bad = make_group(seed=9)
+        bad.token_versions = bad.token_versions - 1     # a policy token without a version
+        client.put(good[0])
+        client.put(good[1])
+        client.put(good[2], bad)
+        client.put(good[3], good[4], priorities=[2.0, 3.0])
+        assert client.in_flight == 2     # the window is full: the last two puts wait, to go as one request
+        server.start()
+        with pytest.raises(BufferRefused, match="refused 1 of 4 pipelined inserts; the first, put 2") as refused:
+            client.flush()
+        assert "token_versions" in refused.value.refused[0][2]
+        assert client.stats()["size"] == 4 and server.errors == 1
+        assert [g.id for g in client.sample(4, timeout_s=2.0)[0]] == [g.id for g in good[:2] + good[3:]]
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_pipelined_inserts_to_a_dead_server_fail_within_their_deadline():
+    client = BufferClient("tcp://127.0.0.1:9", timeout_s=0.2, retries=1, window=2)
     t = time.monotonic()
-    with pytest.raises(BufferTimeout, match="did not acknowledge 3 of 3"):
-        client.insert_many([[make_group(seed=i)] for i in range(3)], window=2, timeout_s=0.2)
-    assert time.monotonic() - t < 30
+    with pytest.raises(BufferTimeout, match="did not acknowledge 3 pipelined insert"):
+        for i in range(3):
+            client.put(make_group(seed=i))
+        client.flush()
+    assert time.monotonic() - t < 30 and client.in_flight == 0
     client.close()
 
 
@@ -340,7 +391,8 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
     server = buffer_server(max_size=64)
     good = make_group(seed=1).to_wire()
     broken_fields = [("op", 3), ("op", "drop_table"), ("groups", "x"), ("groups", [{"tokens": 1}]), ("n", -1),
-                     ("n", 2**64 - 1), ("timeout_s", float("nan")), ("version", "1"), ("priorities", [float("inf")])]
+                     ("n", 2**64 - 1), ("timeout_s", float("nan")), ("version", "1"), ("priorities", [float("inf")]),
+                     ("parts", [2]), ("parts", [0, 1]), ("parts", "x")]
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.address)
@@ -356,7 +408,7 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
                 frames = [(i + 1).to_bytes(8, "big"), msgpack.packb(payload)]
             else:
                 key, value = rng.choice(broken_fields)
-                op = {"groups": "insert", "priorities": "insert", "n": "sample", "timeout_s": "sample",
+                op = {"groups": "insert", "priorities": "insert", "parts": "insert", "n": "sample", "timeout_s": "sample",
                       "version": "set_version"}.get(key, "insert")
                 request = {"op": op, "groups": [good], "n": 1, "timeout_s": 0.01, "version": 1}
                 request[key] = value
