@@ -98,13 +98,13 @@ class Config:
         check(self.actors.max_inflight_episodes >= self.rollout.group_size, "actors.max_inflight_episodes",
               f"must be >= rollout.group_size={self.rollout.group_size} (a group's episodes run together), "
               f"got {self.actors.max_inflight_episodes}")
-        if t.publish_lag:
-            check(self.buffer.table.max_staleness >= t.publish_lag, "buffer.table.max_staleness",
-                  f"must be >= trainer.publish_lag={t.publish_lag} (every group is that many versions old), "
-                  f"got {self.buffer.table.max_staleness}")
+        if t.publish_lag:   # synchronous actors first: sync_grpo also sets max_staleness to 0
             check(not self.actors.groups_per_version, "trainer.publish_lag",
                   "needs asynchronous actors (actors.groups_per_version=0, async_grpo): synchronous ones wait "
                   "for each version, which a lagged learner sends late")
+            check(self.buffer.table.max_staleness >= t.publish_lag, "buffer.table.max_staleness",
+                  f"must be >= trainer.publish_lag={t.publish_lag} (every group is that many versions old), "
+                  f"got {self.buffer.table.max_staleness}")
             check(not self.run.resume, "trainer.publish_lag",
                   "a lagged run keeps its last versions in memory only, so it cannot resume (run.resume=true)")
         # A learner rank samples its share of the batch at once: a table that can never hold

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.config import ConfigError
+from common.config import ConfigError, validate
 from launch import async_grpo
 from launch.config import Config
 
@@ -20,12 +20,10 @@ def main(config: Config) -> Path:
     if batch % actors:
         raise ConfigError("trainer.batch_groups", f"must be a multiple of actors.count={actors} in sync_grpo, "
                           f"got {batch}")
-    if config.trainer.publish_lag:   # its actors wait for each version, which a lagged learner sends late
-        raise ConfigError("trainer.publish_lag", f"must be 0 in sync_grpo (its actors wait for every version; "
-                          f"a lag is for asynchronous actors, async_grpo), got {config.trainer.publish_lag}")
     config.actors.groups_per_version = batch // actors  # each actor's share of one step, then wait
     config.actors.max_inflight_episodes = max(config.actors.max_inflight_episodes,
                                               config.actors.groups_per_version * config.rollout.group_size)
     config.trainer.sync_every = 1
     config.buffer.table.max_staleness = 0
+    validate(config)   # the recipe's settings against the rest (a publish_lag is refused here)
     return async_grpo.main(config)
