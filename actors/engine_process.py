@@ -142,6 +142,8 @@ class EngineProcess(Engine):
         self._stop.set()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(5.0)
+        if not self._died:   # a request made after this would wait for an answer that never comes
+            self._fail_all(f"the {self.name} process was closed")
         try:
             self.proc.wait(10.0)
         except subprocess.TimeoutExpired:
@@ -154,13 +156,19 @@ class EngineProcess(Engine):
             raise EngineProcessError(self._died)
         rid = next(self._ids)
         self._pending[rid] = (loop, future)
+        if self._died:   # it died between the check and the entry: nobody would answer
+            self._pending.pop(rid, None)
+            raise EngineProcessError(self._died)
         self._post([op, rid, payload])
         return rid
 
     def _post(self, message: list) -> None:
         with self._outbox_lock:   # callers come from any thread; only the I/O thread touches the socket
             self._outbox.append(message)
-            self._wake_out.send(b"", self._zmq.NOBLOCK)
+            try:
+                self._wake_out.send(b"", self._zmq.NOBLOCK)
+            except self._zmq.Again:   # wakes are queued already: the I/O thread will take the outbox
+                pass
 
     def _call(self, op: str, payload=None, timeout_s: float | None = None, what: str | None = None):
         future = concurrent.futures.Future()

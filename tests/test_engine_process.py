@@ -135,3 +135,11 @@ def test_a_function_runs_beside_the_engine_in_its_process(remote):
     assert facts == {"pid": remote.proc.pid, "class": "HFEngine", "extra": [1, 2]}
     with pytest.raises(EngineProcessError, match="in the engine process"):
         remote.run("tests.test_engine_process:no_such_function")
+
+
+def test_a_closed_engine_process_refuses_requests_at_once(tiny_model_path):
+    engine = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path), startup_timeout_s=120)
+    engine.close()
+    assert engine.proc.poll() == 0   # it stopped its engine and exited cleanly
+    with pytest.raises(EngineProcessError, match="was closed"):
+        generate(engine, [[3]], max_new_tokens=2, temperature=1.0)
