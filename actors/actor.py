@@ -21,12 +21,12 @@ from functools import partial
 import torch
 from transformers import AutoTokenizer
 
-from actors.engine_process import EngineProcess, resolve
+from actors.engine_process import EngineProcess
 from actors.evaluation import EvalConfig, TrainingTasks, held_out_tasks, play
 from actors.environments import ProcessEnvironments
 from actors.rollout import EpisodeRunner, RolloutConfig
 from buffer.client import BufferClient, BufferHeld
-from common import telemetry
+from common import dotted, telemetry
 from common.config import check
 from envs import registry
 
@@ -189,7 +189,7 @@ def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, st
                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed)
     if config.engine_process == "own":
         return EngineProcess(build, kwargs, name=f"{config.engine} engine")
-    return resolve(build)(**kwargs)
+    return dotted.load(build)(**kwargs)
 
 
 async def _generate(a: RolloutActor, max_groups: int | None) -> dict:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import importlib
 import itertools
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,18 +32,13 @@ import threading
 import time
 
 from actors.engine import Engine, Sample, settle_from_thread
+from common.dotted import load
 
 CALLS = ("version", "check", "stats", "start_weight_updates", "close", "run")
 
 
 class EngineProcessError(RuntimeError):
     """The engine process failed, died or did not answer; the text names it."""
-
-
-def resolve(path: str):
-    """'package.module:attribute' -> the attribute."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def _error_of(payload: dict) -> BaseException:
@@ -71,7 +66,6 @@ class EngineProcess(Engine):
         self._pending: dict = {}            # rid -> (loop or None, future)
         self._outbox_lock = threading.Lock()
         self._died: str | None = None
-        self._version = 0
         ctx = zmq.Context.instance()
         self._wake_address = f"inproc://engine-wake-{id(self)}"
         self._wake_in = ctx.socket(zmq.PULL)
@@ -100,8 +94,7 @@ class EngineProcess(Engine):
     # -- the Engine interface ---------------------------------------------------------------
     @property
     def version(self) -> int:
-        self._version = self._call("version")
-        return self._version
+        return self._call("version")
 
     async def generate(self, prompt: list, max_new_tokens: int, temperature: float) -> Sample:
         loop = asyncio.get_running_loop()
@@ -109,7 +102,7 @@ class EngineProcess(Engine):
         rid = self._submit("generate", {"prompt": [int(t) for t in prompt], "max_new_tokens": int(max_new_tokens),
                                         "temperature": float(temperature)}, loop, future)
         try:
-            tokens, logprobs, versions, finish, self._version = await future
+            tokens, logprobs, versions, finish = await future
         except asyncio.CancelledError:
             if self._died is None:
                 self._post(["abort", rid, None])
@@ -144,6 +137,7 @@ class EngineProcess(Engine):
             self._thread.join(5.0)
         if not self._died:   # a request made after this would wait for an answer that never comes
             self._fail_all(f"the {self.name} process was closed")
+        shutil.rmtree(self._folder, ignore_errors=True)   # the socket file
         try:
             self.proc.wait(10.0)
         except subprocess.TimeoutExpired:
@@ -301,8 +295,7 @@ class _Server:
         try:
             engine = await self.ready()
             s = await engine.generate(request["prompt"], request["max_new_tokens"], request["temperature"])
-            reply = (True, [list(s.tokens), [float(x) for x in s.logprobs], list(s.versions), s.finish_reason,
-                            engine.version])
+            reply = (True, [list(s.tokens), [float(x) for x in s.logprobs], list(s.versions), s.finish_reason])
         except asyncio.CancelledError:
             return   # aborted: the client no longer waits
         except Exception as e:
@@ -330,7 +323,7 @@ class _Server:
                 result = await asyncio.to_thread(self.engine.start_weight_updates, pickle.loads(payload))
             elif op == "run":   # a coroutine function on this loop, any other on a thread of its own
                 function, args = pickle.loads(payload)
-                function = resolve(function)
+                function = load(function)
                 result = await (function(self.engine, *args) if asyncio.iscoroutinefunction(function)
                                 else asyncio.to_thread(function, self.engine, *args))
             else:   # close
@@ -345,7 +338,7 @@ class _Server:
 
 def main() -> None:
     spec = pickle.loads(sys.stdin.buffer.read())
-    server = _Server(lambda: resolve(spec["build"])(**spec["kwargs"]), spec["address"])
+    server = _Server(lambda: load(spec["build"])(**spec["kwargs"]), spec["address"])
     try:
         asyncio.run(server.serve())
     finally:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
+from common import dotted
 from common.config import ConfigError
 from envs.base import Environment
 
@@ -32,17 +33,12 @@ class EnvConfig:
     """Keyword arguments of the environment's constructor."""
 
 
-def _import(path: str):
-    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
 def resolve(name: str) -> type[Environment]:
     if name in BUILTIN:
-        return _import(BUILTIN[name])
+        return dotted.load(BUILTIN[name])
     found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     try:
-        cls = found[0].load() if found else _import(name)
+        cls = found[0].load() if found else dotted.load(name)
     except (ImportError, AttributeError, ValueError) as e:
         raise ConfigError("env.name", f"{name!r} is neither a built-in ({', '.join(BUILTIN)}), "
                           f"an entry point in {ENTRY_POINT_GROUP}, nor an importable module:Class ({e})") from None
@@ -56,7 +52,7 @@ def available() -> list:
     entry points of group asyncrl.envs (one that fails to load says why)."""
     found = []
     for name, path in BUILTIN.items():
-        found.append((name, path, _summary(_import(path))))
+        found.append((name, path, _summary(dotted.load(path))))
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
             found.append((ep.name, ep.value, _summary(ep.load())))
