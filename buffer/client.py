@@ -430,9 +430,9 @@ class BufferClient:
         """Acknowledged groups no checkpoint holds yet (kept for a restarted server)."""
         return len(self._unsaved)
 
-    def checkpoint(self) -> dict:
+    def checkpoint(self, timeout_s: float | None = None) -> dict:
         """Ask the server to write a checkpoint now: {path}."""
-        return self._call("checkpoint")
+        return self._call("checkpoint", deadline_s=timeout_s)
 
     def sample(self, n: int, timeout_s: float | None = None,
                table: str = ROLLOUTS) -> tuple[list[RolloutGroup], list[int], int]:
@@ -448,9 +448,9 @@ class BufferClient:
     def set_learner_version(self, version: int) -> dict:
         return self._call("set_version", version=int(version), token=self.version_token)
 
-    def stats(self, table: str = ROLLOUTS) -> dict:
+    def stats(self, table: str = ROLLOUTS, timeout_s: float | None = None) -> dict:
         """`table`'s counters (buffer/table.py summary) and `tables`: every table's, by name."""
-        return self._call("stats", table=table)
+        return self._call("stats", deadline_s=timeout_s, table=table)
 
     def info(self) -> dict:
         """{tables: {name: {config, size}}, learner_version}."""

@@ -13,7 +13,7 @@ import ray
 
 from actors import activity
 from buffer import curve
-from buffer.client import BufferClient
+from buffer.client import BufferClient, BufferTimeout
 from buffer.curve import CurveKeys
 from buffer.process import BufferProcess
 from buffer.server import check_bindable
@@ -146,6 +146,20 @@ def actor_time(actor_stats: list, before: dict) -> dict:
     return metrics
 
 
+def ask_buffer(buffer: BufferProcess, call, deadline_s: float, slice_s: float = 2.0):
+    """call(timeout_s=...) to the buffer in short slices, checking its process between them: the
+    launcher is what restarts a dead buffer, so a call that waited out its whole deadline on one
+    would leave nobody to restart it (a run stalled for minutes after a buffer was killed)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        buffer.check()   # restarts a dead buffer process, or fails the run naming its log
+        try:
+            return call(timeout_s=slice_s)
+        except BufferTimeout:
+            if time.monotonic() >= deadline:
+                raise
+
+
 def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: BufferProcess, buffer_stats,
           first_step: int = 0, tracker=None) -> None:
     t = config.trainer
@@ -165,7 +179,7 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
                 raise
             actor_stats = cluster.get([a.stats.remote() for a in actors], config.run.actor_timeout_s, "actor stats")
             tokens, now = sum(s["generated_tokens"] for s in actor_stats), time.monotonic()
-            table = buffer_stats.stats()
+            table = ask_buffer(buffer, buffer_stats.stats, config.buffer.timeout_s)
             metrics.update({
                 "buffer/size": table["size"], "buffer/inserts": table["inserts"],
                 "buffer/dropped_stale": table["dropped_stale"], "buffer/evicted": table["evicted"],
@@ -194,6 +208,7 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
             if t.checkpoint_every and (step % t.checkpoint_every == 0 or step == t.max_steps):
                 cluster.get([r.checkpoint.remote(str(run_dir / "checkpoints")) for r in ranks],
                             config.run.step_timeout_s, f"learner checkpoint at step {step}")
-                buffer_stats.checkpoint()  # the buffer beside it: a resumed run finds both
+                # the buffer beside it: a resumed run finds both
+                ask_buffer(buffer, buffer_stats.checkpoint, config.buffer.timeout_s)
     finally:
         logger.close()
