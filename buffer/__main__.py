@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     parent = int(os.environ.get("ASYNCRL_BUFFER_PARENT", "0"))
     if parent:   # started by a launcher: stop (saving a checkpoint) if it dies without stopping us
         threading.Thread(target=_stop_when_orphaned, args=(server, parent), name="watch-parent", daemon=True).start()
-    print(json.dumps({"address": server.address, "pid": os.getpid(),
+    print(json.dumps({"address": server.address, "control_port": server.control_port, "pid": os.getpid(),
                       "restored_from": str(server.restored_from) if server.restored_from else None,
                       "groups": server.size}), flush=True)
     server.serve()

@@ -10,6 +10,11 @@ old one died with the request, and the request is put to the new one. An error r
 server's reason, for any request, even one it could not decode) raises at once. Failures
 raise BufferError naming the server's address and the cause.
 
+Inserts go to the server's main port; every other op goes to its control port (which every
+reply names), read by the server before inserts: a learner's sample never queues behind the
+actors' inserts. A client's first call, before any reply named it, goes to the main port, and
+so does every call made while puts of its own are unacknowledged (they would be overtaken).
+
 Inserts may also be pipelined (`put`, then `flush`): up to `window` requests in flight, each
 acknowledged as it lands, with the same deadlines, retries and re-sends (ids are unique, so a
 re-sent put is stored once). Replies are matched to requests by rid, so a blocking call made
@@ -107,6 +112,9 @@ class BufferClient:
         self.retries = retries
         self._context = zmq.Context.instance()
         self._socket = None
+        self._control = None       # connected once a reply names the server's control port
+        self._control_port = None
+        self._poller = None
         self._rids = itertools.count(1)
         self._incarnation = None   # of the server that answered last
         self._unsaved: list = []   # [incarnation, seq, table, group]: acknowledged, no checkpoint holds it yet
@@ -124,19 +132,28 @@ class BufferClient:
         self._connect()
 
     def _connect(self) -> None:
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.LINGER, 0)
+        """(Re)connect to the main port and, once known, the control port; what was queued on
+        the old connections is dropped."""
+        self.close()
+        self._socket = self._open(self.address)
+        self._poller = None
+        if self._control_port is not None:
+            self._connect_control()
+
+    def _open(self, address: str):
+        socket = self._context.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
         if self.curve_keys is not None:
-            secure_client(self._socket, self.curve_keys)
-        self._socket.connect(self.address)
+            secure_client(socket, self.curve_keys)
+        socket.connect(address)
+        return socket
 
     def close(self) -> None:
         """Close the connection; puts not yet acknowledged are given up (flush() first)."""
-        if self._socket is not None:
-            self._socket.close(linger=0)
-            self._socket = None
+        for socket in (self._socket, self._control):
+            if socket is not None:
+                socket.close(linger=0)
+        self._socket = self._control = None
 
     def _call(self, op: str, deadline_s: float | None = None, idempotent: bool = True, **fields) -> dict:
         timeout_s = self.timeout_s if deadline_s is None else deadline_s
@@ -147,7 +164,7 @@ class BufferClient:
         for attempt in range(attempts):
             rid = next(self._rids)
             deadline = time.monotonic() + timeout_s
-            if not self._send(with_rid(rid, message), deadline):
+            if not self._send(with_rid(rid, message), deadline, self._socket_for(op)):
                 self._reconnect()
                 continue
             # A request may wait long (a sample, an insert the rate limiter holds); a server that
@@ -169,7 +186,7 @@ class BufferClient:
                         asked = incarnation
                     elif incarnation != asked:
                         asked, rid = incarnation, next(self._rids)   # ask the new server
-                        self._send(with_rid(rid, message), deadline)
+                        self._send(with_rid(rid, message), deadline, self._socket_for(op))
                     continue
                 if reply_rid != rid:
                     self._dispatch(reply_rid, reply)   # a put's acknowledgement, or a late reply
@@ -186,15 +203,45 @@ class BufferClient:
         raise BufferTimeout(f"buffer at {self.address} did not answer {op} within {timeout_s:.1f}s "
                             f"({attempts} attempt(s)); {self._hint()}")
 
+    def _socket_for(self, op: str):
+        """Inserts go to the main port, the other ops to the control port once it is known,
+        unless puts of this client are unacknowledged: the server reads the control port
+        first, and a client's own requests are served in the order it sent them."""
+        if op == "insert" or self._control is None or self._flying or self._queued:
+            return self._socket
+        return self._control
+
     def _receive(self, wait_s: float):
-        """The next reply as (rid, decoded header), or None if none comes within wait_s."""
-        if not self._socket.poll(int(wait_s * 1000) + 1 if wait_s > 0 else 0):
+        """The next reply, from either port, as (rid, decoded header), or None if none comes
+        within wait_s."""
+        timeout_ms = int(wait_s * 1000) + 1 if wait_s > 0 else 0
+        if self._poller is None:
+            socket = self._socket if self._socket.poll(timeout_ms) else None
+        else:
+            ready = dict(self._poller.poll(timeout_ms))
+            socket = self._control if self._control in ready else self._socket if self._socket in ready else None
+        if socket is None:
             return None
         try:
-            rid, body = split_rid(recv_frames(self._socket))
-            return rid, decode(body)
+            rid, body = split_rid(recv_frames(socket))
+            reply = decode(body)
         except WireError as e:
             raise BufferError(f"buffer at {self.address} sent a malformed reply: {e}") from None
+        if isinstance(reply, dict) and reply.get("control_port") != self._control_port:
+            port = reply.get("control_port")
+            if type(port) is int and 0 < port < 65536:   # a new server's: connect to it
+                self._control_port = port
+                self._connect_control()
+        return rid, reply
+
+    def _connect_control(self) -> None:
+        """(Re)connect the control port alone: the main connection keeps its puts in flight."""
+        if self._control is not None:
+            self._control.close(linger=0)
+        self._control = self._open(f"{self.address.rsplit(':', 1)[0]}:{self._control_port}")
+        self._poller = zmq.Poller()
+        self._poller.register(self._control, zmq.POLLIN)
+        self._poller.register(self._socket, zmq.POLLIN)
 
     def _ping(self) -> None:
         self._ping_rid = next(self._rids)
@@ -209,15 +256,16 @@ class BufferClient:
         for request in self._unacknowledged():
             self._send_request(request, block=False)
 
-    def _send(self, parts: list, deadline: float) -> bool:
-        """Send by the deadline; False when no connection takes the message in time (no server
-        up, or one whose CurveZMQ handshake refuses this client): a blocking send would wait
-        for a connection for ever."""
+    def _send(self, parts: list, deadline: float, socket=None) -> bool:
+        """Send by the deadline, on the main connection unless `socket` is given; False when no
+        connection takes the message in time (no server up, or one whose CurveZMQ handshake
+        refuses this client): a blocking send would wait for a connection for ever."""
+        socket = self._socket if socket is None else socket
         left = deadline - time.monotonic()   # <= 0: only if the connection takes it at once
-        if not self._socket.poll(int(left * 1000) + 1 if left > 0 else 0, zmq.POLLOUT):
+        if not socket.poll(int(left * 1000) + 1 if left > 0 else 0, zmq.POLLOUT):
             return False
         try:
-            send_frames(self._socket, parts, block=False)
+            send_frames(socket, parts, block=False)
             return True
         except zmq.Again:
             return False

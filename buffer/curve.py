@@ -55,9 +55,9 @@ class CurveKeys:
         return cls.decode(text) if text else None
 
 
-def secure_server(context, socket, keys: CurveKeys):
-    """Make `socket` a CURVE server that admits only the job's client key; returns the
-    authenticator (stop() it when the socket closes)."""
+def secure_server(context, sockets: list, keys: CurveKeys):
+    """Make each of `sockets` a CURVE server that admits only the job's client key; returns the
+    authenticator (one per context: stop() it when the sockets close)."""
     from zmq.auth.thread import ThreadAuthenticator
 
     if not keys.server_secret:
@@ -70,8 +70,9 @@ def secure_server(context, socket, keys: CurveKeys):
     authenticator = ThreadAuthenticator(context)
     authenticator.start()
     authenticator.configure_curve_callback("*", credentials_provider=JobClients())
-    socket.curve_secretkey, socket.curve_publickey = keys.server_secret, keys.server_public
-    socket.curve_server = True
+    for socket in sockets:
+        socket.curve_secretkey, socket.curve_publickey = keys.server_secret, keys.server_public
+        socket.curve_server = True
     return authenticator
 
 

@@ -82,8 +82,9 @@ class BufferProcess:
             self.process.wait(10)
             raise ConfigError(self.info["config_error"]["key"], self.info["config_error"]["message"])
         self.address = self.info["address"]
-        # A restart must come back where the clients look: the same host and port.
+        # A restart must come back where the clients look: the same host and ports.
         self.config.port = int(self.address.rsplit(":", 1)[1])
+        self.config.control_port = int(self.info["control_port"])
         return self
 
     def check(self) -> None:

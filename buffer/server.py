@@ -5,6 +5,13 @@ from; buffer.tables adds more, each with its own selector, bounds and rate limit
 but set_version, stats, info and checkpoint names its table (`table`; default "rollouts"); the
 learner's version is one for all tables.
 
+Two sockets: inserts come on the main one (buffer.port); the other ops, the learner's, on the
+control socket (buffer.control_port), which the loop reads first and between two inserts, so
+a sample or a version never waits behind the actors' queued inserts (ZeroMQ reads one
+socket's peers in turn: behind eight writers' windows, a learner's request waited for eight
+inserts). Every reply names the control port; the client sends its other ops there once it
+knows it. An insert sent to the control socket is refused.
+
 A request or reply is [rid, header, *array frames] (common/wire.py): the rid frame (the client's
 request id) leads, and every reply echoes it, even to a request that is oversize or cannot be
 decoded (a request without a valid rid frame gets rid 0, which no client uses). The header is
@@ -62,8 +69,9 @@ from common.rollout import RolloutGroup, SchemaError
 from common.wire import WireError, decode, encode, recv_frames, send_frames, split_rid, with_rid
 
 log = logging.getLogger(__name__)
+_POLLIN = int(zmq.POLLIN)   # a plain int: pyzmq's enum flags are slow to combine
 MAX_VERSION = 2**53  # a policy version past this is not one a learner publishes
-DRAIN_MAX = 16  # requests taken from the socket between two passes over the waiting samples,
+DRAIN_MAX = 16  # insert requests taken between two passes over the waiting inserts,
 DRAIN_BYTES = 1 << 16  # or fewer once they hold this much (a client's pipelined puts go several a request)
 
 
@@ -73,7 +81,11 @@ class BufferConfig:
     """Address the server binds and clients connect to; empty: 127.0.0.1 with a local Ray,
     this node's address when joining a Ray cluster."""
     port: int = 0
-    """TCP port; 0 picks a free one."""
+    """TCP port of inserts; 0 picks a free one."""
+    control_port: int = 0
+    """TCP port of every other op (sample, set_version, stats, ...: the learner's), read before
+    inserts so that the learner never waits behind the actors; 0 picks a free one. Clients
+    learn it from the server's replies."""
     timeout_s: float = 120.0
     """Deadline of each client call; a sample waits at most this long for enough groups."""
     max_message_mb: float = 512.0
@@ -102,6 +114,9 @@ class BufferConfig:
 
     def validate(self):
         check(0 <= self.port < 65536, "port", f"must lie in [0, 65535], got {self.port}")
+        check(0 <= self.control_port < 65536, "control_port", f"must lie in [0, 65535], got {self.control_port}")
+        check(not self.port or self.control_port != self.port, "control_port",
+              f"must differ from buffer.port ({self.port}): the two are separate sockets")
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         check(self.max_message_mb > 0, "max_message_mb", "must be > 0")
         check(self.checkpoint_every_s >= 0, "checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
@@ -138,6 +153,7 @@ def _number(request: dict, key: str, kind: type = float, default=None):
 
 @dataclass
 class _PendingSample:
+    socket: zmq.Socket   # the one it came on, where its reply goes
     identity: bytes
     rid: int
     table: str
@@ -147,6 +163,7 @@ class _PendingSample:
 
 @dataclass
 class _PendingInsert:
+    socket: zmq.Socket
     identity: bytes
     rid: int
     table: str
@@ -157,8 +174,8 @@ class _PendingInsert:
     refused: list = field(default_factory=list)  # [part, reason] of the parts refused (request with parts)
 
 
-def _bind_error(address: str, e: "zmq.ZMQError") -> ConfigError:
-    key = "buffer.port" if e.errno == zmq.EADDRINUSE else "buffer.host"
+def _bind_error(address: str, e: "zmq.ZMQError", port_key: str = "buffer.port") -> ConfigError:
+    key = port_key if e.errno == zmq.EADDRINUSE else "buffer.host"
     return ConfigError(key, f"cannot bind {address}: {zmq.strerror(e.errno)}")
 
 
@@ -166,17 +183,18 @@ def check_bindable(config: "BufferConfig") -> None:
     """Fail at once, naming the key, if the configured address cannot be bound (a port in use,
     a host not this machine's): before a job starts anything else. The server binds for real
     later; this only spares the wait for the rest of the start-up."""
-    if not config.port:
-        return
-    address = f"tcp://{config.host or '127.0.0.1'}:{config.port}"
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
-    probe.setsockopt(zmq.LINGER, 0)
-    try:
-        probe.bind(address)
-    except zmq.ZMQError as e:
-        raise _bind_error(address, e) from None
-    finally:
-        probe.close(0)
+    for key, port in (("buffer.port", config.port), ("buffer.control_port", config.control_port)):
+        if not port:
+            continue
+        address = f"tcp://{config.host or '127.0.0.1'}:{port}"
+        probe = zmq.Context.instance().socket(zmq.ROUTER)
+        probe.setsockopt(zmq.LINGER, 0)
+        try:
+            probe.bind(address)
+        except zmq.ZMQError as e:
+            raise _bind_error(address, e, key) from None
+        finally:
+            probe.close(0)
 
 
 class BufferServer:
@@ -198,26 +216,19 @@ class BufferServer:
                                   "`python -m buffer keys` makes a set for a buffer run by hand")
         # with CurveZMQ, a context of its own: its authenticator is the context's
         self._context = zmq.Context() if keys else zmq.Context.instance()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a gone client fails instead of vanishing
+        self._socket, self._control = self._context.socket(zmq.ROUTER), self._context.socket(zmq.ROUTER)
+        for socket in (self._socket, self._control):
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a reply to a gone client fails instead of vanishing
         if keys:
             try:
-                self._authenticator = curve.secure_server(self._context, self._socket, keys)
+                self._authenticator = curve.secure_server(self._context, [self._socket, self._control], keys)
             except curve.CurveError as e:
                 self.close()
                 raise ConfigError("buffer.curve", str(e)) from None
         host = config.host or "127.0.0.1"
-        address = f"tcp://{host}:{config.port or '*'}"
-        try:
-            if config.port:
-                self._socket.bind(address)
-                self.port = config.port
-            else:
-                self.port = self._socket.bind_to_random_port(f"tcp://{host}")
-        except zmq.ZMQError as e:
-            self.close()
-            raise _bind_error(address, e) from None
+        self.port = self._bind(self._socket, host, config.port, "buffer.port")
+        self.control_port = self._bind(self._control, host, config.control_port, "buffer.control_port")
         self.address = f"tcp://{host}:{self.port}"
         if not keys and host not in ("127.0.0.1", "localhost", "::1"):
             log.warning("buffer: %s is reachable from other hosts without CurveZMQ: anyone who reaches the "
@@ -238,6 +249,18 @@ class BufferServer:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self.errors = 0
+
+    def _bind(self, socket: zmq.Socket, host: str, port: int, key: str) -> int:
+        """Bind socket to host:port (0: a free port); the port. ConfigError naming `key` if it cannot."""
+        address = f"tcp://{host}:{port or '*'}"
+        try:
+            if port:
+                socket.bind(address)
+                return port
+            return socket.bind_to_random_port(f"tcp://{host}")
+        except zmq.ZMQError as e:
+            self.close()
+            raise _bind_error(address, e, key) from None
 
     @property
     def table(self) -> Table:
@@ -290,6 +313,7 @@ class BufferServer:
     def close(self) -> None:
         """Close the socket (and CurveZMQ's authenticator), once the loop is not running."""
         self._socket.close(linger=0)
+        self._control.close(linger=0)
         if self._authenticator is not None:
             self._authenticator.stop()
             self._authenticator = None
@@ -328,6 +352,7 @@ class BufferServer:
 
     def _serve_requests(self) -> None:
         poller = zmq.Poller()
+        poller.register(self._control, zmq.POLLIN)
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
             if time.monotonic() >= self._next_checkpoint:
@@ -337,23 +362,37 @@ class BufferServer:
                 soonest = min(p.deadline for p in self._pending + self._pending_inserts)
                 wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
             if poller.poll(wait_ms):
-                # Take what has arrived (inserts are seen before the samples waiting behind
-                # them), but at most DRAIN_MAX requests or DRAIN_BYTES: under a steady stream
-                # of inserts a drain would never end and the samples would starve.
+                # The learner's requests first, then the inserts that have arrived, at most
+                # DRAIN_MAX requests or DRAIN_BYTES (under a steady stream of inserts a drain
+                # would never end and held inserts would never be looked at again), with the
+                # control socket read again before each.
+                self._serve_control()
                 taken = 0
                 for _ in range(DRAIN_MAX):
                     try:
                         frames = recv_frames(self._socket, block=False)
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                    self._handle(self._socket, frames)
                     taken += sum(len(f) for f in frames)
                     if taken >= DRAIN_BYTES:
                         break
+                    self._serve_control()
             self._serve_pending()
 
+    def _serve_control(self) -> None:
+        """Every request waiting on the control socket, each sample answered at once if it can be."""
+        while self._control.get(zmq.EVENTS) & _POLLIN:
+            try:
+                frames = recv_frames(self._control, block=False)
+            except zmq.Again:
+                return
+            self._handle(self._control, frames)
+            if self._pending:
+                self._serve_pending()
+
     # -- requests --------------------------------------------------------------------------
-    def _handle(self, frames) -> None:
+    def _handle(self, socket: zmq.Socket, frames) -> None:
         identity, rid = frames[0].bytes, 0
         try:
             rid, body = split_rid(frames[1:])
@@ -367,7 +406,9 @@ class BufferServer:
             handler = getattr(self, f"_op_{request['op']}", None)
             if handler is None:
                 raise RequestError(f"unknown op {request['op']!r}")
-            reply = handler(identity, rid, request)
+            if request["op"] == "insert" and socket is self._control:
+                raise RequestError(f"inserts go to the buffer's main port ({self.port}), not its control port")
+            reply = handler(socket, identity, rid, request)
         except (WireError, SchemaError, RequestError, KeyError, TypeError, ValueError) as e:
             self.errors += 1
             log.warning("buffer: rejected request %d: %s", rid, e)
@@ -377,17 +418,17 @@ class BufferServer:
             log.error("buffer: request %d failed", rid, exc_info=True)
             reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
         if reply is not None:
-            self._reply(identity, rid, reply)
+            self._reply(socket, identity, rid, reply)
 
-    def _reply(self, identity: bytes, rid: int, reply: dict) -> bool:
+    def _reply(self, socket: zmq.Socket, identity: bytes, rid: int, reply: dict) -> bool:
         """Send a reply; False if its client is gone or not reading, so it was not delivered."""
         reply.setdefault("ok", True)
         # every reply says which server answered and what its newest checkpoint holds, so a
         # client knows which acknowledged groups are safe and when the server restarted
         reply["incarnation"], reply["checkpoint_seq"] = self.incarnation, self.checkpoint_seq
-        reply["checkpoints"] = bool(self.config.checkpoint_dir)
+        reply["checkpoints"], reply["control_port"] = bool(self.config.checkpoint_dir), self.control_port
         try:
-            send_frames(self._socket, [identity, *with_rid(rid, encode(reply))], block=False)
+            send_frames(socket, [identity, *with_rid(rid, encode(reply))], block=False)
             return True
         except zmq.ZMQError as e:
             if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -395,7 +436,7 @@ class BufferServer:
             log.info("buffer: reply to request %d not delivered: %s", rid, e.strerror)
             return False
 
-    def _op_insert(self, identity, rid, request):
+    def _op_insert(self, socket, identity, rid, request):
         raw = request["groups"]
         if not isinstance(raw, list):
             raise RequestError("insert needs 'groups', a list of rollout groups")
@@ -424,7 +465,7 @@ class BufferServer:
                 self.errors += 1
                 refused.append([k, f"{type(e).__name__}: {e}"])
             start += size
-        insert = _PendingInsert(identity, rid, name, groups, kept, time.monotonic() + timeout_s, refused=refused)
+        insert = _PendingInsert(socket, identity, rid, name, groups, kept, time.monotonic() + timeout_s, refused=refused)
         held = any(p.table == name for p in self._pending_inserts)   # it waits behind those
         if held or not self._admit(insert):  # the rate limiter holds (the rest of) it
             self._pending_inserts.append(insert)
@@ -460,24 +501,24 @@ class BufferServer:
         return {"stored": insert.stored, "size": len(table), "learner_version": table.learner_version,
                 "seq": self.inserts, "refused": insert.refused}  # covered once checkpoint_seq reaches it
 
-    def _op_update_priorities(self, identity, rid, request):
+    def _op_update_priorities(self, socket, identity, rid, request):
         ids, priorities = request.get("ids"), request.get("priorities")
         if not (isinstance(ids, list) and isinstance(priorities, list) and len(ids) == len(priorities)):
             raise RequestError("update_priorities needs 'ids' and 'priorities', lists of one length")
         values = {str(i): _priority(p) for i, p in zip(ids, priorities)}
         return {"updated": self._table(request)[1].update_priorities(values)}
 
-    def _op_sample(self, identity, rid, request):
+    def _op_sample(self, socket, identity, rid, request):
         n = _number(request, "n", int)
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
         name, table = self._table(request)
         if not 1 <= n <= table.config.max_size:
             raise RequestError(f"sample of n={n} can never be met by the table {name!r} of max_size "
                                f"{table.config.max_size}")
-        self._pending.append(_PendingSample(identity, rid, name, n, time.monotonic() + timeout_s))
+        self._pending.append(_PendingSample(socket, identity, rid, name, n, time.monotonic() + timeout_s))
         return None  # answered by _serve_pending
 
-    def _op_set_version(self, identity, rid, request):
+    def _op_set_version(self, socket, identity, rid, request):
         if self._version_token and not hmac.compare_digest(str(request.get("token", "")), self._version_token):
             raise RequestError("set_version refused: only the learner may move the version (wrong or missing token)")
         version = _number(request, "version", int)
@@ -489,21 +530,21 @@ class BufferServer:
         return {"learner_version": self.table.learner_version,
                 "dropped": sum(t.stats.dropped_stale for t in self.tables.values()) - before}
 
-    def _op_stats(self, identity, rid, request):
+    def _op_stats(self, socket, identity, rid, request):
         name, table = self._table(request)
         return {**table.summary(), "table": name,
                 "held_inserts": sum(p.table == name for p in self._pending_inserts),
                 "waiting_samples": sum(p.table == name for p in self._pending),
                 "tables": {n: t.summary() for n, t in self.tables.items()}}
 
-    def _op_ping(self, identity, rid, request):
+    def _op_ping(self, socket, identity, rid, request):
         return {}
 
-    def _op_info(self, identity, rid, request):
+    def _op_info(self, socket, identity, rid, request):
         return {"tables": {n: {"config": dataclasses.asdict(t.config), "size": len(t)} for n, t in self.tables.items()},
                 "learner_version": self.table.learner_version}
 
-    def _op_checkpoint(self, identity, rid, request):
+    def _op_checkpoint(self, socket, identity, rid, request):
         if not self.config.checkpoint_dir:
             raise RequestError("this server has no checkpoint_dir")
         return {"path": str(self.checkpoint())}
@@ -518,14 +559,14 @@ class BufferServer:
         for p in self._pending_inserts:  # in arrival order: one held insert holds those behind it in its table
             table = self.tables[p.table]
             if now >= p.deadline:
-                self._reply(p.identity, p.rid, {
+                self._reply(p.socket, p.identity, p.rid, {
                     "ok": False, "held": True, "stored": p.stored, "seq": self.inserts, "refused": p.refused,
                     "error": f"timeout: the rate limiter ({table.config.rate_limiter}) of the table "
                     f"{p.table!r} held this insert of {len(p.groups)} group(s) past its deadline, "
                     f"{len(p.stored)} of them stored: the learner is not sampling (size {len(table)}, "
                     f"samples {table.stats.samples}, inserts {table.stats.inserts})"})
             elif p.table not in holding and self._admit(p):
-                self._reply(p.identity, p.rid, self._stored(p))
+                self._reply(p.socket, p.identity, p.rid, self._stored(p))
             else:
                 waiting.append(p)
                 holding.add(p.table)
@@ -534,12 +575,12 @@ class BufferServer:
         for p in self._pending:
             table = self.tables[p.table]
             if now >= p.deadline:
-                self._reply(p.identity, p.rid, {
+                self._reply(p.socket, p.identity, p.rid, {
                     "ok": False, "error": f"timeout: fewer than {p.n} fresh groups arrived in the table {p.table!r} "
                     f"in time (size {len(table)}, dropped_stale {table.stats.dropped_stale})"})
             elif (groups := table.select(p.n)) is None:
                 still.append(p)
-            elif self._reply(p.identity, p.rid, {
+            elif self._reply(p.socket, p.identity, p.rid, {
                     "groups": [g.to_wire() for g in groups],
                     "staleness": [table.staleness(g) for g in groups],
                     "learner_version": table.learner_version}):

@@ -514,3 +514,59 @@ def test_a_queue_takes_a_request_of_several_groups_as_room_comes_rather_than_wai
     finally:
         actor.close()
         learner.close()
+
+
+def _ask(socket, rid: int, request: dict) -> dict:
+    socket.send_multipart([rid.to_bytes(8, "big"), *encode(request)])
+    assert socket.poll(5000), f"no reply to {request['op']}"
+    frames = socket.recv_multipart()
+    assert int.from_bytes(frames[0], "big") == rid
+    return msgpack.unpackb(frames[1])
+
+
+def test_every_reply_names_the_control_port_and_an_insert_sent_there_is_refused(buffer_server):
+    server = buffer_server()
+    client = BufferClient(server.address, timeout_s=5.0)
+    assert client.stats()["control_port"] == server.control_port != server.port
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(f"tcp://127.0.0.1:{server.control_port}")
+    reply = _ask(raw, 1, {"op": "insert", "groups": [make_group().to_wire()]})
+    assert reply["ok"] is False and f"main port ({server.port}), not its control port" in reply["error"]
+    assert _ask(raw, 2, {"op": "stats"})["size"] == 0   # nothing stored; the other ops are served there
+    raw.close(linger=0)
+    client.insert(make_group())   # the client sends its inserts to the main port
+    groups, _, _ = client.sample(1)   # and its sample to the control port
+    assert len(groups) == 1 and client._control is not None
+
+
+def test_the_learners_requests_are_served_before_inserts_that_arrived_first():
+    """Inserts queue on the main port before the serving loop starts, then a stats request on
+    the control port: the loop answers the stats before it stores any insert."""
+    server = BufferServer(BufferConfig(timeout_s=5.0))
+    actor, learner = (zmq.Context.instance().socket(zmq.DEALER) for _ in range(2))
+    actor.connect(server.address)
+    learner.connect(f"tcp://127.0.0.1:{server.control_port}")
+    try:
+        for i in range(20):
+            actor.send_multipart([(i + 1).to_bytes(8, "big"), *encode({"op": "insert", "groups": [
+                make_group(seed=i).to_wire()]})])
+        assert server._socket.poll(5000)   # the inserts have arrived (the loop is not running yet)
+        learner.send_multipart([(99).to_bytes(8, "big"), *encode({"op": "stats"})])
+        assert server._control.poll(5000)
+        server.start()
+        assert learner.poll(5000)
+        assert msgpack.unpackb(learner.recv_multipart()[1])["inserts"] == 0
+        acknowledged = 0
+        while acknowledged < 20 and actor.poll(5000):
+            actor.recv_multipart()
+            acknowledged += 1
+        assert acknowledged == 20 and server.table.stats.inserts == 20
+    finally:
+        actor.close(linger=0)
+        learner.close(linger=0)
+        server.stop()
+
+
+def test_a_control_port_that_is_the_main_port_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="control_port"):
+        validate(BufferConfig(port=5555, control_port=5555))
