@@ -32,11 +32,24 @@ ARRAY_FIELDS = {
     "rewards": (np.float32, ("G",)),              # total reward of each completion
     "token_versions": (np.int32, ("G", "T")),     # policy version that sampled each token; -1 off policy
 }
-_ARRAY_SPECS = [(name, (np.dtype(dtype), shape)) for name, (dtype, shape) in ARRAY_FIELDS.items()]
+_ARRAY_SPECS = [(name, np.dtype(dtype), len(shape) == 2) for name, (dtype, shape) in ARRAY_FIELDS.items()]
+_NO_VERSION = np.uint32(0xFFFFFFFF)   # -1 seen as uint32: above every version >= 0
 
 
 class SchemaError(ValueError):
     """A rollout group does not match the schema; the text names the field."""
+
+
+def finite(x) -> bool:
+    """x is a finite number (int or float, numpy's too; not a bool)."""
+    kind = type(x)
+    if kind is float or kind is int:   # what msgpack gives: the common case first
+        return math.isfinite(x)
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def got(x) -> str:
+    return f"got {type(x).__name__} {x!r:.40}"
 
 
 @dataclass
@@ -81,7 +94,7 @@ class RolloutGroup:
     @cached_property  # the buffer asks at every staleness check; the arrays do not change
     def version(self) -> int:
         """The oldest policy version that generated any token of the group; rows that never
-        generated do not count. -1 if no row generated."""
+        generated do not count. -1 if no row generated. (validate() sets it in passing.)"""
         versions = self.token_versions   # >= 0 exactly on policy tokens (validate)
         return int(versions.min(initial=np.iinfo(np.int32).max, where=versions >= 0)) if (versions >= 0).any() else -1
 
@@ -96,40 +109,44 @@ class RolloutGroup:
         G, T = self.tokens.shape
         if G < 1:
             raise SchemaError("tokens: a group needs at least one completion")
-        for name, dtype, want in ((n, d, (G, T) if len(shape) == 2 else (G,)) for n, (d, shape) in _ARRAY_SPECS):
+        for name, dtype, is_2d in _ARRAY_SPECS:
             value = getattr(self, name)
             if not isinstance(value, np.ndarray):
                 raise SchemaError(f"{name}: must be a numpy array, got {type(value).__name__}")
             if value.dtype is not dtype and value.dtype != dtype:
                 raise SchemaError(f"{name}: dtype must be {dtype}, got {value.dtype}")
-            if value.shape != want:
-                raise SchemaError(f"{name}: shape must be {want} (G, T), got {value.shape}")
+            if value.shape != ((G, T) if is_2d else (G,)):
+                raise SchemaError(f"{name}: shape must be {(G, T) if is_2d else (G,)} (G, T), got {value.shape}")
         for name in ("turn_rewards", "errors"):
             if not isinstance(getattr(self, name), list) or len(getattr(self, name)) != G:
                 raise SchemaError(f"{name}: must be a list of {G} entries")
-        if (self.lengths.min() < 0 or self.lengths.max() > T):
+        # Each check is one or two passes over its array, with no temporaries where a view
+        # does: a small group's arrays are so short that every numpy call costs more than its
+        # data, and a large group's several MB are read once each, not four times.
+        if self.lengths.view(np.uint32).max() > T:   # a negative length, as uint32, exceeds any T
             raise SchemaError("lengths: each must lie in [0, T]")
-        if self.loss_mask.size and self.loss_mask.max() > 1:
-            raise SchemaError("loss_mask: values must be 0 or 1")
         if not np.isfinite(self.rewards).all():
             raise SchemaError("rewards: must be finite")
-        logprobs = self.behaviour_logprobs
-        # NaN fails `<=`; -inf passes it, so the minimum is checked too
-        if logprobs.size and not ((logprobs <= 1e-4).all() and np.isfinite(logprobs.min())):
-            raise SchemaError("behaviour_logprobs: must be finite and <= 0")
-        # policy tokens (mask 1) carry a version >= 0, all others -1
-        on_policy = self.loss_mask.view(np.bool_)
-        versions = self.token_versions
-        if (np.where(on_policy, versions < 0, versions != -1)).any():
-            raise SchemaError("token_versions: must be >= 0 on policy tokens and -1 elsewhere")
+        if T == 0:
+            self.__dict__["version"] = -1
+        else:
+            if self.loss_mask.max() > 1:
+                raise SchemaError("loss_mask: values must be 0 or 1")
+            logprobs = self.behaviour_logprobs
+            # NaN fails both comparisons (min and max propagate it); -inf fails the second
+            if not (logprobs.max() <= 1e-4 and logprobs.min() > -np.inf):
+                raise SchemaError("behaviour_logprobs: must be finite and <= 0")
+            # policy tokens (mask 1) carry a version >= 0, all others -1: the tokens with a
+            # negative version are exactly those off policy, and none is below -1
+            versions = self.token_versions
+            off_policy = versions < 0
+            if versions.min() < -1 or not np.not_equal(off_policy, self.loss_mask.view(np.bool_)).all():
+                raise SchemaError("token_versions: must be >= 0 on policy tokens and -1 elsewhere")
+            # so the oldest policy version is the smallest as uint32 (-1 becomes the largest)
+            oldest = versions.view(np.uint32).min()
+            self.__dict__["version"] = -1 if oldest == _NO_VERSION else int(oldest)   # cached_property's slot
         # The metadata is checked whole too: a bad id (unhashable, say) must fail here, before
         # a buffer stores any group of the request.
-        def finite(x) -> bool:
-            return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-        def got(x) -> str:
-            return f"got {type(x).__name__} {x!r:.40}"
-
         if not (isinstance(self.id, str) and self.id):
             raise SchemaError(f"id: must be a non-empty string, {got(self.id)}")
         if not isinstance(self.prompt_id, str):
@@ -142,7 +159,7 @@ class RolloutGroup:
                 and all(isinstance(k, str) and finite(v) for k, v in self.timings.items())):
             raise SchemaError(f"timings: must map names to finite numbers (seconds), {got(self.timings)}")
         for i, row in enumerate(self.turn_rewards):
-            if not (isinstance(row, list) and all(finite(r) for r in row)):
+            if not (isinstance(row, list) and all(map(finite, row))):
                 raise SchemaError(f"turn_rewards: row {i} must be a list of finite numbers, {got(row)}")
         for i, error in enumerate(self.errors):
             if not isinstance(error, str):
@@ -152,16 +169,15 @@ class RolloutGroup:
         return self
 
     def to_wire(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_wire(cls, data) -> "RolloutGroup":
         if not isinstance(data, dict):
             raise SchemaError(f"a rollout group must be a map, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = set(data) - names, set(ARRAY_FIELDS) - set(data)
-        if unknown or missing:
-            raise SchemaError(f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}")
+        if not (data.keys() <= _FIELD_NAMES and data.keys() >= ARRAY_FIELDS.keys()):
+            unknown, missing = set(data) - _FIELD_NAMES, set(ARRAY_FIELDS) - set(data)
+            raise SchemaError(f"unknown fields {sorted(unknown, key=str)}, missing fields {sorted(missing)}")
         try:
             group = cls(**data)
         except TypeError as e:
@@ -192,3 +208,6 @@ class RolloutGroup:
             errors=[str(r["error"]) for r in rows],
             **meta,
         ).validate()
+
+
+_FIELD_NAMES = dict.fromkeys(f.name for f in dataclasses.fields(RolloutGroup)).keys()   # ordered, a set view

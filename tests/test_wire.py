@@ -76,3 +76,43 @@ def test_malformed_metadata_is_refused_naming_the_field(field, value, message):
     data[field] = value
     with pytest.raises(SchemaError, match=message):
         RolloutGroup.from_wire(data)
+
+
+def _with(data: dict, name: str, edit) -> dict:
+    value = data[name].copy()
+    edit(value)
+    return {**data, name: value}
+
+
+@pytest.mark.parametrize("field, edit, message", [
+    ("lengths", lambda a: a.__setitem__(0, -1), "lengths: each must lie in"),
+    ("lengths", lambda a: a.__setitem__(1, 7), "lengths: each must lie in"),
+    ("loss_mask", lambda a: a.__setitem__((0, 3), 2), "loss_mask: values must be 0 or 1"),
+    ("rewards", lambda a: a.__setitem__(2, np.nan), "rewards: must be finite"),
+    ("behaviour_logprobs", lambda a: a.__setitem__((1, 2), np.nan), "behaviour_logprobs: must be finite"),
+    ("behaviour_logprobs", lambda a: a.__setitem__((1, 2), -np.inf), "behaviour_logprobs: must be finite"),
+    ("token_versions", lambda a: a.__setitem__((0, 3), -1), "token_versions: must be >= 0 on policy"),
+    ("token_versions", lambda a: a.__setitem__((0, 0), -2), "token_versions: must be >= 0 on policy"),
+    ("token_versions", lambda a: a.__setitem__((0, 0), 0), "token_versions: must be >= 0 on policy"),
+])
+def test_each_array_invariant_is_checked_naming_the_field(field, edit, message):
+    data = make_group(version=2, length=6).to_wire()
+    RolloutGroup.from_wire(dict(data))   # valid before the edit
+    with pytest.raises(SchemaError, match=message):
+        RolloutGroup.from_wire(_with(data, field, edit))
+
+
+def test_a_validated_groups_version_is_its_oldest_policy_token_or_minus_one_if_none():
+    group = make_group(version=5)
+    group.token_versions[1, 3] = 2   # one token of an older policy
+    assert RolloutGroup.from_wire(group.to_wire()).version == 2
+    never = make_group(version=5)
+    never.loss_mask[:] = 0
+    never.token_versions[:] = -1
+    never.behaviour_logprobs[:] = 0
+    assert RolloutGroup.from_wire(never.to_wire()).version == -1
+    empty = RolloutGroup.from_wire({**make_group().to_wire(), **{
+        name: np.zeros((4, 0), dtype) for name, dtype in
+        (("tokens", np.int32), ("loss_mask", np.uint8), ("behaviour_logprobs", np.float32),
+         ("token_versions", np.int32))}, "lengths": np.zeros(4, np.int32)})
+    assert empty.version == -1
