@@ -6,9 +6,10 @@ buffer.tables adds more) and calls them from its loop.
 from __future__ import annotations
 
 import random
+from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import accumulate, islice
 
 from common.config import check
 from common.rollout import RolloutGroup
@@ -224,9 +225,14 @@ class Table:
             chosen, left = [], list(self._items)
             weights = [self._items[k].priority ** self.config.priority_exponent for k in left]
             for _ in range(n):
-                total = sum(weights)
-                i = self._rng.choices(range(len(left)), weights=weights)[0] if total > 0 else \
-                    self._rng.randrange(len(left))
+                cumulative = list(accumulate(weights))
+                total = cumulative[-1]
+                if total > 0:   # the first group whose running sum exceeds the draw: never a weight of 0
+                    i = bisect_right(cumulative, self._rng.random() * total)
+                    if i == len(left):   # the draw rounded up to the total (tiny weights): the last positive one
+                        i = bisect_left(cumulative, total)
+                else:
+                    i = self._rng.randrange(len(left))
                 chosen.append(left[i])
                 left, weights = left[:i] + left[i + 1:], weights[:i] + weights[i + 1:]
         return [self._items[k].group for k in chosen]
