@@ -6,6 +6,8 @@
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
 #   actor    bench/actor_bench.py (ACTOR_ARGS, default: both shapes, --quick)
+#   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study; cells
+#            carried back in (STUDY_FROM, a folder of finished cells) are read, not run again
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
 # machine written to $OUT/stacks-<part>.txt (py-spy, when staged): a hang names where it waits.
 set -u
@@ -52,6 +54,16 @@ for part in "$@"; do
         > "$OUT/actor.txt" 2>&1
       kill "$watcher" 2>/dev/null
       tail -25 "$OUT/actor.txt" | cut -c1-1500 ;;
+    study)
+      mkdir -p "$OUT/study"
+      [[ -n ${STUDY_FROM:-} ]] && cp -r "$STUDY_FROM"/. "$OUT/study/"
+      timeout ${STUDY_TIMEOUT:-540} python -m bench.staleness_study --config gpu --runs-dir "$OUT/study" \
+        --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 200 )) \
+        ${STUDY_ARGS:---lags 0 4 8 --corrections none truncate decoupled --seeds 0 1 --steps 40 --parallel 3} \
+        actors.gpu_memory_utilization=0.15 actors.enforce_eager=true trainer.export_final=false \
+        model.cache_dir=/tmp/asyncrl-models > "$OUT/study.txt" 2>&1
+      find "$OUT/study" -name '*.safetensors' -delete; rm -rf "$OUT"/study/*/checkpoints
+      tail -25 "$OUT/study.txt" | cut -c1-400 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - start )) s"

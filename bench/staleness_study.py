@@ -12,12 +12,16 @@ gradient norm, the entropy proxy, the share of tokens truncated or masked.
   python -m bench.staleness_study --config tiny --lags 0 2 4 8 --corrections none truncate decoupled \\
       --seeds 0 1 --out runs/staleness/study.json --plot docs/off-policy-heldout.png
 
-Runs already finished under --runs-dir are read, not run again, so a grid can be continued.
-Prints a markdown table (mean and min-max over seeds per cell), then one JSON line.
+Runs already finished under --runs-dir are read, not run again, so a grid can be continued
+(past --budget-s no new cell starts: a grid too large for one sitting, or one device call,
+goes on in the next). --parallel N runs N cells at once (on one GPU, give each its share:
+actors.gpu_memory_utilization=0.15, say). Prints a markdown table (mean and min-max over seeds
+per cell), then one JSON line.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import statistics
@@ -47,11 +51,13 @@ def cell_name(lag: int, correction: str, lr: float | None, seed: int) -> str:
     return f"lag{lag}-{correction}" + (f"-lr{lr:g}" if lr else "") + f"-seed{seed}"
 
 
-def run_cell(args, lag: int, correction: str, lr: float | None, seed: int) -> dict:
-    """Run (or read) one cell; returns its scores."""
+def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadline: float = float("inf")) -> dict:
+    """Run (or read) one cell; returns its scores, or why it has none."""
     run_dir = Path(args.runs_dir) / cell_name(lag, correction, lr, seed)
     done = run_dir / "study.done"
     if not done.exists():
+        if time.monotonic() >= deadline:
+            return {"cell": run_dir.name, "skipped": f"not started: --budget-s {args.budget_s:g} was spent"}
         overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"trainer.publish_lag={lag}",
                      f"buffer.table.max_staleness={lag}", f"trainer.max_steps={args.steps}",
                      f"eval.every={args.steps}", f"eval.tasks={args.eval_tasks}", "run.wandb=disabled",
@@ -60,7 +66,12 @@ def run_cell(args, lag: int, correction: str, lr: float | None, seed: int) -> di
                    *(["--actors", str(args.actors)] if args.actors else []), *overrides]
         t = time.monotonic()
         print(f"[study] {run_dir.name} ...", flush=True)
-        result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
+        except subprocess.TimeoutExpired as e:   # one cell past its time fails alone; the grid goes on
+            tail = (e.stderr or b"")[-1500:]
+            return {"cell": run_dir.name, "error": f"timed out after {args.timeout_s:g}s (--timeout-s); stderr ends:\n"
+                                                   f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
         if result.returncode != 0:
             return {"cell": run_dir.name, "error": result.stderr[-1500:]}
         done.write_text(json.dumps({"wall_s": time.monotonic() - t}))
@@ -160,13 +171,23 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-tasks", type=int, default=32)
     p.add_argument("--runs-dir", default="runs/staleness")
     p.add_argument("--timeout-s", type=float, default=1800, help="per run")
+    p.add_argument("--parallel", type=int, default=1, help="cells run at once")
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="no cell starts after this many seconds (those skipped run when the grid is continued)")
     p.add_argument("--out", help="write every run's scores and the summary here (JSON)")
     p.add_argument("--plot", help="held-out accuracy against staleness, one line per correction (PNG)")
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     args = p.parse_args(argv)
+    if args.parallel < 1:
+        p.error(f"--parallel must be at least 1, got {args.parallel}")
+    deadline = time.monotonic() + args.budget_s
     # seed by seed, so a grid stopped early has whole seeds of every cell
-    rows = [run_cell(args, lag, correction, lr, seed)
-            for seed in args.seeds for lr in args.lrs for lag in args.lags for correction in args.corrections]
+    cells = [(lag, correction, lr, seed)
+             for seed in args.seeds for lr in args.lrs for lag in args.lags for correction in args.corrections]
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(lambda cell: run_cell(args, *cell, deadline=deadline), cells))
+    skipped = [r["cell"] for r in rows if "skipped" in r]
+    rows = [r for r in rows if "skipped" not in r]
     summary = summarise(rows)
     print(table(summary))
     for r in rows:
@@ -174,13 +195,16 @@ def main(argv=None) -> dict:
             print(f"[study] {r['cell']} failed:\n{r['error']}", file=sys.stderr)
     out = {"config": args.config, "steps": args.steps, "lags": args.lags, "corrections": args.corrections,
            "seeds": args.seeds, "lrs": args.lrs, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
-           "runs": rows, "summary": summary, "errors": [r["cell"] for r in rows if "error" in r]}
+           "runs": rows, "summary": summary, "errors": [r["cell"] for r in rows if "error" in r], "skipped": skipped}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
     if args.plot:
         plot(summary, args.plot)
-    print(json.dumps({k: out[k] for k in ("config", "steps", "lags", "corrections", "seeds", "date", "errors")}
+    if skipped:
+        print(f"[study] {len(skipped)} cell(s) not started within --budget-s: run the same command again to go on",
+              file=sys.stderr)
+    print(json.dumps({k: out[k] for k in ("config", "steps", "lags", "corrections", "seeds", "date", "errors", "skipped")}
                      | {"held_out": {f"{s['correction']}/lag{s['lag']}": s["held_out"] for s in summary}}))
     return out
 

@@ -47,6 +47,7 @@ def test_colocated_vllm_actor_and_learner_share_one_gpu_and_train_over_cuda_ipc(
                      "actors.max_inflight_episodes=64", "eval.every=10", "eval.tasks=16")
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["run"]["weight_transport"] == "ipc"
+    assert config["actors"]["engine_process"] == "own"   # vLLM's frontend in a process of its own
     assert learns(metrics), [round(m["reward/mean"], 2) for m in metrics]
     evals = read_metrics(tmp_path, kind="eval")
     assert evals[-1]["step"] == len(metrics) and evals[-1]["eval/version_first"] >= len(metrics)

@@ -55,6 +55,16 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
     assert scores["loss/kl_behaviour"] == pytest.approx(sum(m["loss/kl_behaviour"] for m in steps) / 6)
     row = summarise([scores | {"lag": 2, "correction": "truncate", "lr": None, "seed": 0}])[0]
     assert row["held_out"] == row["held_out_min"] == row["held_out_max"] == scores["held_out"]
+    # a grid continued past its budget: the finished cell is read back, the other is not started
+    from bench.staleness_study import main as study
+    cells = tmp_path / "study"
+    cells.mkdir()
+    (cells / "lag2-truncate-seed0").symlink_to(tmp_path)
+    (tmp_path / "study.done").write_text('{"wall_s": 1.0}')
+    out = study(["--runs-dir", str(cells), "--lags", "2", "4", "--corrections", "truncate", "--seeds", "0",
+                 "--parallel", "2", "--budget-s", "0"])
+    assert out["skipped"] == ["lag4-truncate-seed0"] and out["errors"] == []
+    assert [r["held_out"] for r in out["runs"]] == [scores["held_out"]] and not (cells / "lag4-truncate-seed0").exists()
 
 
 @pytest.mark.parametrize("recipe, overrides, key, words", [
