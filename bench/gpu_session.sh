@@ -31,7 +31,7 @@ for part in "$@"; do
     job)
       timeout 560 python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
         --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs" --timeout-s 270 --recipes ${RECIPES:-sync_grpo async_grpo} \
-        model.cache_dir=/tmp/asyncrl-models > "$OUT/job.txt" 2>&1
+        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/job.txt" 2>&1
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
       done
@@ -61,7 +61,7 @@ for part in "$@"; do
         --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 200 )) \
         ${STUDY_ARGS:---lags 0 4 8 --corrections none truncate decoupled --seeds 0 1 --steps 40 --parallel 3} \
         actors.gpu_memory_utilization=0.15 actors.enforce_eager=true trainer.export_final=false \
-        model.cache_dir=/tmp/asyncrl-models > "$OUT/study.txt" 2>&1
+        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/study.txt" 2>&1
       find "$OUT/study" -name '*.safetensors' -delete; rm -rf "$OUT"/study/*/checkpoints
       tail -25 "$OUT/study.txt" | cut -c1-400 ;;
     *) echo "unknown part $part" ;;

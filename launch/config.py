@@ -1,6 +1,8 @@
 """The whole config tree of a run: every part's own config, under the part's name."""
 from __future__ import annotations
 
+import importlib.util
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,9 @@ class RunConfig:
         for key in ("weights_timeout_s", "actor_timeout_s", "step_timeout_s", "startup_timeout_s"):
             check(getattr(self, key) > 0, key, "must be > 0")
         check(self.wandb in WANDB_MODES, "wandb", f"must be one of {WANDB_MODES}, got {self.wandb!r}")
+        check(self.wandb == "disabled" or importlib.util.find_spec("wandb") is not None, "wandb",
+              f"{self.wandb} needs the wandb package, which is not installed here "
+              "(pip install wandb, or run.wandb=disabled)")
         check(self.weight_transport in WEIGHT_TRANSPORTS, "weight_transport",
               f"must be one of {WEIGHT_TRANSPORTS}, got {self.weight_transport!r}")
 

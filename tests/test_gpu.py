@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 def launch(run_dir, *args):
     result = subprocess.run([sys.executable, "-m", "launch", "async_grpo", "--config", "tiny",
-                             f"run.dir={run_dir}", *args], capture_output=True, text=True, timeout=600)
+                             f"run.dir={run_dir}", "run.wandb=disabled", *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return read_metrics(run_dir)
 
