@@ -1,8 +1,10 @@
 """A rollout actor group: one engine, episodes generated continuously into the buffer.
 
-It keeps up to `max_inflight_episodes` episodes in flight (whole groups of G), starts a new
-group whenever one ends, and inserts each group as soon as its G episodes end: no barrier
-spans groups. It never waits for the learner's weights: the engine swaps each new version in
+It keeps up to `max_inflight_episodes` episodes in flight: a new group of G starts as soon as
+G episode slots are free, and a slot frees as each episode ends, not when its whole group
+does (the episodes of a group end at different times; counting whole groups left the engine
+running a fraction of its sequences while each group's slowest episode finished). Each group
+is inserted as soon as its G episodes end: no barrier spans groups. It never waits for the learner's weights: the engine swaps each new version in
 between two of its steps. Back-pressure is the buffer's: an insert its table's rate limiter
 holds (queue: the table is full; ratio: the learner is behind) is awaited, so no new group
 starts until the learner has taken some, and the engine is left to the learner meanwhile.
@@ -47,8 +49,9 @@ class ActorsConfig:
     broadcast or ipc weight transport, actor otherwise (a Ray object-store receiver needs the
     actor's Ray connection)."""
     max_inflight_episodes: int = 16
-    """Episodes in flight per actor group (whole groups of rollout.group_size); the engine
-    batches their pending requests."""
+    """Episodes in flight per actor group; the engine batches their pending requests. A group
+    of rollout.group_size starts once that many slots are free; a slot frees as its episode
+    ends."""
     gpus_per_group: int = 0
     """GPUs of each actor group (vLLM's tensor parallel size); 0 runs the HF engine on CPU."""
     gpu_memory_utilization: float = 0.85
@@ -201,7 +204,7 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
             a.engine.check()
             while gate.may_start(len(inflight), max_groups):
                 task = a.tasks.sample(a.rng)
-                inflight.add(asyncio.ensure_future(a.runner.group(task, a.actor_id)))
+                inflight.add(asyncio.ensure_future(a.runner.group(task, a.actor_id, gate.episode_ended)))
                 gate.started()
             if not inflight:
                 await asyncio.sleep(0.02)
@@ -264,15 +267,22 @@ class _StartGate:
         self.actor = actor
         self.version, self.on_version = actor.engine.version, 0
         self.waiting_since: float | None = None
+        self.live_episodes = 0   # of the groups started: episodes not yet ended (or not yet begun)
 
     def started(self) -> None:
         self.on_version += 1
+        self.live_episodes += self.actor.rollout.group_size
+
+    def episode_ended(self) -> None:
+        self.live_episodes -= 1
 
     def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
         a, group_size = self.actor, self.actor.rollout.group_size
         if max_groups is not None and a.groups + inflight_groups >= max_groups:
             return False
-        if inflight_groups and (inflight_groups + 1) * group_size > a.config.max_inflight_episodes:
+        # room for a whole group among the episode slots (one group may always run, even if
+        # larger than the limit)
+        if self.live_episodes and self.live_episodes + group_size > a.config.max_inflight_episodes:
             return False
         if a.engine.version != self.version:
             self.version, self.on_version = a.engine.version, 0

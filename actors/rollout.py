@@ -198,10 +198,19 @@ class EpisodeRunner:
                 **self.environments.stats()}
 
     # -- groups and episodes ----------------------------------------------------------------
-    async def group(self, task: dict, actor_id: int = 0) -> RolloutGroup | None:
-        """G episodes of `task`, concurrently; None if none of them generated a token."""
+    async def group(self, task: dict, actor_id: int = 0, episode_ended=None) -> RolloutGroup | None:
+        """G episodes of `task`, concurrently; None if none of them generated a token.
+        `episode_ended()`, if given, is called as each episode ends, however it ends (the actor
+        frees its slot: a group's episodes end at different times)."""
         t = time.monotonic()
-        episodes = await asyncio.gather(*(self.episode(task) for _ in range(self.config.group_size)))
+
+        async def one() -> Episode:
+            try:
+                return await self.episode(task)
+            finally:
+                if episode_ended is not None:
+                    episode_ended()
+        episodes = await asyncio.gather(*(one() for _ in range(self.config.group_size)))
         rows = [e.row() for e in episodes]
         if not any(any(r["loss_mask"]) for r in rows):
             self.groups_unusable += 1
