@@ -139,7 +139,7 @@ class EngineProcess(Engine):
             self._fail_all(f"the {self.name} process was closed")
         shutil.rmtree(self._folder, ignore_errors=True)   # the socket file
         try:
-            self.proc.wait(10.0)
+            self.proc.wait(60.0)   # the engine closes after answering close
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10.0)
@@ -240,47 +240,47 @@ class EngineProcess(Engine):
 
 # -- the engine process ---------------------------------------------------------------------
 class _Server:
-    """Serves the engine that `build` makes; it is built on a thread while the socket already
-    answers, so a build that fails is reported to the client's first call, not lost."""
+    """Serves `engine` (or, when its build failed, answers every request with the build's
+    error, so the client's first call reports it). It runs on the engine's own event loop
+    where the engine has one (vLLM's AsyncLLM: the loop its frontend already keeps busy; a
+    second loop on a thread of its own would take that frontend's CPU through the GIL and hand
+    every request across threads twice), else on the main thread's."""
 
-    def __init__(self, build, address: str):
-        import zmq
-        import zmq.asyncio
-
-        self.build = build
-        self.engine = None
-        self.socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.bind(address)
+    def __init__(self, address: str, engine=None, failed: BaseException | None = None):
+        self.address, self.engine, self.failed = address, engine, failed
         self.tasks: dict = {}       # rid -> task of a generate under way
         self.closing = False
 
-    async def ready(self):
-        """The engine, once built (raises the build's error)."""
-        if self.engine is None:
-            self.engine = await self.built
-        return self.engine
-
     async def serve(self) -> None:
         import msgpack
+        import zmq
+        import zmq.asyncio
 
+        # made here: an asyncio socket belongs to the loop that uses it
+        self.socket = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+        self.socket.setsockopt(zmq.LINGER, 1000)   # the reply to close still leaves
+        self.socket.bind(self.address)
         parent = int(os.environ.get("ASYNCRL_ENGINE_PARENT", "0"))
-        self.built = asyncio.ensure_future(asyncio.to_thread(self.build))
-        while not self.closing:
-            if parent and os.getppid() != parent:   # the actor died: nobody waits for this engine
-                return
-            if not await self.socket.poll(1000):
-                continue
-            identity, frame = await self.socket.recv_multipart()
-            op, rid, payload = msgpack.unpackb(frame, raw=False)
-            if op == "generate":
-                self.tasks[rid] = asyncio.ensure_future(self._generate(identity, rid, payload))
-            elif op == "abort":
-                task = self.tasks.pop(rid, None)
-                if task is not None:
-                    task.cancel()
-            elif op == "call":
-                asyncio.ensure_future(self._call(identity, rid, *payload))
+        try:
+            while not self.closing:
+                if parent and os.getppid() != parent:   # the actor died: nobody waits for this engine
+                    return
+                if not await self.socket.poll(1000):
+                    continue
+                identity, frame = await self.socket.recv_multipart()
+                op, rid, payload = msgpack.unpackb(frame, raw=False)
+                if op == "generate":
+                    self.tasks[rid] = asyncio.ensure_future(self._generate(identity, rid, payload))
+                elif op == "abort":
+                    task = self.tasks.pop(rid, None)
+                    if task is not None:
+                        task.cancel()
+                elif op == "call":
+                    asyncio.ensure_future(self._call(identity, rid, *payload))
+        finally:
+            for task in list(self.tasks.values()):
+                task.cancel()
+            self.socket.close()
 
     async def _reply(self, identity: bytes, rid: int, ok: bool, payload) -> None:
         import msgpack
@@ -291,10 +291,14 @@ class _Server:
     def _error(e: BaseException) -> dict:
         return {"type": type(e).__name__, "message": f"{type(e).__name__}: {e}"}
 
+    def _ready(self):
+        if self.failed is not None:
+            raise self.failed
+        return self.engine
+
     async def _generate(self, identity: bytes, rid: int, request: dict) -> None:
         try:
-            engine = await self.ready()
-            s = await engine.generate(request["prompt"], request["max_new_tokens"], request["temperature"])
+            s = await self._ready().generate(request["prompt"], request["max_new_tokens"], request["temperature"])
             reply = (True, [list(s.tokens), [float(x) for x in s.logprobs], list(s.versions), s.finish_reason])
         except asyncio.CancelledError:
             return   # aborted: the client no longer waits
@@ -308,29 +312,26 @@ class _Server:
         try:
             if op not in CALLS:
                 raise ValueError(f"unknown engine call {op!r}; one of {CALLS}")
-            if op == "close" and (not self.built.done() or self.built.exception() is not None):
-                self.closing = True   # no engine to close (still building, or its build failed)
-                await self._reply(identity, rid, True, None)
-                return
-            await self.ready()
-            if op == "version":
-                result = self.engine.version
-            elif op == "check":
-                result = self.engine.check()
-            elif op == "stats":
-                result = {**self.engine.stats(), "pending_requests": len(self.tasks)}
-            elif op == "start_weight_updates":   # may wait for the engine (vLLM: a collective_rpc)
-                result = await asyncio.to_thread(self.engine.start_weight_updates, pickle.loads(payload))
-            elif op == "run":   # a coroutine function on this loop, any other on a thread of its own
-                function, args = pickle.loads(payload)
-                function = load(function)
-                result = await (function(self.engine, *args) if asyncio.iscoroutinefunction(function)
-                                else asyncio.to_thread(function, self.engine, *args))
-            else:   # close
+            if op == "close":   # answered first; the engine closes once this loop has stopped serving
                 for task in list(self.tasks.values()):
                     task.cancel()
-                await asyncio.to_thread(self.engine.close)
-                self.closing, result = True, None
+                self.closing = True
+                await self._reply(identity, rid, True, None)
+                return
+            engine = self._ready()
+            if op == "version":
+                result = engine.version
+            elif op == "check":
+                result = engine.check()
+            elif op == "stats":
+                result = {**engine.stats(), "pending_requests": len(self.tasks)}
+            elif op == "start_weight_updates":   # may wait for the engine (vLLM: a collective_rpc)
+                result = await asyncio.to_thread(engine.start_weight_updates, pickle.loads(payload))
+            else:   # run: a coroutine function on this loop, any other on a thread of its own
+                function, args = pickle.loads(payload)
+                function = load(function)
+                result = await (function(engine, *args) if asyncio.iscoroutinefunction(function)
+                                else asyncio.to_thread(function, engine, *args))
             await self._reply(identity, rid, True, result)
         except Exception as e:
             await self._reply(identity, rid, False, self._error(e))
@@ -338,12 +339,21 @@ class _Server:
 
 def main() -> None:
     spec = pickle.loads(sys.stdin.buffer.read())
-    server = _Server(lambda: load(spec["build"])(**spec["kwargs"]), spec["address"])
+    engine = failed = None
+    try:   # the client's requests wait in its socket meanwhile (it connects before this binds)
+        engine = load(spec["build"])(**spec["kwargs"])
+    except Exception as e:
+        failed = e
+    server = _Server(spec["address"], engine, failed)
+    loop = getattr(engine, "loop", None)
     try:
-        asyncio.run(server.serve())
+        if isinstance(loop, asyncio.AbstractEventLoop) and loop.is_running():
+            asyncio.run_coroutine_threadsafe(server.serve(), loop).result()
+        else:
+            asyncio.run(server.serve())
     finally:
-        if server.engine is not None and not server.closing:
-            server.engine.close()
+        if engine is not None:
+            engine.close()
 
 
 if __name__ == "__main__":

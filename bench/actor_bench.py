@@ -367,9 +367,11 @@ def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, wi
             "engine_tokens_per_s": (c1 - c0) / window_s if c0 is not None else None, "cpu_s": cpu_delta(*cpu)}
 
 
-def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float, counter=None) -> dict:
+def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float, counter=None,
+                     in_flight=None) -> dict:
     """The actor's own loop (actors/actor.py: RolloutActor.run) over the bench's engine, kept at
-    `inflight` episodes; tokens of the episodes that end inside the window, per second."""
+    `inflight` episodes; tokens of the episodes that end inside the window, per second. With
+    `in_flight` (requests in the engine now), its mean over the window, read every 0.5 s."""
     from actors.actor import ActorsConfig, RolloutActor
 
     counter = counter or vllm_generated_tokens
@@ -380,7 +382,11 @@ def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: flo
     thread.start()
     time.sleep(warm_s)
     before, c0, t0, cpu0 = runner.generated_tokens, counter(), time.time(), cpu_seconds()
-    time.sleep(window_s)
+    seen = []
+    while time.time() < t0 + window_s:
+        time.sleep(min(0.5, max(0.0, t0 + window_s - time.time())))
+        if in_flight is not None:
+            seen.append(in_flight())
     tokens, c1, t1, cpu1 = runner.generated_tokens - before, counter(), time.time(), cpu_seconds()
     actor.stop()
     thread.join(120)
@@ -388,7 +394,8 @@ def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: flo
         raise TimeoutError("the actor's loop did not stop within 120 s of stop()")
     return {"tokens": tokens, "wall_s": t1 - t0, "tokens_per_s": tokens / (t1 - t0), "groups": actor.groups,
             "engine_tokens_per_s": (c1 - c0) / (t1 - t0) if c0 is not None else None,
-            "activity_s": result.get("activity_s"), "t0": t0, "t1": t1, "cpu_s": cpu_delta(cpu0, cpu1)}
+            "activity_s": result.get("activity_s"), "t0": t0, "t1": t1, "cpu_s": cpu_delta(cpu0, cpu1),
+            "requests_in_flight_mean": statistics.mean(seen) if seen else None}
 
 
 def cpu_seconds() -> dict:
@@ -588,6 +595,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=1.0, max_turns=1, max_seq_len=4096))
         rounds, bare_windows, ours_windows, quiet_windows = [], [], [], []
         counter = lambda: here(engine_counter)   # noqa: E731
+        in_flight = ((lambda: engine.stats()["pending_requests"]) if args.engine_process   # noqa: E731
+                     else (lambda: len(engine.log.live)))
         try:
             learner.ask("publish_start", args.update_every_s)
             for i in range(args.rounds):
@@ -603,12 +612,12 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
                         continue
                     if kind == "quiet":   # the actor's loop with no weight updates: what the updates cost
                         quiet_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
-                                                              args.continuous_s, counter))
+                                                              args.continuous_s, counter, in_flight))
                         continue
                     learner.ask("publish_start", args.update_every_s)
                     try:
                         ours_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
-                                                             args.continuous_s, counter))
+                                                             args.continuous_s, counter, in_flight))
                     finally:
                         sent = learner.ask("publish_stop")   # every version sent so far
         finally:

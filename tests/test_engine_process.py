@@ -143,3 +143,49 @@ def test_a_closed_engine_process_refuses_requests_at_once(tiny_model_path):
     assert engine.proc.poll() == 0   # it stopped its engine and exited cleanly
     with pytest.raises(EngineProcessError, match="was closed"):
         generate(engine, [[3]], max_new_tokens=2, temperature=1.0)
+
+
+class LoopedHFEngine(HFEngine):
+    """The HF engine on an event loop of its own, in a thread it owns, as the vLLM engine keeps
+    AsyncLLM: the engine process then serves on that loop."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt, max_new_tokens, temperature):
+        if asyncio.get_running_loop() is self.loop:
+            return await super().generate(prompt, max_new_tokens, temperature)
+        future = asyncio.run_coroutine_threadsafe(super().generate(prompt, max_new_tokens, temperature), self.loop)
+        return await asyncio.wrap_future(future)
+
+    def close(self):
+        super().close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+
+async def serving_loop(engine):
+    """Runs in the engine process, on the loop that serves requests."""
+    return {"on_the_engines_loop": asyncio.get_running_loop() is engine.loop,
+            "thread": threading.current_thread().name}
+
+
+def test_an_engine_with_its_own_event_loop_is_served_on_that_loop_and_closes_cleanly(tiny_model_path):
+    engine = EngineProcess("tests.test_engine_process:LoopedHFEngine", hf_kwargs(tiny_model_path),
+                           startup_timeout_s=120)
+    try:
+        assert engine.run("tests.test_engine_process:serving_loop") == {"on_the_engines_loop": True,
+                                                                        "thread": "engine-loop"}
+        local = HFEngine(**hf_kwargs(tiny_model_path))
+        try:
+            ours = [generate(engine, [p], max_new_tokens=6, temperature=0.0)[0].tokens for p in PROMPTS]
+            assert ours == [generate(local, [p], max_new_tokens=6, temperature=0.0)[0].tokens for p in PROMPTS]
+        finally:
+            local.close()
+        assert engine.stats()["pending_requests"] == 0
+    finally:
+        engine.close()
+    assert engine.proc.poll() == 0   # the engine closed after the loop stopped serving, and the process exited

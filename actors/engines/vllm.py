@@ -10,8 +10,9 @@ its output handler and queues to the loop that first uses it (async_llm.py:169-1
 handler only inside a running loop, core_client.py:973 makes an asyncio.Queue), so one built in
 an actor's __init__ and then used from `asyncio.run` would work once, and hang or fail on the
 next `asyncio.run` (EpisodeRunner.run and the actor each start their own). Requests from any
-loop are handed to the engine's loop with run_coroutine_threadsafe; cancelling the awaiting
-task aborts the vLLM request.
+loop are handed to the engine's loop with run_coroutine_threadsafe (a caller on that loop
+itself, as the engine process's server is, awaits directly); cancelling the awaiting task
+aborts the vLLM request.
 
 Weights: start_weight_updates makes ONE collective_rpc (actors/engines/vllm_worker.py) after
 which every worker receives versions from the channel and swaps them in between two steps by
@@ -135,6 +136,7 @@ class VLLMEngine(Engine):
         self.tensor_parallel_size = tensor_parallel_size
         self.log = VersionLog()
         self._ids = itertools.count()
+        self._sampling: dict = {}   # (max_new_tokens, temperature) -> SamplingParams
         self._closed = False
         self._updates_started = False
         self.args = {**dict(model=model_path, tensor_parallel_size=tensor_parallel_size,
@@ -178,7 +180,18 @@ class VLLMEngine(Engine):
 
     # -- sampling ---------------------------------------------------------------------------
     def sampling_params(self, max_new_tokens: int, temperature: float):
-        """temperature 0 is greedy (for checks); otherwise softmax(logits / T), untruncated."""
+        """temperature 0 is greedy (for checks); otherwise softmax(logits / T), untruncated.
+        Made once per (max_new_tokens, temperature) and shared: vLLM clones the params of each
+        request, and building them (with every stop id) is frontend CPU, the engine's limit."""
+        key = (int(max_new_tokens), float(temperature))
+        params = self._sampling.get(key)
+        if params is None:
+            if len(self._sampling) >= 64:
+                self._sampling.clear()
+            params = self._sampling[key] = self._new_sampling_params(*key)
+        return params
+
+    def _new_sampling_params(self, max_new_tokens: int, temperature: float):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -191,6 +204,8 @@ class VLLMEngine(Engine):
 
     async def generate(self, prompt: list, max_new_tokens: int, temperature: float) -> Sample:
         self.check()
+        if asyncio.get_running_loop() is self.loop:   # a caller on the engine's own loop (the engine process)
+            return await self._generate(list(prompt), max_new_tokens, temperature)
         future = asyncio.run_coroutine_threadsafe(self._generate(list(prompt), max_new_tokens, temperature), self.loop)
         return await asyncio.wrap_future(future)
 
