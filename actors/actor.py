@@ -284,11 +284,13 @@ class _StartGate:
         # larger than the limit)
         if self.live_episodes and self.live_episodes + group_size > a.config.max_inflight_episodes:
             return False
-        if a.engine.version != self.version:
-            self.version, self.on_version = a.engine.version, 0
         blocked = ""
-        if a.config.groups_per_version and self.on_version >= a.config.groups_per_version:
-            blocked = f"weights newer than version {self.version}; is the learner alive?"
+        if a.config.groups_per_version:   # the synchronous baseline (asking an engine process is a round trip)
+            version = a.engine.version
+            if version != self.version:
+                self.version, self.on_version = version, 0
+            if self.on_version >= a.config.groups_per_version:
+                blocked = f"weights newer than version {self.version}; is the learner alive?"
         if not blocked:
             if self.waiting_since is not None:
                 a.runner.activity.end("waiting")

@@ -35,6 +35,7 @@ from actors.engine import Engine, Sample, settle_from_thread
 from common.dotted import load
 
 CALLS = ("version", "check", "stats", "start_weight_updates", "close", "run")
+CHECK_EVERY_S = 0.5
 
 
 class EngineProcessError(RuntimeError):
@@ -66,6 +67,7 @@ class EngineProcess(Engine):
         self._pending: dict = {}            # rid -> (loop or None, future)
         self._outbox_lock = threading.Lock()
         self._died: str | None = None
+        self._next_check = 0.0
         ctx = zmq.Context.instance()
         self._wake_address = f"inproc://engine-wake-{id(self)}"
         self._wake_in = ctx.socket(zmq.PULL)
@@ -113,9 +115,14 @@ class EngineProcess(Engine):
         return self._call("start_weight_updates", pickle.dumps(receiver), timeout_s=max(self.call_timeout_s, 300.0))
 
     def check(self) -> None:
+        """Raises if the engine process died (known at once) or its engine failed (asked at
+        most every CHECK_EVERY_S: the actor's loop checks between groups, and each ask is a
+        round trip to a process whose loop is vLLM's busy frontend)."""
         if self._died:
             raise EngineProcessError(self._died)
-        self._call("check")
+        if time.monotonic() >= self._next_check:
+            self._call("check")
+            self._next_check = time.monotonic() + CHECK_EVERY_S
 
     def stats(self) -> dict:
         return self._call("stats")
