@@ -3,6 +3,7 @@
 # $OUT (GPU machine; vLLM, Ray and the project's packages staged into /tmp/site beforehand,
 # ../shared/gpu/README.md).  Usage: bash bench/gpu_session.sh job | learner | tests ...
 #   job      the GPU job (configs/gpu.yaml): sync_grpo then async_grpo, wall-clock to held-out accuracy
+#   job2     the same on a 2-GPU kind, actor group and learner on a GPU each (weights over NCCL)
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
 #   actor    bench/actor_bench.py (ACTOR_ARGS, default: both shapes, --quick)
@@ -36,6 +37,15 @@ for part in "$@"; do
         rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
       done
       tail -25 "$OUT/job.txt" ;;
+    job2)
+      timeout 560 python bench/async_vs_sync.py --config gpu --actors 1 --metric eval/reward --window 1 \
+        --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs2" --timeout-s 270 --recipes ${RECIPES:-sync_grpo async_grpo} \
+        run.colocate=false trainer.gpus=1 actors.gpus_per_group=1 actors.gpu_memory_utilization=0.8 \
+        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/job2.txt" 2>&1
+      for r in sync_grpo async_grpo; do
+        rm -rf "$OUT/runs2/$r/final" "$OUT/runs2/$r/checkpoints"
+      done
+      tail -25 "$OUT/job2.txt" ;;
     learner)
       watcher=$(stacks_before $(( ${LEARNER_TIMEOUT:-330} - 30 )) learner)
       timeout ${LEARNER_TIMEOUT:-330} python -m bench.learner_bench --out "$OUT/learner_bench.json" ${LEARNER_ARGS:-} \
