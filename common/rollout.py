@@ -23,6 +23,8 @@ from functools import cached_property
 
 import numpy as np
 
+from common.wire import Frames
+
 # field name -> (dtype, shape in terms of G and T)
 ARRAY_FIELDS = {
     "tokens": (np.int32, ("G", "T")),             # token ids; prompt, policy and env tokens
@@ -34,6 +36,7 @@ ARRAY_FIELDS = {
 }
 _ARRAY_SPECS = [(name, np.dtype(dtype), len(shape) == 2) for name, (dtype, shape) in ARRAY_FIELDS.items()]
 _NO_VERSION = np.uint32(0xFFFFFFFF)   # -1 seen as uint32: above every version >= 0
+_DTYPES = "".join(dtype.str for _, dtype, _ in _ARRAY_SPECS)   # what a group's wire form says when right
 
 
 class SchemaError(ValueError):
@@ -168,13 +171,52 @@ class RolloutGroup:
             raise SchemaError(f"created_at: must be a finite number (seconds), {got(self.created_at)}")
         return self
 
-    def to_wire(self) -> dict:
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+    def to_wire(self) -> list:
+        """The group as the wire carries it: [[G, T], the arrays' dtypes (their numpy `str`s
+        joined), the arrays as one run of raw frames in ARRAY_FIELDS order, then the other
+        fields in the dataclass's order]. One reference and no keys: a small group's header
+        costs a fraction of a map per array (the reader knows every shape from G and T)."""
+        arrays = [getattr(self, name) for name, _, _ in _ARRAY_SPECS]
+        return [list(np.shape(self.tokens)), "".join(np.asarray(a).dtype.str for a in arrays), Frames(arrays),
+                *[getattr(self, name) for name in _META_NAMES]]
 
     @classmethod
     def from_wire(cls, data) -> "RolloutGroup":
-        if not isinstance(data, dict):
-            raise SchemaError(f"a rollout group must be a map, got {type(data).__name__}")
+        """A validated group from its wire form (to_wire's; a map of fields, as checkpoints of
+        older versions hold, is read too). SchemaError names the field that is wrong."""
+        if type(data) is dict:
+            return cls._from_fields(data)
+        if type(data) is not list or len(data) != 3 + len(_META_NAMES):
+            raise SchemaError(f"a rollout group must be [[G, T], dtypes, arrays, {', '.join(_META_NAMES)}], "
+                              f"{got(data)}")
+        shape, dtypes, frames = data[0], data[1], data[2]
+        if not (type(shape) is list and len(shape) == 2 and all(type(n) is int and n >= 0 for n in shape)):
+            raise SchemaError(f"tokens: must be a 2-D array [G, T], its shape {got(shape)}")
+        if type(frames) is not Frames or len(frames.items) != len(_ARRAY_SPECS):
+            raise SchemaError(f"a rollout group carries its {len(_ARRAY_SPECS)} arrays as one run of frames, {got(frames)}")
+        if dtypes != _DTYPES:
+            cls._dtype_error(dtypes)
+        G, T = shape
+        arrays = []
+        for (name, dtype, is_2d), frame in zip(_ARRAY_SPECS, frames.items):
+            want = (G, T) if is_2d else (G,)
+            if frame.nbytes != dtype.itemsize * (G * T if is_2d else G):
+                raise SchemaError(f"{name}: shape must be {want} (G, T) of {dtype}; its frame holds {frame.nbytes} bytes")
+            arrays.append(np.ndarray(want, dtype, frame))
+        return cls(*arrays, *data[3:]).validate()
+
+    @staticmethod
+    def _dtype_error(dtypes) -> None:
+        """SchemaError naming the first array whose dtype is not the schema's."""
+        if type(dtypes) is str:
+            for name, dtype, _ in _ARRAY_SPECS:
+                if not dtypes.startswith(dtype.str):
+                    raise SchemaError(f"{name}: dtype must be {dtype}, got {dtypes[:3]!r}")
+                dtypes = dtypes[len(dtype.str):]
+        raise SchemaError(f"the arrays' dtypes must be {_DTYPES!r}, {got(dtypes)}")
+
+    @classmethod
+    def _from_fields(cls, data: dict) -> "RolloutGroup":
         if not (data.keys() <= _FIELD_NAMES and data.keys() >= ARRAY_FIELDS.keys()):
             unknown, missing = set(data) - _FIELD_NAMES, set(ARRAY_FIELDS) - set(data)
             raise SchemaError(f"unknown fields {sorted(unknown, key=str)}, missing fields {sorted(missing)}")
@@ -211,3 +253,4 @@ class RolloutGroup:
 
 
 _FIELD_NAMES = dict.fromkeys(f.name for f in dataclasses.fields(RolloutGroup)).keys()   # ordered, a set view
+_META_NAMES = [name for name in _FIELD_NAMES if name not in ARRAY_FIELDS]   # the wire form's order

@@ -2,8 +2,11 @@
 
 A message is a list of frames: frame 0 is the msgpack header, frames 1..n are array buffers.
 Arrays anywhere in the payload are replaced in the header by {"__nd__": [frame, dtype, shape]}.
-Decoding checks every reference, dtype and size, so a malformed message raises WireError
-instead of producing garbage.
+A `Frames` (a run of arrays whose dtypes and shapes the reader knows from a schema: a rollout
+group's six) is replaced by one msgpack ext reference, (first frame, count), and decodes as a
+Frames of the frames' memoryviews: a group costs one reference, not a map per array, and its
+reader checks sizes against the schema (common/rollout.py). Decoding checks every reference,
+dtype and size, so a malformed message raises WireError instead of producing garbage.
 
 Between a buffer client and server, every request and reply leads with one more frame: the
 request id, RID_BYTES bytes, big-endian unsigned (`with_rid`, `split_rid`). It is readable
@@ -19,11 +22,15 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import struct
+
 import msgpack
 import numpy as np
 import zmq
 
 RID_BYTES = 8
+_RUN = 1                             # msgpack ext code of a Frames reference
+_RUN_REF = struct.Struct("<II")      # (first frame, count)
 COPY_BELOW = 1 << 16   # bytes: a smaller frame is copied into its message; zero-copy bookkeeping costs more
 _MORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)   # plain ints: pyzmq's enum flags are slow to combine
 ALLOWED_DTYPES = {"|u1", "|i1", "|b1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"}
@@ -34,11 +41,30 @@ class WireError(ValueError):
     """A message could not be decoded; the text says which part is wrong."""
 
 
+class Frames:
+    """A run of raw frames under one reference: `items`, arrays when encoding (their bytes go
+    as they are; the reader knows their dtypes and shapes), memoryviews once decoded. (Not a
+    tuple: msgpack would pack one as a list.)"""
+    __slots__ = ("items",)
+
+    def __init__(self, items):
+        self.items = items
+
+
 def encode(payload: Any) -> list:
     """Encode payload into [header, *array_frames]. Array frames share memory with the arrays."""
     frames: list = [b""]
 
     def default(obj):
+        if type(obj) is Frames:
+            first = len(frames)
+            for array in obj.items:
+                if type(array) is not np.ndarray or not array.flags.c_contiguous:
+                    array = np.ascontiguousarray(array)
+                if array.dtype.hasobject:
+                    raise WireError(f"arrays of dtype {array.dtype} cannot be sent")
+                frames.append(memoryview(array).cast("B") if array.size else b"")
+            return msgpack.ExtType(_RUN, _RUN_REF.pack(first, len(obj.items)))
         if isinstance(obj, np.ndarray):
             array = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
             if array.dtype.str not in ALLOWED_DTYPES:
@@ -118,8 +144,18 @@ def decode(frames: Sequence) -> Any:
         used.add(index)
         return np.ndarray(shape, dt, buffers[index])
 
+    def run(code, data):
+        if code != _RUN or len(data) != _RUN_REF.size:
+            raise WireError(f"unknown msgpack extension {code} of {len(data)} bytes")
+        first, count = _RUN_REF.unpack(data)
+        taken = range(first, first + count)
+        if not 0 < first <= first + count <= len(buffers) or not used.isdisjoint(taken):
+            raise WireError(f"frame run {first}..{first + count - 1} of {len(buffers) - 1} frames")
+        used.update(taken)
+        return Frames(buffers[first:first + count])
+
     try:
-        payload = msgpack.unpackb(buffers[0], object_hook=hook, raw=False, strict_map_key=True)
+        payload = msgpack.unpackb(buffers[0], object_hook=hook, ext_hook=run, raw=False, strict_map_key=True)
     except WireError:
         raise
     except Exception as e:  # msgpack raises several types for corrupt input
