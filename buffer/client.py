@@ -490,7 +490,7 @@ class BufferClient:
         # The server answers a sample it cannot meet at its own deadline; give the reply time to come.
         reply = self._call("sample", deadline_s=timeout_s + 10.0, idempotent=False, n=n, timeout_s=timeout_s,
                            table=table)
-        groups = [RolloutGroup.from_wire(g) for g in reply["groups"]]
+        groups = RolloutGroup.from_wire_all(reply["groups"])
         return groups, list(reply["staleness"]), int(reply["learner_version"])
 
     def set_learner_version(self, version: int) -> dict:

@@ -73,6 +73,8 @@ _POLLIN = int(zmq.POLLIN)   # a plain int: pyzmq's enum flags are slow to combin
 MAX_VERSION = 2**53  # a policy version past this is not one a learner publishes
 DRAIN_MAX = 16  # insert requests taken between two passes over the waiting inserts,
 DRAIN_BYTES = 1 << 16  # or fewer once they hold this much (a client's pipelined puts go several a request)
+CHECK_TOGETHER = 8  # groups of one insert validated together (cheaper a group) between two reads of the
+                    # control port (a request of 17 coalesced puts took up to 4 ms to validate under load)
 
 
 @dataclass
@@ -172,6 +174,16 @@ class _PendingInsert:
     deadline: float
     stored: list = field(default_factory=list)   # one bool per group stored so far, in order
     refused: list = field(default_factory=list)  # [part, reason] of the parts refused (request with parts)
+
+
+def _unique(groups: list, start: int) -> list:
+    """groups, or RequestError naming a group (by its index in the request, from `start`)
+    whose id repeats an earlier one's: a request stores each id once or not at all."""
+    first = {}
+    for i, group in enumerate(groups, start):
+        if first.setdefault(group.id, i) != i:
+            raise RequestError(f"group {i}: id {group.id!r} repeats group {first[group.id]}'s")
+    return groups
 
 
 def _bind_error(address: str, e: "zmq.ZMQError", port_key: str = "buffer.port") -> ConfigError:
@@ -457,10 +469,21 @@ class BufferServer:
             raise RequestError(f"'priorities' must be a list of one number per group ({len(raw)})")
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
         name, table = self._table(request)
+        try:   # the common case, every group valid: checked CHECK_TOGETHER at a time (from_wire_all)
+            every = []
+            for start in range(0, len(raw), CHECK_TOGETHER):
+                if start:
+                    self._serve_control()   # safe: validating touches no table
+                every += RolloutGroup.from_wire_all(raw[start:start + CHECK_TOGETHER], first=start)
+        except SchemaError:
+            every = None   # each part alone, to refuse only those that are malformed
         groups, kept, refused, start = [], [], [], 0
         for k, size in enumerate(parts or [len(raw)]):
             try:
-                part = self._part(raw, start, start + size, between=self._serve_control)
+                if every is None:
+                    part = self._part(raw, start, start + size, between=self._serve_control)
+                else:
+                    part = _unique(every[start:start + size], start)
                 kept += [_priority(p) for p in priorities[start:start + size]]
                 groups += part
             except (SchemaError, RequestError) as e:
@@ -483,17 +506,12 @@ class BufferServer:
         the first: the learner's requests are served between the groups of one insert (a
         request of 17 coalesced puts took up to 4 ms to validate on two busy cores), which is
         safe because validating touches no table. (Before every group but the request's first.)"""
-        groups, first = [], {}
+        groups = []
         for i in range(start, end):
             if between is not None and i:
                 between()
-            try:
-                groups.append(RolloutGroup.from_wire(raw[i]))
-            except SchemaError as e:
-                raise SchemaError(f"group {i}: {e}") from None
-            if first.setdefault(groups[-1].id, i) != i:
-                raise RequestError(f"group {i}: id {groups[-1].id!r} repeats group {first[groups[-1].id]}'s")
-        return groups
+            groups.append(RolloutGroup.from_wire_all([raw[i]], first=i)[0])
+        return _unique(groups, start)
 
     def _admit(self, insert: _PendingInsert) -> bool:
         """Store, in order, as many of the insert's groups as its table's rate limiter lets in

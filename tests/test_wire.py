@@ -72,6 +72,7 @@ def test_a_group_is_one_run_of_frames_and_a_header_without_a_map_per_array():
     (lambda wire: wire[:-1], "a rollout group must be"),
     (lambda wire: [[4], *wire[1:]], r"tokens: must be a 2-D array \[G, T\]"),
     (lambda wire: [[4, -1], *wire[1:]], r"tokens: must be a 2-D array \[G, T\]"),
+    (lambda wire: [[0, 6], *wire[1:]], "tokens: a group needs at least one completion"),
     (lambda wire: [[5, 6], *wire[1:]], r"tokens: shape must be \(5, 6\) \(G, T\) of int32; its frame holds 96"),
     (lambda wire: [wire[0], wire[1], Frames(wire[2].items[:5]), *wire[3:]], "its 6 arrays as one run of frames"),
     (lambda wire: [wire[0], wire[1], 7, *wire[3:]], "its 6 arrays as one run of frames, got int"),
@@ -174,3 +175,40 @@ def test_a_validated_groups_version_is_its_oldest_policy_token_or_minus_one_if_n
         (("tokens", np.int32), ("loss_mask", np.uint8), ("behaviour_logprobs", np.float32),
          ("token_versions", np.int32))}, lengths=np.zeros(4, np.int32))
     assert empty.version == -1
+
+
+@pytest.mark.parametrize("field, edit, message", [
+    ("lengths", lambda a: a.__setitem__(1, 7), "lengths: each must lie in"),
+    ("loss_mask", lambda a: a.__setitem__((0, 3), 2), "loss_mask: values must be 0 or 1"),
+    ("rewards", lambda a: a.__setitem__(2, np.nan), "rewards: must be finite"),
+    ("behaviour_logprobs", lambda a: a.__setitem__((1, 2), -np.inf), "behaviour_logprobs: must be finite"),
+    ("token_versions", lambda a: a.__setitem__((0, 3), -1), "token_versions: must be >= 0 on policy"),
+    ("errors", lambda a: a.__setitem__(1, 3), "errors: row 1 must be a string"),
+])
+def test_groups_checked_together_name_the_bad_one_by_its_index(field, edit, message):
+    groups = [make_group(seed=i, version=i, length=6) for i in range(5)]
+    bad = groups[3]
+    setattr(bad, field, getattr(bad, field).copy())
+    edit(getattr(bad, field))
+    wire = decode([bytes(f) for f in encode([g.to_wire() for g in groups])])
+    with pytest.raises(SchemaError, match=f"group 13: {message}"):
+        RolloutGroup.from_wire_all(wire, first=10)
+
+
+def test_groups_checked_together_come_out_as_each_alone_with_its_own_version():
+    never = make_group(seed=1)
+    never.loss_mask[:] = 0
+    never.token_versions[:] = -1
+    never.behaviour_logprobs[:] = 0
+    empty = dataclasses.replace(make_group(seed=2), **{
+        name: np.zeros((4, 0), dtype) for name, dtype in
+        (("tokens", np.int32), ("loss_mask", np.uint8), ("behaviour_logprobs", np.float32),
+         ("token_versions", np.int32))}, lengths=np.zeros(4, np.int32))
+    mixed = make_group(seed=3, version=7)
+    mixed.token_versions[2, 4] = 5
+    groups = [make_group(seed=0, version=2), never, empty, mixed, make_group(seed=4, version=9, group_size=2)]
+    wire = decode([bytes(f) for f in encode([g.to_wire() for g in groups])])
+    together = RolloutGroup.from_wire_all(wire)
+    assert [g.version for g in together] == [2, -1, -1, 5, 9]
+    assert [g.version for g in together] == [RolloutGroup.from_wire(w).version for w in wire]
+    assert [g.id for g in together] == [g.id for g in groups]
