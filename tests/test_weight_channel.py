@@ -1,6 +1,8 @@
 """The broadcast weight channel over gloo: a learner process and two actor processes, real
 TCP, real torch.distributed; a sender killed in the middle of a transfer."""
+import io
 import os
+import queue
 import socket
 import time
 
@@ -62,9 +64,18 @@ def _receiver(spec, index, versions, results, log):
             while version is None:
                 version = receiver.receive(staged, timeout_s=1.0)
             assert staged.swap_if_ready() == version
-            results.put((index, version, {n: t.clone() for n, t in served.items()}, ""))
+            results.put((index, version, _by_value(served), ""))
     except WeightSyncError as e:
-        results.put((index, None, {n: t.clone() for n, t in served.items()}, str(e)))
+        results.put((index, None, _by_value(served), str(e)))
+
+
+def _by_value(tensors: dict) -> bytes:
+    """The tensors as bytes: a tensor put in a queue as it is travels as a shared-memory handle
+    that its process must still be alive to hand over, and a receiver exits right after its
+    last put (the result was then lost at random on a loaded machine)."""
+    buffer = io.BytesIO()
+    torch.save({n: t.clone() for n, t in tensors.items()}, buffer)
+    return buffer.getvalue()
 
 
 def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
@@ -88,7 +99,7 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
         for q in queues:
             try:
                 out.append(q.get(timeout=0.5))
-            except Exception:
+            except queue.Empty:
                 pass
     seconds = time.monotonic() - t
     for p in procs:
@@ -99,8 +110,9 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
         while len(out) < expected:
             try:
                 out.append(q.get(timeout=0.5))
-            except Exception:
+            except queue.Empty:
                 break
+    out = [(i, v, torch.load(io.BytesIO(served)), error) for i, v, served, error in out]
     report = "\n".join(f"-- {os.path.basename(log)} (exit {p.exitcode}):\n{open(log).read()[-3000:]}"
                        for p, log in zip(procs, logs))
     return out, seconds, report
