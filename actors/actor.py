@@ -4,10 +4,11 @@ It keeps up to `max_inflight_episodes` episodes in flight: a new group of G star
 G episode slots are free, and a slot frees as each episode ends, not when its whole group
 does (the episodes of a group end at different times; counting whole groups left the engine
 running a fraction of its sequences while each group's slowest episode finished). Each group
-is inserted as soon as its G episodes end: no barrier spans groups. It never waits for the learner's weights: the engine swaps each new version in
-between two of its steps. Back-pressure is the buffer's: an insert its table's rate limiter
-holds (queue: the table is full; ratio: the learner is behind) is awaited, so no new group
-starts until the learner has taken some, and the engine is left to the learner meanwhile.
+is inserted as soon as its G episodes end: no barrier spans groups. It never waits for the
+learner's weights: the engine swaps each new version in between two of its steps.
+Back-pressure is the buffer's: an insert its table's rate limiter holds (queue: the table is
+full; ratio: the learner is behind) is awaited, so no new group starts until the learner has
+taken some, and the engine is left to the learner meanwhile.
 Plain Python; launch/ runs it as a Ray actor.
 """
 from __future__ import annotations

@@ -307,7 +307,7 @@ class _Server:
         elif op == "call":
             asyncio.ensure_future(self._call(identity, rid, *payload))
 
-    async def _reply(self, identity: bytes, rid: int, ok: bool, payload) -> None:
+    def _reply(self, identity: bytes, rid: int, ok: bool, payload) -> None:
         """Queue a reply; those queued in one turn of the loop leave as one message."""
         if not self.outbox:
             asyncio.get_running_loop().call_soon(self._flush)
@@ -339,7 +339,7 @@ class _Server:
             reply = (False, self._error(e))
         finally:
             self.tasks.pop(rid, None)
-        await self._reply(identity, rid, *reply)
+        self._reply(identity, rid, *reply)
 
     async def _call(self, identity: bytes, rid: int, op: str, payload) -> None:
         try:
@@ -349,7 +349,7 @@ class _Server:
                 for task in list(self.tasks.values()):
                     task.cancel()
                 self.closing = True
-                await self._reply(identity, rid, True, None)
+                self._reply(identity, rid, True, None)
                 return
             engine = self._ready()
             if op == "version":
@@ -365,9 +365,9 @@ class _Server:
                 function = load(function)
                 result = await (function(engine, *args) if asyncio.iscoroutinefunction(function)
                                 else asyncio.to_thread(function, engine, *args))
-            await self._reply(identity, rid, True, result)
+            self._reply(identity, rid, True, result)
         except Exception as e:
-            await self._reply(identity, rid, False, self._error(e))
+            self._reply(identity, rid, False, self._error(e))
 
 
 def main() -> None:
