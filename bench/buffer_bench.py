@@ -101,9 +101,9 @@ def _asyncrl_writer(address, tokens, window, index, start, seconds, out):
         sent.append(time.perf_counter())
         client.put(group)
         n += 1
-        while len(sent) > client.in_flight:   # acknowledgements land in order
+        while len(sent) > client.pending_puts:   # acknowledgements land in order
             latencies.append(time.perf_counter() - sent.popleft())
-    acknowledged = n - client.in_flight
+    acknowledged = n - client.pending_puts
     client.flush()
     out.put(("writer", acknowledged, np.asarray(latencies, dtype=np.float32)))
 

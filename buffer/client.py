@@ -124,6 +124,7 @@ class BufferClient:
         self.window = window
         self._flying: dict[int, _Request] = {}   # rid -> unacknowledged request (a re-sent one has several)
         self.in_flight = 0                       # unacknowledged requests of puts
+        self.pending_puts = 0                    # puts not acknowledged yet: waiting here or in flight
         self._queued: list = []                  # (put, table): waiting for room in the window
         self._queued_bytes = 0                   # their arrays
         self._flushed = {"puts": 0, "stored": 0, "duplicates": 0}   # since the last flush
@@ -136,7 +137,8 @@ class BufferClient:
         the old connections is dropped."""
         self.close()
         self._socket = self._open(self.address)
-        self._poller = None
+        self._poller = zmq.Poller()   # the ports a reply may come on
+        self._poller.register(self._socket, zmq.POLLIN)
         if self._control_port is not None:
             self._connect_control()
 
@@ -215,11 +217,8 @@ class BufferClient:
         """The next reply, from either port, as (rid, decoded header), or None if none comes
         within wait_s."""
         timeout_ms = int(wait_s * 1000) + 1 if wait_s > 0 else 0
-        if self._poller is None:
-            socket = self._socket if self._socket.poll(timeout_ms) else None
-        else:
-            ready = dict(self._poller.poll(timeout_ms))
-            socket = self._control if self._control in ready else self._socket if self._socket in ready else None
+        ready = dict(self._poller.poll(timeout_ms))
+        socket = self._control if self._control in ready else self._socket if self._socket in ready else None
         if socket is None:
             return None
         try:
@@ -237,11 +236,10 @@ class BufferClient:
     def _connect_control(self) -> None:
         """(Re)connect the control port alone: the main connection keeps its puts in flight."""
         if self._control is not None:
+            self._poller.unregister(self._control)
             self._control.close(linger=0)
         self._control = self._open(f"{self.address.rsplit(':', 1)[0]}:{self._control_port}")
-        self._poller = zmq.Poller()
         self._poller.register(self._control, zmq.POLLIN)
-        self._poller.register(self._socket, zmq.POLLIN)
 
     def _ping(self) -> None:
         self._ping_rid = next(self._rids)
@@ -340,6 +338,7 @@ class BufferClient:
         put = _Put(self._flushed["puts"], groups, [g.to_wire() for g in groups],
                    None if priorities is None else [float(p) for p in priorities])
         self._flushed["puts"] += 1
+        self.pending_puts += 1
         self._queued.append((put, table))
         self._queued_bytes += sum(getattr(g, name).nbytes for g in groups for name in ARRAY_FIELDS)
         if self.in_flight < self.window or len(self._queued) > self.window or self._queued_bytes >= COALESCE_BYTES:
@@ -403,7 +402,7 @@ class BufferClient:
         requests = self._unacknowledged()
         if any(r.attempts > self.retries for r in requests):
             lost = sum(len(r.puts) for r in requests) + len(self._queued)
-            self._flying, self._queued, self._queued_bytes, self.in_flight = {}, [], 0, 0
+            self._flying, self._queued, self._queued_bytes, self.in_flight, self.pending_puts = {}, [], 0, 0, 0
             self._flushed, self._refused = {"puts": 0, "stored": 0, "duplicates": 0}, []
             self._connect()
             raise BufferTimeout(f"buffer at {self.address} did not acknowledge {lost} pipelined insert(s) "
@@ -438,6 +437,7 @@ class BufferClient:
         for r in request.rids:
             self._flying.pop(r, None)
         self.in_flight -= 1
+        self.pending_puts -= len(request.puts)
         if not isinstance(reply, dict):
             reply = {"ok": False, "error": f"a reply that is not a map: {reply!r:.80}"}
         if reply.get("ok") or reply.get("held"):

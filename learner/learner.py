@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import datetime
+import gc
 import math
 import os
 import time
@@ -36,6 +37,7 @@ from learner.loss import LossConfig, policy_loss, token_weights
 LR_SCHEDULES = ("constant", "cosine")
 BACKENDS = ("fsdp2", "megatron")
 MASTER_DTYPES = ("float32", "bfloat16", "float16")
+CLOSE_BARRIER_S = 60.0   # how long close() waits for the other ranks
 
 
 def lr_factor(config: "TrainerConfig", step: int) -> float:
@@ -463,12 +465,27 @@ class Learner:
             checkpoint.save_hf(state, self.model_path, path)
 
     def close(self) -> None:
+        """Every rank calls it, at the end: the buffer connection and, when sharded, the process
+        group are released, and the model and optimizer with them, so that the group's threads
+        stop while the interpreter is alive. (A gloo worker thread that drops the last
+        reference to a tensor during interpreter exit aborts the process.)"""
         self.buffer.close()
-        if self.distributed and dist.is_initialized():
-            if self.megatron:
-                from megatron.core import parallel_state
-                parallel_state.destroy_model_parallel()
-            dist.destroy_process_group()
+        try:
+            if self.distributed and dist.is_initialized():
+                # no rank takes the group down while a peer's collective still needs it; a
+                # peer that never comes is named after CLOSE_BARRIER_S, not dist_timeout_s
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
+                else:
+                    dist.barrier()
+        finally:
+            if self.distributed and dist.is_initialized():
+                if self.megatron:
+                    from megatron.core import parallel_state
+                    parallel_state.destroy_model_parallel()
+                dist.destroy_process_group()
+            self.model = self.optimizer = self.scheduler = None
+            gc.collect()
 
 
 def _to(batch, device):

@@ -361,10 +361,12 @@ def test_puts_made_while_the_window_is_full_go_together_and_a_malformed_one_is_r
         client.put(good[2], bad)
         client.put(good[3], good[4], priorities=[2.0, 3.0])
         assert client.in_flight == 2     # the window is full: the last two puts wait, to go as one request
+        assert client.pending_puts == 4  # puts, not requests: what a writer counts as unacknowledged
         server.start()
         with pytest.raises(BufferRefused, match="refused 1 of 4 pipelined inserts; the first, put 2") as refused:
             client.flush()
         assert "token_versions" in refused.value.refused[0][2]
+        assert client.pending_puts == 0
         assert client.stats()["size"] == 4 and server.errors == 1
         assert [g.id for g in client.sample(4, timeout_s=2.0)[0]] == [g.id for g in good[:2] + good[3:]]
     finally:
@@ -379,7 +381,7 @@ def test_pipelined_inserts_to_a_dead_server_fail_within_their_deadline():
         for i in range(3):
             client.put(make_group(seed=i))
         client.flush()
-    assert time.monotonic() - t < 30 and client.in_flight == 0
+    assert time.monotonic() - t < 30 and client.in_flight == 0 and client.pending_puts == 0
     client.close()
 
 

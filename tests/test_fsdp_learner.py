@@ -1,5 +1,6 @@
 """Two learner ranks sharded with FSDP2 over gloo compute the same gradient as one rank on
 the whole batch: the loss is normalised over the global batch, not per rank or micro-batch."""
+import faulthandler
 import socket
 
 import numpy as np
@@ -32,6 +33,7 @@ def trainer(world: int, micro_rows: int, micro_tokens: int = 0) -> TrainerConfig
 
 
 def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_tokens):
+    faulthandler.enable()   # a crash in C++ (once, in CI: SIGABRT) shows where Python was
     channel = LocalWeightChannel()
     # rank 0 holds rows of 6 and 9 tokens, rank 1 of 12 and 15: packed by a token budget, they
     # need different numbers of passes, and must still make the same number
