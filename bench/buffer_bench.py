@@ -16,15 +16,17 @@ takes them out in batches of --batch.
              same RolloutGroup objects; the reader calls get_nowait_batch
 
 Reported per (system, size, writers): items/s and MB/s inserted (by the writers), items/s
-taken by the reader, p50/p99 latency of an insert and of a sample. The last line is one
+taken by the reader, p50/p99 latency of an insert and of a sample (for asyncrl also the
+server's part of a sample's: from reading the request to sending the reply). The last line is one
 JSON object: zmq_share_items_4k and zmq_share_mb_1m (asyncrl over raw pyzmq, 8 writers),
 ratio_items_4k and ratio_mb_1m (asyncrl over Ray's queue, 8 writers), p99_sample_ms_8clients,
 machine and date; given --reverb-python (the interpreter of a venv with dm-reverb, see
 bench/reverb_bench.py), DeepMind's Reverb does the same work too, and reverb_share_items_4k
-and reverb_share_mb_1m (asyncrl over Reverb, 8 writers; inserts only, each acknowledged) join it.
+and reverb_share_mb_1m (asyncrl over Reverb, 8 writers; inserts only, each acknowledged, with as
+many unacknowledged per writer as asyncrl's window unless --reverb-flush-every says otherwise) join it.
 
     python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--window 16] [--out FILE]
-                                 [--reverb-python /tmp/reverb-venv/bin/python]
+                                 [--reverb-python /tmp/reverb-venv/bin/python] [--reverb-flush-every N]
 """
 from __future__ import annotations
 
@@ -138,9 +140,13 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
         for i in range(batch):
             group.id = f"seed-{i}"
             seed.insert(group)
+        result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
+                      writers, seconds)
+        # the server's own part of a sample's time (reading the request to sending the reply, its
+        # last 1024 samples): the rest of the reader's is transport, waiting for a core, decoding
+        served = seed.stats()["sample_reply_ms"]
         seed.close()
-        return _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
-                    writers, seconds)
+        return {**result, "server_sample_p50_ms": served["p50"], "server_sample_p99_ms": served["p99"]}
     finally:
         server.stop()
 
@@ -298,13 +304,13 @@ def _summary(inserted, taken, insert_latencies, sample_latencies, seconds) -> di
             "sample_p50_ms": sample["p50_ms"], "sample_p99_ms": sample["p99_ms"]}
 
 
-def run_reverb(python: str, nbytes: int, writers: int, seconds: float, batch: int) -> dict:
+def run_reverb(python: str, nbytes: int, writers: int, seconds: float, flush_every: int) -> dict:
     """bench/reverb_bench.py under Reverb's interpreter; its JSON line."""
     import subprocess
 
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reverb_bench.py")
     done = subprocess.run([python, script, "--bytes", str(nbytes), "--writers", str(writers), "--seconds",
-                           str(seconds)], capture_output=True, text=True, timeout=seconds + 600)
+                           str(seconds), "--flush-every", str(flush_every)], capture_output=True, text=True, timeout=seconds + 600)
     if done.returncode != 0:
         raise RuntimeError(f"reverb_bench.py failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -324,9 +330,13 @@ def main():
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--out", help="also write every row and the summary here (JSON)")
     parser.add_argument("--reverb-python", help="the python of a venv with dm-reverb: run Reverb on the same work")
+    parser.add_argument("--reverb-flush-every", type=int,
+                        help="Reverb: items per flush, each flush waiting for all of them (default: --window, "
+                             "as many unacknowledged as an asyncrl writer may have)")
     args = parser.parse_args()
     if args.quick:
         args.writers, args.seconds = [8], 3.0
+    args.reverb_flush_every = args.reverb_flush_every or args.window
     work = tempfile.mkdtemp(prefix="buffer-bench-")
     if "ray queue" in args.systems:
         import ray
@@ -341,7 +351,7 @@ def main():
         for writers in args.writers:
             for system in args.systems + (["reverb"] if args.reverb_python else []):
                 if system == "reverb":
-                    r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, args.batch)
+                    r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, args.reverb_flush_every)
                 else:
                     extra = {"window": args.window} if system == "asyncrl" else {}
                     r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
@@ -349,7 +359,9 @@ def main():
                 rows.append(r)
                 print(f"{system:<10} {size:>5} {writers:>7} {r['items_per_s']:>9.0f} {r['mb_per_s']:>8.1f} "
                       f"{'-' if r['taken_per_s'] is None else round(r['taken_per_s']):>9} {str(r['insert_p50_ms']) + '/' + str(r['insert_p99_ms']):>18} "
-                      f"{str(r['sample_p50_ms']) + '/' + str(r['sample_p99_ms']):>18}", flush=True)
+                      f"{str(r['sample_p50_ms']) + '/' + str(r['sample_p99_ms']):>18}"
+                      + (f"   server's part {r['server_sample_p50_ms']}/{r['server_sample_p99_ms']}"
+                         if r.get("server_sample_p99_ms") is not None else ""), flush=True)
 
     def get(system, size, writers=8):
         return next((r for r in rows if (r["system"], r["size"], r["writers"]) == (system, size, writers)), None)
@@ -363,6 +375,7 @@ def main():
         "ratio_items_4k": ratio(get("asyncrl", "4k"), get("ray queue", "4k"), "items_per_s"),
         "ratio_mb_1m": ratio(get("asyncrl", "1m"), get("ray queue", "1m"), "mb_per_s"),
         "p99_sample_ms_8clients": (get("asyncrl", "4k") or {}).get("sample_p99_ms"),
+        "server_p99_sample_ms_8clients": (get("asyncrl", "4k") or {}).get("server_sample_p99_ms"),
         **({"reverb_share_items_4k": ratio(get("asyncrl", "4k"), get("reverb", "4k"), "items_per_s"),
             "reverb_share_mb_1m": ratio(get("asyncrl", "1m"), get("reverb", "1m"), "mb_per_s"),
             "reverb_items_per_s_4k": round(get("reverb", "4k")["items_per_s"]) if get("reverb", "4k") else None,
@@ -372,7 +385,7 @@ def main():
         "asyncrl_mb_per_s_1m": round(get("asyncrl", "1m")["mb_per_s"], 1) if get("asyncrl", "1m") else None,
         "bytes_4k": encoded_size(groups["4k"]), "bytes_1m": encoded_size(groups["1m"]),
         "machine": f"{platform.node()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
-        "window": args.window,
+        "window": args.window, **({"reverb_flush_every": args.reverb_flush_every} if args.reverb_python else {}),
         "command": "python -m bench.buffer_bench " + " ".join(sys.argv[1:]),
     }
     if args.out:

@@ -48,6 +48,7 @@ anyway, check() and stop() raise the cause.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hmac
 import logging
@@ -70,6 +71,7 @@ from common.wire import WireError, decode, encode, recv_frames, send_frames, spl
 
 log = logging.getLogger(__name__)
 _POLLIN = int(zmq.POLLIN)   # a plain int: pyzmq's enum flags are slow to combine
+SAMPLE_TIMES = 1024  # answered samples per table whose times stats() reports (p50, p99)
 MAX_VERSION = 2**53  # a policy version past this is not one a learner publishes
 DRAIN_MAX = 16  # insert requests taken between two passes over the waiting inserts,
 DRAIN_BYTES = 1 << 16  # or fewer once they hold this much (a client's pipelined puts go several a request)
@@ -161,6 +163,7 @@ class _PendingSample:
     table: str
     n: int
     deadline: float
+    arrived: float   # when the server read it (monotonic)
 
 
 @dataclass
@@ -174,6 +177,14 @@ class _PendingInsert:
     deadline: float
     stored: list = field(default_factory=list)   # one bool per group stored so far, in order
     refused: list = field(default_factory=list)  # [part, reason] of the parts refused (request with parts)
+
+
+def _percentiles_ms(seconds) -> dict:
+    """{p50, p99, count} in ms of a collection of durations in seconds; None for each without any."""
+    if not seconds:
+        return {"p50": None, "p99": None, "count": 0}
+    ms = sorted(1e3 * s for s in seconds)
+    return {"p50": round(ms[len(ms) // 2], 3), "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3), "count": len(ms)}
 
 
 def _unique(groups: list, start: int) -> list:
@@ -259,6 +270,8 @@ class BufferServer:
                 log.info("buffer: restored %d groups from %s", self.size, newest)
         self._next_checkpoint = time.monotonic() + (config.checkpoint_every_s or math.inf)
         self._pending: list[_PendingSample] = []
+        # per table, of the last SAMPLE_TIMES samples answered: from reading the request to sending the reply
+        self._sample_s = {name: collections.deque(maxlen=SAMPLE_TIMES) for name in self.tables}
         self._pending_inserts: list[_PendingInsert] = []  # held by the rate limiter, in arrival order
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -542,7 +555,8 @@ class BufferServer:
         if not 1 <= n <= table.config.max_size:
             raise RequestError(f"sample of n={n} can never be met by the table {name!r} of max_size "
                                f"{table.config.max_size}")
-        self._pending.append(_PendingSample(socket, identity, rid, name, n, time.monotonic() + timeout_s))
+        now = time.monotonic()
+        self._pending.append(_PendingSample(socket, identity, rid, name, n, now + timeout_s, now))
         return None  # answered by _serve_pending
 
     def _op_set_version(self, socket, identity, rid, request):
@@ -559,7 +573,7 @@ class BufferServer:
 
     def _op_stats(self, socket, identity, rid, request):
         name, table = self._table(request)
-        return {**table.summary(), "table": name,
+        return {**table.summary(), "table": name, "sample_reply_ms": _percentiles_ms(self._sample_s[name]),
                 "held_inserts": sum(p.table == name for p in self._pending_inserts),
                 "waiting_samples": sum(p.table == name for p in self._pending),
                 "tables": {n: t.summary() for n, t in self.tables.items()}}
@@ -612,6 +626,7 @@ class BufferServer:
                     "staleness": [table.staleness(g) for g in groups],
                     "learner_version": table.learner_version}):
                 table.mark_sampled(groups)
+                self._sample_s[p.table].append(time.monotonic() - p.arrived)
         self._pending = still
         heads: dict = {}   # the first held insert of each table
         for p in self._pending_inserts:

@@ -327,6 +327,23 @@ def test_pipelined_inserts_are_acknowledged_as_they_land_and_stored_once(buffer_
         client.close()
 
 
+def test_stats_report_how_long_samples_took_from_request_to_reply(buffer_server):
+    server = buffer_server()
+    reader, writer = BufferClient(server.address, timeout_s=5.0), BufferClient(server.address, timeout_s=5.0)
+    try:
+        assert reader.stats()["sample_reply_ms"] == {"p50": None, "p99": None, "count": 0}
+        writer.insert(make_group(seed=1))
+        threading.Timer(0.3, lambda: writer.insert(make_group(seed=2))).start()
+        t = time.monotonic()
+        reader.sample(2)                             # waits for the second group
+        waited_ms = 1e3 * (time.monotonic() - t)
+        times = reader.stats()["sample_reply_ms"]
+        assert times["count"] == 1 and 290 <= times["p50"] == times["p99"] <= waited_ms
+    finally:
+        reader.close()
+        writer.close()
+
+
 def test_a_malformed_put_is_refused_alone_and_the_others_are_stored(buffer_server):
     client = BufferClient(buffer_server().address, timeout_s=5.0, window=4)
     try:
