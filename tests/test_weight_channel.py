@@ -167,3 +167,20 @@ def test_a_cuda_ipc_receiver_whose_sender_is_gone_never_blocks_on_its_hellos():
         receiver._connect()
     assert time.monotonic() - t < 10
     assert receiver.receive(sink=None, timeout_s=0.1) is None   # nothing comes: None at the deadline
+
+
+def test_the_weight_push_bench_delivers_every_version_exactly_over_gloo():
+    """bench/weight_push_bench.py (the two-GPU issue's channel-against-floor figure) on the CPU:
+    a sender and a receiver process; the receiver's served tensors end with the sender's checksums."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bench.weight_push_bench", "--backend", "gloo", "--models", "tiny",
+                           "--versions", "3", "--repeats", "2", "--pause-s", "0"],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["exact_tiny"] is True and summary["backend"] == "gloo"
+    assert summary["transfer_ms_tiny"] > 0 and summary["floor_ms_tiny"] > 0
+    assert summary["transfer_over_floor_tiny"] == summary["transfer_ms_tiny"] / summary["floor_ms_tiny"]
