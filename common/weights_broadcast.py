@@ -5,22 +5,31 @@ The group belongs to the channel alone (a ProcessGroupGloo or ProcessGroupNCCL o
 TCPStore that the sender hosts), so it never touches the learner's own FSDP group. Rank 0
 sends (learner rank 0); ranks 1..N receive (one per actor group, or engine worker). Tensors
 travel packed into byte buckets of about `bucket_mb`, so the receiving side holds one bucket
-beside its staging copy, never a second full copy. The store is the control plane; transfer
-k goes:
+beside its staging copy, never a second full copy.
 
-  sender    sets meta/k: {version, tensors: [name, dtype, shape, bucket, offset], buckets}
-  receivers set ready/k/<rank> once they wait in receive()
+The control plane is a ZeroMQ ROUTER socket of the sender (its port in the store, under
+"control"), one DEALER per receiver, greeting it with its rank when it connects. Transfer k:
+
+  sender    sends each receiver meta: [k, version, tensors: [name, dtype, shape, bucket,
+            offset], buckets]
+  receivers answer ready once they wait in receive()
   sender    waits for every ready (deadline; the error names the receivers missing), then
             broadcasts the buckets
   receivers write each tensor into the sink (StagedWeights) and commit
 
+Why messages and not store keys: each side then wakes when the other's message lands. Keys
+were polled (every 5 ms, both ways), which cost about as much as the broadcast of a 0.5B model
+over NVLink; a store wait that times out logs a warning at every idle turn of a receiver.
+
 Every wait has a deadline. A sender that dies takes the store and the group with it: the
-receiver raises WeightSyncError naming the sender, and the sink is aborted, so the engine
-keeps serving its old version.
+receiver raises WeightSyncError naming the sender (an idle receiver finds out at its next
+receive(), which looks at the store once when nothing came), and the sink is aborted, so the
+engine keeps serving its old version.
 """
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -28,10 +37,12 @@ from dataclasses import dataclass
 import msgpack
 import torch
 import torch.distributed as dist
+import zmq
 
 from common.weights import WeightReceiver, WeightSender, WeightSyncError
 
-_POLL_S = 0.005
+HELLO, READY = b"hello", b"ready"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +96,10 @@ class BroadcastWeightSender(WeightSender):
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
         self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True,
                                    timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+        self._control = zmq.Context.instance().socket(zmq.ROUTER)
+        self._control.setsockopt(zmq.LINGER, 0)
+        self.store.set("control", str(self._control.bind_to_random_port("tcp://*")))
+        self._receivers: dict = {}   # rank -> its DEALER's identity, from its hello
         self.transfers = 0
         self._group = None
         self._join_error: BaseException | None = None
@@ -105,15 +120,18 @@ class BroadcastWeightSender(WeightSender):
             raise WeightSyncError(f"weight receivers did not join the broadcast group at {self.spec.host}:"
                                   f"{self.spec.port} within {self.spec.timeout_s}s: {self._join_error}")
         layout, buckets = _pack_layout(tensors, int(self.spec.bucket_mb * 2 ** 20))
-        k = self.transfers
-        self.store.set(f"meta/{k}", msgpack.packb({"version": version, "tensors": layout, "buckets": buckets}))
-        waiting = set(range(1, self.spec.world_size))
-        while waiting:
-            waiting = {r for r in waiting if not self.store.check([f"ready/{k}/{r}"])}
-            if waiting and time.monotonic() > deadline:
-                raise WeightSyncError(f"weight receiver(s) {sorted(waiting)} did not get ready for version "
-                                      f"{version} within {self.spec.timeout_s}s")
-            time.sleep(_POLL_S if waiting else 0)
+        k, ranks = self.transfers, set(range(1, self.spec.world_size))
+        # every receiver greeted before it joined the group: its hello is here or on its way
+        self._take(lambda: ranks <= self._receivers.keys(), deadline,
+                   lambda: f"weight receiver(s) {sorted(ranks - self._receivers.keys())} never reached the control "
+                           f"socket of the weight sender (learner rank 0) within {self.spec.timeout_s}s")
+        meta = msgpack.packb([k, version, layout, buckets])
+        for rank in sorted(ranks):
+            self._control.send_multipart([self._receivers[rank], meta])
+        ready: set = set()
+        self._take(lambda: ready >= ranks, deadline,
+                   lambda: f"weight receiver(s) {sorted(ranks - ready)} did not get ready for version {version} "
+                           f"within {self.spec.timeout_s}s", ready=ready, k=k)
         for index, size in enumerate(buckets):
             bucket = torch.empty(size, dtype=torch.uint8, device=self.device)
             for name, _, _, b, offset in layout:
@@ -127,6 +145,28 @@ class BroadcastWeightSender(WeightSender):
                                       f"weight receivers failed: {e}") from None
         self.transfers += 1
 
+    def _take(self, done, deadline: float, error, ready: set | None = None, k: int = -1) -> None:
+        """Read the control socket (hellos; readies of transfer k into `ready`) until done();
+        WeightSyncError(error()) past the deadline."""
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._control.poll(int(left * 1000) + 1):
+                if done():
+                    return
+                raise WeightSyncError(error())
+            identity, kind, *rest = self._control.recv_multipart()
+            try:
+                rank = int(rest[-1])
+                if kind == HELLO and 0 < rank < self.spec.world_size:
+                    self._receivers[rank] = identity
+                elif kind == READY and ready is not None and int(rest[0]) == k:
+                    ready.add(rank)
+            except (ValueError, IndexError):   # not one of our receivers' messages
+                log.warning("weight sender: ignored a malformed control message from %r", identity)
+
+    def close(self) -> None:
+        self._control.close(0)
+
 
 class BroadcastWeightReceiver(WeightReceiver):
     """An actor group's end; runs on the engine's weight thread. It connects (and picks its
@@ -136,7 +176,7 @@ class BroadcastWeightReceiver(WeightReceiver):
     def __init__(self, spec: BroadcastChannelSpec, rank: int):
         self.spec, self.rank = spec, rank
         self.transfers = 0
-        self._store = self._group = self._bucket = None
+        self._store = self._group = self._bucket = self._control = None
 
     def _connect(self) -> None:
         cuda = self.spec.backend == "nccl"
@@ -145,6 +185,10 @@ class BroadcastWeightReceiver(WeightReceiver):
         try:
             self._store = dist.TCPStore(self.spec.host, self.spec.port, self.spec.world_size, is_master=False,
                                         timeout=datetime.timedelta(seconds=self.spec.timeout_s))
+            self._control = zmq.Context.instance().socket(zmq.DEALER)
+            self._control.setsockopt(zmq.LINGER, 0)
+            self._control.connect(f"tcp://{self.spec.host}:{int(self._store.get('control'))}")
+            self._control.send_multipart([HELLO, str(self.rank).encode()])   # before the join, which waits for all
             self._group = _group(self.spec, self._store, self.rank)
         except Exception as e:
             raise WeightSyncError(f"could not join {self.spec.sender_name}: {e}") from None
@@ -152,26 +196,23 @@ class BroadcastWeightReceiver(WeightReceiver):
     def receive(self, sink, timeout_s: float) -> int | None:
         if self._group is None:
             self._connect()
-        k, deadline = self.transfers, time.monotonic() + timeout_s
         try:
-            while not self._store.check([f"meta/{k}"]):
-                if time.monotonic() >= deadline:
-                    return None
-                time.sleep(_POLL_S)
-            meta = msgpack.unpackb(self._store.get(f"meta/{k}"))
+            if not self._control.poll(max(0, int(timeout_s * 1000))):
+                self._store.check(["control"])   # nothing came: is the sender still there?
+                return None
+            k, version, layout, buckets = msgpack.unpackb(self._control.recv())
         except Exception as e:  # the store lives in the sender's process
             raise WeightSyncError(f"lost {self.spec.sender_name}: {e}") from None
-        version = meta["version"]
         sink.begin(version)
         try:
-            self._store.set(f"ready/{k}/{self.rank}", b"1")
+            self._control.send_multipart([READY, str(k).encode(), str(self.rank).encode()])
             transfer_deadline = time.monotonic() + self.spec.timeout_s
-            for index, size in enumerate(meta["buckets"]):
+            for index, size in enumerate(buckets):
                 if self._bucket.numel() < size:
                     self._bucket = torch.empty(size, dtype=torch.uint8, device=self.device)
                 bucket = self._bucket[:size]
                 _broadcast(self._group, bucket, max(transfer_deadline - time.monotonic(), 0.001))
-                for name, dtype, shape, b, offset in meta["tensors"]:
+                for name, dtype, shape, b, offset in layout:
                     if b == index:
                         dt = getattr(torch, dtype)
                         nbytes = _numel(shape) * torch.empty(0, dtype=dt).element_size()

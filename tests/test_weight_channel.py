@@ -35,7 +35,7 @@ def _log_to(path) -> None:
     os.dup2(fd, 2)
 
 
-def _sender(spec, versions, die_after_buckets, log):
+def _sender(spec, versions, die_after_buckets, log, stray=False):
     _log_to(log)
     if die_after_buckets is not None:  # a fault injected on purpose: the process dies mid-transfer
         import common.weights_broadcast as channel
@@ -48,6 +48,12 @@ def _sender(spec, versions, die_after_buckets, log):
             sent.append(1)
         channel._broadcast = dying
     sender = spec.sender()
+    if stray:   # a process that is not a receiver writes to the control socket: ignored
+        import zmq
+        other = zmq.Context.instance().socket(zmq.DEALER)
+        other.connect(f"tcp://127.0.0.1:{int(sender.store.get('control'))}")
+        for message in ([b"hello"], [b"ready", b"x", b"1"], [b"hello", b"99"], [b"nonsense"]):
+            other.send_multipart(message)
     for v in versions:
         sender.send(v, version_tensors(v))
     time.sleep(2)  # let the receivers read the last version before the store goes away
@@ -78,7 +84,7 @@ def _by_value(tensors: dict) -> bytes:
     return buffer.getvalue()
 
 
-def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
+def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False):
     """Run a sender and two receivers; returns (every receiver's results, seconds, and a text
     with each process's exit code and stderr, for assertion messages). Each receiver has a
     queue of its own: a process that dies while writing to a shared one would hold its lock."""
@@ -89,7 +95,7 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
     logs = [os.path.join(tempfile.mkdtemp(prefix="weights-test-"), f"{name}.log")
             for name in ("sender", "receiver0", "receiver1")]
     queues = [ctx.Queue() for _ in range(2)]
-    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0]))]
+    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0], stray))]
     procs += [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1])) for i in range(2)]
     for p in procs:
         p.start()
@@ -118,8 +124,8 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0):
     return out, seconds, report
 
 
-def test_every_receiver_gets_every_version_exactly():
-    out, _, report = run_channel([1, 2, 3])
+def test_every_receiver_gets_every_version_exactly_whatever_else_reaches_the_control_socket():
+    out, _, report = run_channel([1, 2, 3], stray=True)
     assert sorted((i, v) for i, v, _, _ in out) == [(i, v) for i in range(2) for v in (1, 2, 3)], report
     for index, version, served, error in out:
         assert error == ""
