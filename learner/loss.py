@@ -118,14 +118,15 @@ def policy_loss(logprobs: torch.Tensor, proximal_logprobs: torch.Tensor, behavio
     the policy tokens (divide by the token count for means), except `*_max`, maxima."""
     mask = mask.float()
     weights = mask if weights is None else weights
-    if config.objective == "behaviour":
+    # how far the data is off policy, whatever the objective (its metrics are what a user watches)
+    log_w = proximal_logprobs.detach() - behaviour_logprobs                         # log pi_prox / mu
+    if config.objective == "behaviour":   # the clip's anchor is mu itself
         proximal_logprobs = behaviour_logprobs
     ratio = torch.exp(logprobs - proximal_logprobs)                                 # pi_theta / pi_prox
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - config.clip_low, 1 + config.clip_high)
     pg_loss = torch.maximum(pg_loss1, pg_loss2)                                     # [B, T]
 
-    log_w = proximal_logprobs.detach() - behaviour_logprobs                         # log pi_prox / mu
     behaviour_weight = torch.exp(log_w)
     if config.objective == "behaviour" or config.is_correction == "none":
         is_weight = torch.ones_like(behaviour_weight)
