@@ -37,6 +37,8 @@ ARRAY_FIELDS = {
 _ARRAY_SPECS = [(name, np.dtype(dtype), len(shape) == 2) for name, (dtype, shape) in ARRAY_FIELDS.items()]
 _NO_VERSION = np.uint32(0xFFFFFFFF)   # -1 seen as uint32: above every version >= 0
 _DTYPES = "".join(dtype.str for _, dtype, _ in _ARRAY_SPECS)   # what a group's wire form says when right
+_ARRAY_NAMES = [name for name, _, _ in _ARRAY_SPECS]
+_ARRAY_DTYPES = [dtype for _, dtype, _ in _ARRAY_SPECS]
 
 
 class SchemaError(ValueError):
@@ -185,9 +187,13 @@ class RolloutGroup:
         joined), the arrays as one run of raw frames in ARRAY_FIELDS order, then the other
         fields in the dataclass's order]. One reference and no keys: a small group's header
         costs a fraction of a map per array (the reader knows every shape from G and T)."""
-        arrays = [getattr(self, name) for name, _, _ in _ARRAY_SPECS]
-        return [list(np.shape(self.tokens)), "".join(np.asarray(a).dtype.str for a in arrays), Frames(arrays),
-                *[getattr(self, name) for name in _META_NAMES]]
+        arrays = [getattr(self, name) for name in _ARRAY_NAMES]
+        try:   # a validated group's arrays have the schema's dtypes: say so without asking each
+            dtypes = _DTYPES if all(a.dtype == dt for a, dt in zip(arrays, _ARRAY_DTYPES)) else None
+        except AttributeError:   # not arrays yet
+            dtypes = None
+        return [list(np.shape(self.tokens)), dtypes or "".join(np.asarray(a).dtype.str for a in arrays),
+                Frames(arrays), *[getattr(self, name) for name in _META_NAMES]]
 
     @classmethod
     def from_wire(cls, data) -> "RolloutGroup":
