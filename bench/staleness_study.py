@@ -74,9 +74,28 @@ def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadl
                                                    f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
         if result.returncode != 0:
             return {"cell": run_dir.name, "error": result.stderr[-1500:]}
-        done.write_text(json.dumps({"wall_s": time.monotonic() - t}))
+        done.write_text(json.dumps({"wall_s": time.monotonic() - t, "setting": setting(args)}))
     return score(run_dir, json.loads(done.read_text())["wall_s"]) | {
         "cell": run_dir.name, "lag": lag, "correction": correction, "lr": lr, "seed": seed}
+
+
+def setting(args) -> dict:
+    """What a cell's name does not say but its result depends on: a finished cell is read
+    back only under the same setting."""
+    return {"config": args.config, "actors": args.actors, "steps": args.steps, "eval_tasks": args.eval_tasks,
+            "overrides": list(args.overrides)}
+
+
+def stale_cells(args, cells: list) -> list:
+    """Finished cells under --runs-dir that ran with another setting than this command's."""
+    out = []
+    for cell in cells:
+        done = Path(args.runs_dir) / cell_name(*cell) / "study.done"
+        if done.exists():
+            were = json.loads(done.read_text()).get("setting")
+            if were is not None and were != setting(args):
+                out.append((done.parent.name, were))
+    return out
 
 
 def score(run_dir: Path, wall_s: float) -> dict:
@@ -184,6 +203,10 @@ def main(argv=None) -> dict:
     # seed by seed, so a grid stopped early has whole seeds of every cell
     cells = [(lag, correction, lr, seed)
              for seed in args.seeds for lr in args.lrs for lag in args.lags for correction in args.corrections]
+    if other := stale_cells(args, cells):
+        name, were = other[0]
+        p.error(f"{len(other)} finished cell(s) under --runs-dir {args.runs_dir} ran with another setting "
+                f"(first: {name}, {were}; now {setting(args)}): give this grid a --runs-dir of its own")
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(lambda cell: run_cell(args, *cell, deadline=deadline), cells))
     skipped = [r["cell"] for r in rows if "skipped" in r]

@@ -1,5 +1,7 @@
 """trainer.publish_lag = k: the actors get version v - k when the learner makes v, so every
 group the learner trains on is exactly k versions old (the off-policy study's variable)."""
+import json
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_a_lagged_learner_sends_each_version_k_publications_late(tiny_model_path
     one.close()
 
 
-def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tmp_path):
+def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tmp_path, capsys):
     result = launch("async_grpo", tmp_path, "trainer.max_steps=6", "trainer.publish_lag=2", "actors.count=1",
                     "buffer.table.max_staleness=2", "eval.every=3", "eval.tasks=8")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -65,6 +67,12 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
                  "--parallel", "2", "--budget-s", "0"])
     assert out["skipped"] == ["lag4-truncate-seed0"] and out["errors"] == []
     assert [r["held_out"] for r in out["runs"]] == [scores["held_out"]] and not (cells / "lag4-truncate-seed0").exists()
+    # a cell finished under another setting (here four mini-batches for all) is not read back as this grid's
+    other = {"config": "tiny", "actors": 0, "steps": 30, "eval_tasks": 32, "overrides": ["trainer.minibatches=4"]}
+    (tmp_path / "study.done").write_text(json.dumps({"wall_s": 1.0, "setting": other}))
+    with pytest.raises(SystemExit):
+        study(["--runs-dir", str(cells), "--lags", "2", "--corrections", "truncate", "--seeds", "0"])
+    assert "1 finished cell(s) under --runs-dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("recipe, overrides, key, words", [
