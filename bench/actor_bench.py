@@ -22,8 +22,13 @@ starts with load_format="dummy" and gets the learner's weights through the chann
      weights, same CUDA-graph setting) and the log-prob gap (learner's HF forward, bf16)
   5. 1.5B: vLLM's native path under load: pause_generation(keep), IPC weight-transfer
      update, resume; and the floor: a device-to-device copy of the weights' bytes
+--transport nccl (2 GPUs, the two-GPU issue): the learner process on GPU 0 sends through the
+broadcast channel (NCCL) to vLLM on GPU 1, and vLLM's native path uses its NCCL engine; the
+floor (a plain NCCL broadcast of the same bytes) is bench/weight_push_bench.py's, run in the
+same device call. Not run yet: written on CPU, no 2-GPU kind lent.
 Writes $OUT/actor_bench_<models>.json; prints a table, then one JSON line.
 Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick] [--rounds 0] [--pairs 2] [--continuous-s 12]
+                                   [--transport ipc|nccl]
 """
 from __future__ import annotations
 
@@ -69,17 +74,18 @@ def write_config(path: str, shape: str, vocab: int = VOCAB) -> str:
 
 
 # -- the learner process: HF model on the GPU, IpcWeightSender --------------------------------
-def learner_main(conn, model_dir: str, seed: int) -> None:
+def learner_main(conn, model_dir: str, seed: int, transport: str = "ipc") -> None:
     try:
-        _learner(conn, model_dir, seed)
+        _learner(conn, model_dir, seed, transport)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
 
 
-def _learner(conn, model_dir: str, seed: int) -> None:
+def _learner(conn, model_dir: str, seed: int, transport: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from common.weights_broadcast import BroadcastChannelSpec
     from common.weights_ipc import IpcWeightSender
 
     torch.cuda.set_device(0)
@@ -89,17 +95,22 @@ def _learner(conn, model_dir: str, seed: int) -> None:
     model.eval().requires_grad_(False)
     named = {n: p.detach() for n, p in model.named_parameters()}  # tied: one embedding
     nbytes = sum(p.numel() * p.element_size() for p in named.values())
-    sender = IpcWeightSender(timeout_s=120.0)
-    state = {"version": 0, "log": [], "stop": threading.Event(), "thread": None}
+    if transport == "nccl":   # the engine on the other GPU, over a broadcast group
+        spec = BroadcastChannelSpec("127.0.0.1", _free_port(), receivers=1, backend="nccl", timeout_s=120.0)
+        sender = spec.sender()
+    else:
+        sender = IpcWeightSender(timeout_s=120.0)
+        spec = sender.spec()
+    state = {"version": 0, "log": [], "stop": threading.Event(), "thread": None, "native_group": None}
 
     def publish() -> dict:
         for p in named.values():  # a new version: every tensor changes
             p.add_(torch.randn_like(p), alpha=2e-3)
         torch.cuda.synchronize()
         state["version"] += 1
-        t_has = time.time()
-        send_s = sender.send(state["version"], named)
-        record = {"version": state["version"], "t_has": t_has, "send_ms": send_s * 1e3}
+        t_has, t = time.time(), time.perf_counter()
+        sender.send(state["version"], named)
+        record = {"version": state["version"], "t_has": t_has, "send_ms": (time.perf_counter() - t) * 1e3}
         state["log"].append(record)
         return record
 
@@ -109,7 +120,7 @@ def _learner(conn, model_dir: str, seed: int) -> None:
             publish()
             state["stop"].wait(max(0.0, period_s - (time.monotonic() - t)))
 
-    conn.send(("ready", sender.spec(), nbytes, len(named), torch.cuda.get_device_name(0)))
+    conn.send(("ready", spec, nbytes, len(named), torch.cuda.get_device_name(0)))
     while True:
         cmd, *args = conn.recv()
         if cmd == "wait_receivers":
@@ -137,6 +148,20 @@ def _learner(conn, model_dir: str, seed: int) -> None:
             conn.send(("ok", dict(names=list(named), dtype_names=[str(p.dtype).split(".")[-1] for p in named.values()],
                                   shapes=[list(p.shape) for p in named.values()],
                                   ipc_handles=[{uuid: reduce_tensor(p)[1]} for p in named.values()], packed=False)))
+        elif cmd == "native_nccl_init":   # vLLM's own NCCL path: this process is rank 0 of its group
+            from vllm.distributed.weight_transfer.nccl_common import trainer_init
+            address, port = args
+            state["native_group"] = trainer_init({"master_address": address, "master_port": port, "world_size": 2})
+            conn.send(("ok", dict(names=list(named), dtype_names=[str(p.dtype).split(".")[-1] for p in named.values()],
+                                  shapes=[list(p.shape) for p in named.values()], packed=True)))
+        elif cmd == "native_nccl_send":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+            NCCLWeightTransferEngine.trainer_send_weights(iter(named.items()),
+                                                          {"group": state["native_group"], "packed": True})
+            torch.cuda.synchronize()
+            conn.send(("ok", time.time()))
+        elif cmd == "floor" and transport == "nccl":   # between GPUs: bench/weight_push_bench.py measures it
+            conn.send(("ok", None))
         elif cmd == "floor":
             src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
             dst = torch.empty_like(src)
@@ -186,11 +211,18 @@ def _score(model, samples: list, temperature: float) -> dict:
     return {"mean": float(gaps.mean()), "max": float(gaps.max()), "tokens": int(gaps.numel())}
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Learner:
-    def __init__(self, model_dir: str, seed: int = 0):
+    def __init__(self, model_dir: str, seed: int = 0, transport: str = "ipc"):
         ctx = tmp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=learner_main, args=(child, model_dir, seed), daemon=True)
+        self.proc = ctx.Process(target=learner_main, args=(child, model_dir, seed, transport), daemon=True)
         self.proc.start()
         _, self.spec, self.nbytes, self.ntensors, self.device = self._recv(300)
 
@@ -488,6 +520,47 @@ def native_updates(engine, learner, batch: list, n: int) -> dict:
             "update_ms_median": statistics.median(r["update_ms"] for r in timed)}
 
 
+def native_updates_nccl(engine, learner, batch: list, n: int) -> dict:
+    """vLLM's own path over NCCL, learner on the other GPU: pause (keep), the learner's packed
+    broadcast into update_weights, resume; per update from "the learner has v"."""
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
+
+    llm, port = engine.llm, _free_port()
+    learner.conn.send(("native_nccl_init", "127.0.0.1", port))   # it waits in the group's rendezvous
+    engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
+        master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2))), timeout_s=120)
+    info = learner._recv(120)[1]
+    rows = []
+
+    async def one_update(t_has):
+        t = [time.time()]
+        await llm.pause_generation(mode="keep", clear_cache=False)
+        t.append(time.time())
+        await llm.start_weight_update()
+        learner.conn.send(("native_nccl_send",))   # the broadcast's other end
+        await llm.update_weights(WeightTransferUpdateRequest(update_info=dict(info)))
+        await llm.finish_weight_update()
+        t.append(time.time())
+        await llm.resume_generation()
+        t.append(time.time())
+        return {"total_ms": (t[3] - t_has) * 1e3, "pause_ms": (t[1] - t[0]) * 1e3,
+                "update_ms": (t[2] - t[1]) * 1e3, "resume_ms": (t[3] - t[2]) * 1e3}
+
+    load = threading.Thread(target=bare_round, args=(engine, batch, NEW_TOKENS), daemon=True)
+    load.start()
+    time.sleep(1.5)
+    for i in range(n + 1):   # the first also warms the path up: reported apart
+        t_has = learner.ask("perturb")
+        rows.append(engine.call(one_update(t_has), timeout_s=120))
+        learner._recv(120)   # the learner's send returned
+        time.sleep(0.4)
+    load.join(120)
+    timed = rows[1:]
+    return {"first": rows[0], "rows": timed, "total_ms_median": statistics.median(r["total_ms"] for r in timed),
+            "pause_ms_median": statistics.median(r["pause_ms"] for r in timed),
+            "update_ms_median": statistics.median(r["update_ms"] for r in timed)}
+
+
 def ray_stub() -> str | None:
     """vLLM's IPC weight-transfer module imports ray at its top but needs it only for
     send_mode="ray"; where Ray is not installed, an empty stand-in lets it import."""
@@ -551,14 +624,19 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         buffer = (ctx.Process(target=buffer_main, args=(child,), daemon=True), bconn)
         buffer[0].start()
         client = BufferClient(bconn.recv(), timeout_s=60)
-        learner = Learner(model_dir)  # built before vLLM measures free memory
+        if args.transport == "nccl":   # the learner on GPU 0, vLLM (its processes spawned after this) on GPU 1
+            os.environ["CUDA_VISIBLE_DEVICES"] = "0,1"
+        learner = Learner(model_dir, transport=args.transport)  # built before vLLM measures free memory
+        if args.transport == "nccl":
+            os.environ["CUDA_VISIBLE_DEVICES"] = "1,0"
+        r["transport"] = args.transport
         r.update(weight_bytes=learner.nbytes, tensors=learner.ntensors)
         out["device"] = learner.device
         extra = {}
         if native:
             r["ray_stub"] = ray_stub()
             os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # IPC handles ride vLLM's RPC pickled
-            extra["weight_transfer_config"] = {"backend": "ipc"}
+            extra["weight_transfer_config"] = {"backend": args.transport}
         t = time.monotonic()
         kwargs = dict(model_path=model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
                       max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
@@ -657,7 +735,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             learner.ask("save", os.path.join(work, "final"))
     if native and phase.has_time(f"{shape}/native", 40):
         with phase(f"{shape}/native"):
-            r["native"] = native_updates(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4)
+            native_path = native_updates_nccl if args.transport == "nccl" else native_updates
+            r["native"] = native_path(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4)
     with phase(f"{shape}/close"):
         engine.close()
     if "greedy_after" in r and phase.has_time(f"{shape}/cold", 150):
@@ -755,11 +834,19 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-native", action="store_true")
+    p.add_argument("--transport", choices=("ipc", "nccl"), default="ipc",
+                   help="ipc: the learner process on the engine's GPU (CUDA IPC); nccl: the learner on GPU 0, "
+                        "vLLM on GPU 1, weights over the broadcast channel and vLLM's own path over NCCL "
+                        "(needs 2 GPUs; the floor then comes from bench/weight_push_bench.py)")
     p.add_argument("--checks-all", action="store_true", help="greedy and log-prob checks for every model")
     p.add_argument("--budget-s", type=float, default=540, help="optional phases are skipped past this")
     args = p.parse_args()
     if args.quick:
         args.prompts, args.rounds = 256, 1
+    if args.transport == "nccl":
+        import torch
+        if torch.cuda.device_count() < 2:   # NVML's count: no CUDA context in this process before vLLM's
+            p.error(f"--transport nccl needs 2 GPUs; this machine has {torch.cuda.device_count()}")
     deadline = time.monotonic() + args.budget_s
     out_dir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="actor-bench-")
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -6,7 +6,10 @@
 #   job2     the same on a 2-GPU kind, actor group and learner on a GPU each (weights over NCCL)
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
-#   actor    bench/actor_bench.py (ACTOR_ARGS, default: both shapes, --quick)
+#   actor    bench/actor_bench.py (ACTOR_ARGS, default: both shapes, --quick; on a 2-GPU kind add
+#            --transport nccl for the learner on GPU 0 and vLLM on GPU 1)
+#   push     bench/weight_push_bench.py --backend nccl (2 GPUs): the broadcast channel against a
+#            plain NCCL broadcast of the same bytes, 0.5B and 1.5B shapes
 #   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study; cells
 #            carried back in (STUDY_FROM, a folder of finished cells) are read, not run again
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
@@ -58,6 +61,10 @@ for part in "$@"; do
         ${TESTS:-tests/test_vllm_engine.py tests/test_gpu.py tests/test_telemetry.py tests/test_megatron.py} > "$OUT/tests.txt" 2>&1
       kill "$watcher" 2>/dev/null
       tail -15 "$OUT/tests.txt" ;;
+    push)
+      timeout ${PUSH_TIMEOUT:-300} python -m bench.weight_push_bench --backend nccl --models 0.5b 1.5b \
+        --out "$OUT/weight_push.json" > "$OUT/push.txt" 2>&1
+      tail -4 "$OUT/push.txt" ;;
     actor)
       watcher=$(stacks_before $(( ${ACTOR_TIMEOUT:-400} - 30 )) actor)
       timeout ${ACTOR_TIMEOUT:-400} python -m bench.actor_bench ${ACTOR_ARGS:---models 0.5b,1.5b --quick} \

@@ -107,7 +107,7 @@ def receiver_main(backend: str, model: str, floor_port: int, spec, broadcasts: i
         for _ in range(broadcasts):
             _broadcast(group, buffer, TIMEOUT_S)
         _sync(device)
-        del buffer, group
+        del buffer   # the group stays to the end: a NCCL group is taken down by its process's exit
         served = {n: torch.zeros(s, dtype=torch.bfloat16, device=device) for n, s in shapes_of(model).items()}
         staged = StagedWeights(served)
         receiver = spec.receiver(0)
@@ -186,7 +186,7 @@ def bench_shape(model: str, args) -> dict:
             _sync(device)
             if i >= 2:
                 floor.append((time.perf_counter() - t) * 1e3)
-        del buffer, group
+        del buffer
         _take(out, "floor done", process)
         generator = torch.Generator(device=device).manual_seed(0)
         tensors = {n: torch.randn(s, generator=generator, device=device).to(torch.bfloat16) for n, s in shapes.items()}

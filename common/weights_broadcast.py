@@ -112,13 +112,21 @@ class BroadcastWeightSender(WeightSender):
         except BaseException as e:
             self._join_error = e
 
+    def wait_for_receivers(self, n: int | None = None, timeout_s: float | None = None) -> None:
+        """Return once every receiver has joined the group (`n`, if given, must be their number);
+        WeightSyncError after timeout_s (default: the spec's)."""
+        if n is not None and n != self.spec.receivers:
+            raise ValueError(f"this broadcast group has {self.spec.receivers} receiver(s), not {n}")
+        timeout_s = self.spec.timeout_s if timeout_s is None else timeout_s
+        self._joined.join(timeout_s)
+        if self._group is None:
+            raise WeightSyncError(f"weight receivers did not join the broadcast group at {self.spec.host}:"
+                                  f"{self.spec.port} within {timeout_s}s: {self._join_error or 'still waiting'}")
+
     def send(self, version: int, tensors: dict) -> None:
         """Broadcast `tensors` (name -> tensor) as `version` to every receiver."""
         deadline = time.monotonic() + self.spec.timeout_s
-        self._joined.join(self.spec.timeout_s)
-        if self._group is None:
-            raise WeightSyncError(f"weight receivers did not join the broadcast group at {self.spec.host}:"
-                                  f"{self.spec.port} within {self.spec.timeout_s}s: {self._join_error}")
+        self.wait_for_receivers()
         layout, buckets = _pack_layout(tensors, int(self.spec.bucket_mb * 2 ** 20))
         k, ranks = self.transfers, set(range(1, self.spec.world_size))
         # every receiver greeted before it joined the group: its hello is here or on its way

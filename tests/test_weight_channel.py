@@ -150,6 +150,10 @@ def test_a_sender_killed_mid_transfer_fails_the_receivers_in_time_and_they_keep_
 def test_a_receiver_that_never_comes_is_named_by_the_sender():
     spec = BroadcastChannelSpec("127.0.0.1", free_port(), receivers=1, timeout_s=1.0)
     sender = spec.sender()
+    with pytest.raises(ValueError, match="has 1 receiver"):
+        sender.wait_for_receivers(2, 0.1)
+    with pytest.raises(WeightSyncError, match="within 0.2s: still waiting"):
+        sender.wait_for_receivers(1, 0.2)
     t = time.monotonic()
     with pytest.raises(WeightSyncError, match="did not join the broadcast group"):
         sender.send(1, version_tensors(1))
