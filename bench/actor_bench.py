@@ -485,12 +485,22 @@ def greedy(engine, batch: list, new_tokens: int) -> list:
 
 
 # -- the native path: pause(keep), IPC update, resume ------------------------------------------
-def native_updates(engine, learner, batch: list, n: int) -> dict:
+def native_updates(engine, learner, batch: list, n: int, transport: str = "ipc") -> dict:
+    """vLLM's own path under load: pause (keep), start, update_weights, finish, resume; per
+    update from "the learner has v". ipc: the learner's CUDA IPC handles (one GPU); nccl: the
+    learner on the other GPU broadcasts into update_weights through vLLM's NCCL engine."""
     from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
 
-    info = learner.ask("native_handles")
     llm = engine.llm
-    engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={})))
+    if transport == "nccl":
+        port = _free_port()
+        learner.conn.send(("native_nccl_init", "127.0.0.1", port))   # it waits in the group's rendezvous
+        engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
+            master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2))), timeout_s=120)
+        info = learner._recv(120)[1]
+    else:
+        info = learner.ask("native_handles")
+        engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={})))
     rows = []
 
     async def one_update(t_has):
@@ -498,6 +508,8 @@ def native_updates(engine, learner, batch: list, n: int) -> dict:
         await llm.pause_generation(mode="keep", clear_cache=False)
         t.append(time.time())
         await llm.start_weight_update()
+        if transport == "nccl":
+            learner.conn.send(("native_nccl_send",))   # the broadcast's other end
         await llm.update_weights(WeightTransferUpdateRequest(update_info=dict(info)))
         await llm.finish_weight_update()
         t.append(time.time())
@@ -509,50 +521,11 @@ def native_updates(engine, learner, batch: list, n: int) -> dict:
     load = threading.Thread(target=bare_round, args=(engine, batch, NEW_TOKENS), daemon=True)
     load.start()
     time.sleep(1.5)
-    for i in range(n + 1):  # the first opens the handles in the worker: reported apart
+    for i in range(n + 1):  # the first opens the handles or warms the group up: reported apart
         t_has = learner.ask("perturb")
         rows.append(engine.call(one_update(t_has), timeout_s=120))
-        time.sleep(0.4)
-    load.join(120)
-    timed = rows[1:]
-    return {"first": rows[0], "rows": timed, "total_ms_median": statistics.median(r["total_ms"] for r in timed),
-            "pause_ms_median": statistics.median(r["pause_ms"] for r in timed),
-            "update_ms_median": statistics.median(r["update_ms"] for r in timed)}
-
-
-def native_updates_nccl(engine, learner, batch: list, n: int) -> dict:
-    """vLLM's own path over NCCL, learner on the other GPU: pause (keep), the learner's packed
-    broadcast into update_weights, resume; per update from "the learner has v"."""
-    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
-
-    llm, port = engine.llm, _free_port()
-    learner.conn.send(("native_nccl_init", "127.0.0.1", port))   # it waits in the group's rendezvous
-    engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
-        master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2))), timeout_s=120)
-    info = learner._recv(120)[1]
-    rows = []
-
-    async def one_update(t_has):
-        t = [time.time()]
-        await llm.pause_generation(mode="keep", clear_cache=False)
-        t.append(time.time())
-        await llm.start_weight_update()
-        learner.conn.send(("native_nccl_send",))   # the broadcast's other end
-        await llm.update_weights(WeightTransferUpdateRequest(update_info=dict(info)))
-        await llm.finish_weight_update()
-        t.append(time.time())
-        await llm.resume_generation()
-        t.append(time.time())
-        return {"total_ms": (t[3] - t_has) * 1e3, "pause_ms": (t[1] - t[0]) * 1e3,
-                "update_ms": (t[2] - t[1]) * 1e3, "resume_ms": (t[3] - t[2]) * 1e3}
-
-    load = threading.Thread(target=bare_round, args=(engine, batch, NEW_TOKENS), daemon=True)
-    load.start()
-    time.sleep(1.5)
-    for i in range(n + 1):   # the first also warms the path up: reported apart
-        t_has = learner.ask("perturb")
-        rows.append(engine.call(one_update(t_has), timeout_s=120))
-        learner._recv(120)   # the learner's send returned
+        if transport == "nccl":
+            learner._recv(120)   # the learner's send returned
         time.sleep(0.4)
     load.join(120)
     timed = rows[1:]
@@ -735,8 +708,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             learner.ask("save", os.path.join(work, "final"))
     if native and phase.has_time(f"{shape}/native", 40):
         with phase(f"{shape}/native"):
-            native_path = native_updates_nccl if args.transport == "nccl" else native_updates
-            r["native"] = native_path(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4)
+            r["native"] = native_updates(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4,
+                                         args.transport)
     with phase(f"{shape}/close"):
         engine.close()
     if "greedy_after" in r and phase.has_time(f"{shape}/cold", 150):
