@@ -65,8 +65,12 @@ def test_requests_from_several_event_loops_and_threads_all_come_back(remote):
 
 def test_a_request_nobody_waits_for_is_cancelled_in_the_engine_process(remote):
     async def abandon():
-        task = asyncio.ensure_future(remote.generate([3, 4], 200, 1.0))
-        await asyncio.sleep(0.3)
+        # 500 tokens (the tiny model's 512 positions): longer than the moment it takes to see
+        # the request under way and cancel it (a fixed 0.3 s wait once saw 200 tokens finish first)
+        task = asyncio.ensure_future(remote.generate([3, 4], 500, 1.0))
+        deadline = time.monotonic() + 10
+        while not (await asyncio.to_thread(remote.stats))["pending_requests"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
