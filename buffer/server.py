@@ -515,10 +515,10 @@ class BufferServer:
     @staticmethod
     def _part(raw: list, start: int, end: int, between=None) -> list:
         """The groups raw[start:end], all valid, or SchemaError/RequestError naming the first
-        that is not (by its index in the request). `between` is called before each group after
-        the first: the learner's requests are served between the groups of one insert (a
+        that is not (by its index in the request). `between` is called before each group but
+        the request's first: the learner's requests are served between the groups of one insert (a
         request of 17 coalesced puts took up to 4 ms to validate on two busy cores), which is
-        safe because validating touches no table. (Before every group but the request's first.)"""
+        safe because validating touches no table."""
         groups = []
         for i in range(start, end):
             if between is not None and i:
