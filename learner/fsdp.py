@@ -4,10 +4,14 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
 from torch.utils.checkpoint import checkpoint
+
+GATHER_BUCKET_BYTES = 256 << 20
+"""Largest flat buffer a rank sends in one gather of the full weights."""
 
 
 def decoder_blocks(model: torch.nn.Module) -> list:
@@ -61,9 +65,99 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def full_state_dict(model: torch.nn.Module, sharded: bool) -> dict:
+def full_state_dict(model: torch.nn.Module, sharded: bool, bucket_bytes: int = GATHER_BUCKET_BYTES) -> dict:
     """Full (unsharded) weights on CPU. A collective when sharded: every rank must call it;
-    only rank 0 receives the tensors."""
+    only rank 0 receives the tensors ({} elsewhere). The shards travel packed in flat buckets
+    of one dtype, one plain gather to rank 0 each, where torch's full state dict makes an
+    all-gather of every tensor on every rank through functional collectives (one of which
+    crashed a gloo rank in CI with SIGSEGV)."""
+    state = model.state_dict()
     if not sharded:
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.detach().cpu() for k, v in state.items()}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    full, first_key, shards = {}, {}, {}
+    for key, value in state.items():
+        if id(value) in first_key:      # tied weights: gathered once
+            continue
+        first_key[id(value)] = key
+        if not isinstance(value, DTensor):
+            full[key] = value.detach().cpu()
+        elif value.placements != (Shard(0),):
+            raise ValueError(f"{key} is placed {value.placements}; only FSDP2's Shard(0) is gathered")
+        else:
+            shards[key] = value
+    for bucket in _buckets(shards, bucket_bytes, world):
+        flat = _pack(bucket, rank, world)
+        received = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
+        dist.gather(flat, received, dst=0)
+        if rank == 0:
+            full.update(_unpack(bucket, [r.cpu() for r in received], world))
+    if rank != 0:
+        return {}
+    return {key: full[first_key[id(value)]] for key, value in state.items()}
+
+
+def _rows(n: int, rank: int, world: int) -> int:
+    """Rows of a dim-0 size n that FSDP2 gives this rank: torch.chunk's split (the last ranks
+    may get fewer or none)."""
+    chunk = -(-n // world)
+    return max(0, min(n - rank * chunk, chunk))
+
+
+def _slot(value: torch.Tensor, world: int) -> int:
+    """Elements every rank reserves for this tensor in a bucket: its largest shard."""
+    n = value.shape[0]
+    return -(-n // world) * (value.numel() // n) if n else 0
+
+
+def _buckets(shards: dict, bucket_bytes: int, world: int) -> list:
+    """Lists of (key, DTensor), one dtype each, of at most bucket_bytes a rank (or one tensor)."""
+    buckets, current, size = [], [], 0
+    for key, value in sorted(shards.items(), key=lambda kv: str(kv[1].dtype)):
+        nbytes = _slot(value, world) * value.element_size()
+        if current and (current[0][1].dtype != value.dtype or size + nbytes > bucket_bytes):
+            buckets.append(current)
+            current, size = [], 0
+        current.append((key, value))
+        size += nbytes
+    return buckets + [current] if current else buckets
+
+
+def _pack(bucket: list, rank: int, world: int) -> torch.Tensor:
+    """This rank's shards of the bucket, each at the start of its slot."""
+    local = [value.to_local().detach() for _, value in bucket]
+    flat = torch.zeros(sum(_slot(v, world) for _, v in bucket), dtype=local[0].dtype, device=local[0].device)
+    offset = 0
+    for (key, value), shard in zip(bucket, local):
+        if shard.shape[0] != _rows(value.shape[0], rank, world):
+            raise RuntimeError(f"{key}: rank {rank} holds {shard.shape[0]} of {value.shape[0]} rows, "
+                               f"not torch.chunk's {_rows(value.shape[0], rank, world)}")
+        flat[offset:offset + shard.numel()] = shard.reshape(-1)
+        offset += _slot(value, world)
+    return flat
+
+
+def _unpack(bucket: list, received: list, world: int) -> dict:
+    """The full tensors, from every rank's packed buffer (rank 0)."""
+    out, offset = {}, 0
+    for key, value in bucket:
+        per_row = value.numel() // value.shape[0] if value.shape[0] else 0
+        pieces = [received[r][offset:offset + _rows(value.shape[0], r, world) * per_row] for r in range(world)]
+        out[key] = torch.cat(pieces).view(value.shape)
+        offset += _slot(value, world)
+    return out
+
+
+def clip_grad_norm(parameters, max_norm: float, sharded: bool) -> float:
+    """Scale the gradients so that their global L2 norm is at most max_norm; returns the norm
+    before. Sharded, each rank sums the squares of its own shards and one all-reduce adds
+    them (torch's clip_grad_norm_ on DTensors goes through functional collectives)."""
+    grads = [local(p.grad) for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    squares = torch.stack([g.detach().float().square().sum() for g in grads]).sum()
+    if sharded:
+        dist.all_reduce(squares)
+    norm = squares.sqrt()
+    torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype))
+    return float(norm)

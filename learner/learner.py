@@ -378,8 +378,10 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + float(v)
         if self.megatron and self.world_size > 1:
             megatron.average_gradients(self.model)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if self.sharded:
+            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), self.config.max_grad_norm, sharded=True)
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         return sums, maxes, loss, grad_norm

@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.weights import LocalWeightChannel
+from learner import fsdp
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
 from tests.conftest import make_group
@@ -20,24 +21,22 @@ def groups():
 
 
 def gradients(learner: Learner) -> dict:
-    out = {}
-    for name, p in learner.model.named_parameters():
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        out[name] = g.detach().clone().numpy()
-    return out
+    """This rank's gradients: the local shards when sharded (dim 0, in rank order), read
+    without a collective, so that the check does not go through the learner's own gather."""
+    return {name: fsdp.local(p.grad).detach().clone().numpy() for name, p in learner.model.named_parameters()}
 
 
-def trainer(world: int, micro_rows: int, micro_tokens: int = 0) -> TrainerConfig:
+def trainer(world: int, micro_rows: int, micro_tokens: int = 0, max_grad_norm: float = 1e9) -> TrainerConfig:
     return TrainerConfig(cpu_workers=world, batch_groups=4, micro_batch_rows=micro_rows, lr=1e-3,
-                         max_grad_norm=1e9, dist_timeout_s=60, micro_batch_tokens=micro_tokens)
+                         max_grad_norm=max_grad_norm, dist_timeout_s=60, micro_batch_tokens=micro_tokens)
 
 
-def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_tokens):
+def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_tokens, max_grad_norm):
     faulthandler.enable()   # a crash in C++ (once, in CI: SIGABRT) shows where Python was
     channel = LocalWeightChannel()
     # rank 0 holds rows of 6 and 9 tokens, rank 1 of 12 and 15: packed by a token budget, they
     # need different numbers of passes, and must still make the same number
-    learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3, micro_tokens=micro_tokens),
+    learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3, micro_tokens=micro_tokens, max_grad_norm=max_grad_norm),
                       LossConfig(aggregation=aggregation),
                       buffer_address,
                       5.0, channel, master_port=port)
@@ -45,35 +44,50 @@ def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_t
     metrics = learner.train_on(mine, staleness=[rank, rank])
     grads = gradients(learner)
     weights = learner.publish() is not None and channel.poll(0)  # rank 0 sends the full weights
+    np.savez(f"{out_path}.{rank}.npz", **grads)
     if rank == 0:
-        np.savez(out_path, **grads)
         torch.save({"metrics": metrics, "version": weights[0],
                     "weights": {k: np.array(v) for k, v in weights[1].items()}}, str(out_path) + ".pt")
     learner.close()
 
 
-@pytest.mark.parametrize("aggregation, micro_tokens", [("token_mean", 0), ("seq_mean_token_mean", 0),
-                                                      ("token_mean", 40)])
+# The middle case clips the gradient (its norm is far above 1e-2): the sharded norm must be the
+# whole model's, so that both scale their gradients alike.
+@pytest.mark.parametrize("aggregation, micro_tokens, max_grad_norm", [("token_mean", 0, 1e9),
+                                                                     ("seq_mean_token_mean", 0, 1e-2),
+                                                                     ("token_mean", 40, 1e9)])
 def test_invariance_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_model_path, tmp_path, buffer_server,
-                                                                       aggregation, micro_tokens):
+                                                                       aggregation, micro_tokens, max_grad_norm):
     server = buffer_server()
-    single = Learner(0, tiny_model_path, "float32", trainer(1, micro_rows=16), LossConfig(aggregation=aggregation),
+    single = Learner(0, tiny_model_path, "float32", trainer(1, micro_rows=16, max_grad_norm=max_grad_norm),
+                     LossConfig(aggregation=aggregation),
                      "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
     expected_metrics = single.train_on(groups(), staleness=[0, 0, 1, 1])
     expected = gradients(single)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation, micro_tokens), nprocs=2, join=True)
-    got = np.load(tmp_path / "grads.npz")
-    assert set(got.files) == set(expected)
+    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation, micro_tokens,
+                                max_grad_norm), nprocs=2, join=True)
+    shards = [np.load(f"{tmp_path / 'grads.npz'}.{rank}.npz") for rank in (0, 1)]
+    assert set(shards[0].files) == set(shards[1].files) == set(expected)
     for name in expected:
-        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        got = np.concatenate([shards[0][name], shards[1][name]])
+        np.testing.assert_allclose(got, expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
     result = torch.load(str(tmp_path / "grads.npz") + ".pt", weights_only=False)
-    for key in ("reward/mean", "staleness/mean", "staleness/max", "learner/tokens", "loss/policy"):
+    if max_grad_norm < 1:
+        assert expected_metrics["learner/grad_norm"] > 10 * max_grad_norm   # the clip acted
+    for key in ("reward/mean", "staleness/mean", "staleness/max", "learner/tokens", "loss/policy", "learner/grad_norm"):
         assert result["metrics"][key] == pytest.approx(expected_metrics[key], rel=1e-4), key
     # The published full weights are the single rank's weights after the same step.
     assert result["version"] == 1 and server.table.learner_version == 1  # the buffer heard of it
     for name, p in single.model.named_parameters():
         # Adam turns a gradient difference of float rounding into ~1e-6 steps where the gradient is ~0
         np.testing.assert_allclose(result["weights"][name], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_the_full_weights_gather_unpacks_each_rank_as_torch_chunk_split_it(world):
+    for n in range(0, 30):
+        split = [c.shape[0] for c in torch.chunk(torch.empty(n), world)] if n else []
+        assert [fsdp._rows(n, r, world) for r in range(world)] == split + [0] * (world - len(split))
