@@ -204,9 +204,10 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
         while not a._stop.is_set() and (max_groups is None or a.groups < max_groups):
             a.engine.check()
             while gate.may_start(len(inflight), max_groups):
-                task = a.tasks.sample(a.rng)
-                inflight.add(asyncio.ensure_future(a.runner.group(task, a.actor_id, gate.episode_ended)))
-                gate.started()
+                slots = gate.started()
+                group = asyncio.ensure_future(a.runner.group(a.tasks.sample(a.rng), a.actor_id, slots.episode_ended))
+                group.add_done_callback(slots.group_done)
+                inflight.add(group)
             if not inflight:
                 await asyncio.sleep(0.02)
                 continue
@@ -259,6 +260,23 @@ async def _buffer_call(a: RolloutActor, fn, *args):
     return await asyncio.get_running_loop().run_in_executor(a._io, fn, *args)
 
 
+class _GroupSlots:
+    """The episode slots of one group: freed one by one as its episodes end, and the rest when
+    the group's task is done, however it ends (a task cancelled before it began plays none)."""
+
+    def __init__(self, gate: "_StartGate", held: int):
+        self.gate, self.held = gate, held
+
+    def episode_ended(self) -> None:
+        if self.held:
+            self.held -= 1
+            self.gate.live_episodes -= 1
+
+    def group_done(self, _task=None) -> None:
+        self.gate.live_episodes -= self.held
+        self.held = 0
+
+
 class _StartGate:
     """Whether the actor may start another group: room among the in-flight episodes and, for
     the synchronous baseline, groups left on the version being served. Waiting longer than
@@ -270,12 +288,11 @@ class _StartGate:
         self.waiting_since: float | None = None
         self.live_episodes = 0   # of the groups started: episodes not yet ended (or not yet begun)
 
-    def started(self) -> None:
+    def started(self) -> "_GroupSlots":
+        """A group starts: it holds group_size episode slots until they are freed."""
         self.on_version += 1
         self.live_episodes += self.actor.rollout.group_size
-
-    def episode_ended(self) -> None:
-        self.live_episodes -= 1
+        return _GroupSlots(self, self.actor.rollout.group_size)
 
     def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
         a, group_size = self.actor, self.actor.rollout.group_size

@@ -120,3 +120,47 @@ def test_a_group_starts_as_soon_as_enough_episode_slots_are_free_not_when_a_whol
     # overlap and the engine stays nearly full (the last groups drain it).
     mean_live = engine.area / (engine.since - engine.start)
     assert mean_live > 8, f"mean requests in flight {mean_live:.1f} of 16"
+
+
+def test_a_group_cancelled_before_or_while_its_episodes_play_frees_every_slot(tiny_model_path, buffer_server):
+    from transformers import AutoTokenizer
+
+    from actors.actor import _StartGate
+    from actors.rollout import EpisodeRunner
+    from envs import registry
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    env = EnvConfig(name="token_match", args={"words": 16, "target": "w3"})
+    rollout = RolloutConfig(group_size=4, max_new_tokens=4)
+    engine = _UnevenEngine(tokenizer)
+    runner = EpisodeRunner(engine, tokenizer, registry.factory(env), rollout)
+    server = buffer_server()
+    actor = RolloutActor.of_parts(0, ActorsConfig(max_inflight_episodes=8), rollout, runner,
+                                  registry.factory(env)(), BufferClient(server.address, timeout_s=5.0))
+    gate = _StartGate(actor)
+
+    async def start():
+        slots = gate.started()
+        group = asyncio.ensure_future(runner.group(actor.tasks.sample(actor.rng), 0, slots.episode_ended))
+        group.add_done_callback(slots.group_done)
+        return group
+
+    async def scenario():
+        seen = []
+        for cancel in ("before it began", "while it plays", "never"):
+            group = await start()
+            assert gate.live_episodes == 4
+            deadline = time.monotonic() + 10
+            while cancel == "while it plays" and engine.live == 0:   # an episode waits on the engine
+                assert time.monotonic() < deadline, "no episode reached the engine"
+                await asyncio.sleep(0.001)
+            if cancel != "never":
+                group.cancel()
+            await asyncio.gather(group, return_exceptions=True)
+            await asyncio.sleep(0.05)   # the episodes' own finally blocks, after the group's
+            seen.append((group.cancelled(), gate.live_episodes))
+        return seen
+    try:
+        assert asyncio.run(scenario()) == [(True, 0), (True, 0), (False, 0)]
+    finally:
+        actor.close()
