@@ -475,11 +475,13 @@ class Learner:
         try:
             if self.distributed and dist.is_initialized():
                 # no rank takes the group down while a peer's collective still needs it; a
-                # peer that never comes is named after CLOSE_BARRIER_S, not dist_timeout_s
+                # peer that never comes fails the close after CLOSE_BARRIER_S, not
+                # dist_timeout_s (gloo names the rank; NCCL's barrier cannot)
+                deadline = datetime.timedelta(seconds=CLOSE_BARRIER_S)
                 if dist.get_backend() == "gloo":
-                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=CLOSE_BARRIER_S))
+                    dist.monitored_barrier(timeout=deadline)
                 else:
-                    dist.barrier()
+                    dist.barrier(async_op=True).wait(timeout=deadline)
         finally:
             if self.distributed and dist.is_initialized():
                 if self.megatron:
