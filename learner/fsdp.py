@@ -65,15 +65,17 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def full_state_dict(model: torch.nn.Module, sharded: bool, bucket_bytes: int = GATHER_BUCKET_BYTES) -> dict:
-    """Full (unsharded) weights on CPU. A collective when sharded: every rank must call it;
-    only rank 0 receives the tensors ({} elsewhere). The shards travel packed in flat buckets
-    of one dtype, one plain gather to rank 0 each, where torch's full state dict makes an
-    all-gather of every tensor on every rank through functional collectives (one of which
-    crashed a gloo rank in CI with SIGSEGV)."""
+def full_state_dict(model: torch.nn.Module, sharded: bool, dtype: torch.dtype | None = None, device="cpu",
+                    bucket_bytes: int = GATHER_BUCKET_BYTES) -> dict:
+    """Full (unsharded) weights on `device`, floating-point ones cast to `dtype` (None: as
+    held) where they live, before they travel. A collective when sharded: every rank must call
+    it; only rank 0 receives the tensors ({} elsewhere). The shards travel packed in flat
+    buckets of one dtype, one plain gather to rank 0 each, where torch's full state dict makes
+    an all-gather of every tensor on every rank through functional collectives (one of which
+    crashed a gloo rank in CI with SIGSEGV) and casts on the host."""
     state = model.state_dict()
     if not sharded:
-        return {k: v.detach().cpu() for k, v in state.items()}
+        return {k: _cast(v.detach(), dtype, device) for k, v in state.items()}
     rank, world = dist.get_rank(), dist.get_world_size()
     full, first_key, shards = {}, {}, {}
     for key, value in state.items():
@@ -81,20 +83,27 @@ def full_state_dict(model: torch.nn.Module, sharded: bool, bucket_bytes: int = G
             continue
         first_key[id(value)] = key
         if not isinstance(value, DTensor):
-            full[key] = value.detach().cpu()
+            full[key] = _cast(value.detach(), dtype, device)
         elif value.placements != (Shard(0),):
             raise ValueError(f"{key} is placed {value.placements}; only FSDP2's Shard(0) is gathered")
         else:
             shards[key] = value
-    for bucket in _buckets(shards, bucket_bytes, world):
-        flat = _pack(bucket, rank, world)
-        received = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
-        dist.gather(flat, received, dst=0)
+    for bucket in _buckets(shards, dtype, bucket_bytes, world):
+        flat = _pack(bucket, dtype, rank, world)
+        if world == 1:
+            received = [flat]
+        else:
+            received = [torch.empty_like(flat) for _ in range(world)] if rank == 0 else None
+            dist.gather(flat, received, dst=0)
         if rank == 0:
-            full.update(_unpack(bucket, [r.cpu() for r in received], world))
+            full.update(_unpack(bucket, [r.to(device) for r in received], world))
     if rank != 0:
         return {}
     return {key: full[first_key[id(value)]] for key, value in state.items()}
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
+    return tensor.to(device, dtype if dtype is not None and tensor.is_floating_point() else None)
 
 
 def _rows(n: int, rank: int, world: int) -> int:
@@ -110,12 +119,15 @@ def _slot(value: torch.Tensor, world: int) -> int:
     return -(-n // world) * (value.numel() // n) if n else 0
 
 
-def _buckets(shards: dict, bucket_bytes: int, world: int) -> list:
-    """Lists of (key, DTensor), one dtype each, of at most bucket_bytes a rank (or one tensor)."""
+def _buckets(shards: dict, dtype: torch.dtype | None, bucket_bytes: int, world: int) -> list:
+    """Lists of (key, DTensor), one dtype each as sent, of at most bucket_bytes a rank (or one
+    tensor)."""
+    def sent(value):
+        return dtype or value.dtype
     buckets, current, size = [], [], 0
-    for key, value in sorted(shards.items(), key=lambda kv: str(kv[1].dtype)):
-        nbytes = _slot(value, world) * value.element_size()
-        if current and (current[0][1].dtype != value.dtype or size + nbytes > bucket_bytes):
+    for key, value in sorted(shards.items(), key=lambda kv: str(sent(kv[1]))):
+        nbytes = _slot(value, world) * sent(value).itemsize
+        if current and (sent(current[0][1]) != sent(value) or size + nbytes > bucket_bytes):
             buckets.append(current)
             current, size = [], 0
         current.append((key, value))
@@ -123,10 +135,10 @@ def _buckets(shards: dict, bucket_bytes: int, world: int) -> list:
     return buckets + [current] if current else buckets
 
 
-def _pack(bucket: list, rank: int, world: int) -> torch.Tensor:
-    """This rank's shards of the bucket, each at the start of its slot."""
+def _pack(bucket: list, dtype: torch.dtype | None, rank: int, world: int) -> torch.Tensor:
+    """This rank's shards of the bucket, cast to dtype, each at the start of its slot."""
     local = [value.to_local().detach() for _, value in bucket]
-    flat = torch.zeros(sum(_slot(v, world) for _, v in bucket), dtype=local[0].dtype, device=local[0].device)
+    flat = torch.zeros(sum(_slot(v, world) for _, v in bucket), dtype=dtype or local[0].dtype, device=local[0].device)
     offset = 0
     for (key, value), shard in zip(bucket, local):
         if shard.shape[0] != _rows(value.shape[0], rank, world):
@@ -143,7 +155,8 @@ def _unpack(bucket: list, received: list, world: int) -> dict:
     for key, value in bucket:
         per_row = value.numel() // value.shape[0] if value.shape[0] else 0
         pieces = [received[r][offset:offset + _rows(value.shape[0], r, world) * per_row] for r in range(world)]
-        out[key] = torch.cat(pieces).view(value.shape)
+        # one rank: a view of the bucket (no copy)
+        out[key] = (pieces[0] if world == 1 else torch.cat(pieces)).view(value.shape)
         offset += _slot(value, world)
     return out
 

@@ -451,10 +451,10 @@ class Learner:
             params = dict(self.model.named_parameters())
             tensors = {n: fsdp.local(params[n]).detach() for n in self.param_names}
         else:
-            state = fsdp.full_state_dict(self.model, self.sharded)  # on CPU; a collective when sharded
-            tensors = {n: state[n].detach().to(self.compute_dtype) for n in self.param_names} if self.rank == 0 else {}
-            if self.rank == 0 and self.weights.device_tensors:
-                tensors = {n: v.to(self.device, non_blocking=True) for n, v in tensors.items()}
+            # cast on the device before they travel; to the host only for a host channel
+            device = self.device if self.rank == 0 and self.weights.device_tensors else "cpu"
+            state = fsdp.full_state_dict(self.model, self.sharded, self.compute_dtype, device)
+            tensors = {n: state[n] for n in self.param_names} if self.rank == 0 else {}
         return tensors
 
     def export(self, path: str) -> None:
@@ -488,7 +488,7 @@ class Learner:
                     from megatron.core import parallel_state
                     parallel_state.destroy_model_parallel()
                 dist.destroy_process_group()
-            self.model = self.optimizer = self.scheduler = None
+            self.model = self.reference = self.optimizer = self.scheduler = None
             gc.collect()
 
 

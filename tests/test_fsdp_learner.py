@@ -1,5 +1,6 @@
 """Two learner ranks sharded with FSDP2 over gloo compute the same gradient as one rank on
 the whole batch: the loss is normalised over the global batch, not per rank or micro-batch."""
+import datetime
 import faulthandler
 import socket
 
@@ -91,3 +92,40 @@ def test_the_full_weights_gather_unpacks_each_rank_as_torch_chunk_split_it(world
     for n in range(0, 30):
         split = [c.shape[0] for c in torch.chunk(torch.empty(n), world)] if n else []
         assert [fsdp._rows(n, r, world) for r in range(world)] == split + [0] * (world - len(split))
+
+
+def _gather_rank(rank, model_path, port, out_path):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    faulthandler.enable()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = fsdp.shard(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), "cpu", 2)
+        oracle = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        whole = fsdp.full_state_dict(model, True)
+        cast = fsdp.full_state_dict(model, True, torch.bfloat16, bucket_bytes=1024)   # many buckets
+        if rank == 0:
+            torch.save({"oracle": oracle, "whole": whole, "cast": cast}, out_path)
+        else:
+            assert whole == {} and cast == {}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_full_weights_gathered_in_buckets_equal_torchs_full_state_dict_cast_where_they_live(tiny_model_path,
+                                                                                                tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_rank, args=(tiny_model_path, port, tmp_path / "state.pt"), nprocs=2, join=True)
+    got = torch.load(tmp_path / "state.pt")
+    oracle = got["oracle"]
+    assert got["whole"].keys() == got["cast"].keys() == oracle.keys()
+    for key, value in oracle.items():
+        assert torch.equal(got["whole"][key], value), key
+        assert got["cast"][key].dtype == torch.bfloat16 and torch.equal(got["cast"][key], value.bfloat16()), key
