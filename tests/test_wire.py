@@ -1,11 +1,12 @@
 import dataclasses
+import struct
 
 import msgpack
 import numpy as np
 import pytest
 
 from common.rollout import RolloutGroup, SchemaError
-from common.wire import Frames, WireError, decode, encode
+from common.wire import COPY_BELOW, Frames, WireError, decode, encode
 from tests.conftest import make_group
 
 
@@ -45,8 +46,20 @@ def _run_ref(first, count) -> msgpack.ExtType:
     return msgpack.ExtType(1, first.to_bytes(4, "little") + count.to_bytes(4, "little"))
 
 
+def _packed_ref(frame, offset, lengths) -> msgpack.ExtType:
+    return msgpack.ExtType(2, struct.pack(f"<III{len(lengths)}I", frame, offset, len(lengths), *lengths))
+
+
 @pytest.mark.parametrize("frames, message", [
     ([msgpack.packb([_run_ref(1, 3)]), b"a", b"b"], r"frame run 1..3 of 2 frames"),
+    ([msgpack.packb([_packed_ref(1, 0, [4, 9])]), b"x" * 16], "reaches byte 17 of frame 1, which holds 16"),
+    ([msgpack.packb([_packed_ref(2, 0, [1])]), b"x"], "packed run in frame 2 of 1 frames"),
+    ([msgpack.packb([_packed_ref(0, 0, [1])]), b"x"], "packed run in frame 0"),
+    ([msgpack.packb([msgpack.ExtType(2, struct.pack("<III", 1, 0, 2))]), b"x"], "packed run of 2 arrays"),
+    ([msgpack.packb([_run_ref(1, 1), _packed_ref(1, 0, [1])]), b"x"], "packed run in frame 1"),
+    ([msgpack.packb([_packed_ref(1, 0, [1]), _run_ref(1, 1)]), b"x"], r"frame run 1..1"),
+    ([msgpack.packb([_packed_ref(1, 0, [1]), {"__nd__": [1, "|u1", [1]]}]), b"x"], "array reference to frame 1"),
+    ([msgpack.packb([_packed_ref(1, 0, [1])]), b"x", b"y"], "1 frame.s. not referenced"),
     ([msgpack.packb([_run_ref(0, 1)]), b"a"], r"frame run 0..0"),
     ([msgpack.packb([_run_ref(1, 1), _run_ref(1, 1)]), b"a"], r"frame run 1..1 of 1 frames"),
     ([msgpack.packb([{"__nd__": [1, "|u1", [1]]}, _run_ref(1, 1)]), b"a"], r"frame run 1..1"),
@@ -59,13 +72,40 @@ def test_malformed_frame_runs_raise_wire_error_naming_the_part(frames, message):
         decode(frames)
 
 
-def test_a_group_is_one_run_of_frames_and_a_header_without_a_map_per_array():
-    group = make_group()
+ARRAYS = ("tokens", "loss_mask", "behaviour_logprobs", "lengths", "rewards", "token_versions")
+
+
+def test_a_large_group_is_one_run_of_frames_and_a_header_without_a_map_per_array():
+    group = make_group(length=COPY_BELOW // 4)   # its tokens alone are 4x COPY_BELOW
     frames = encode(group.to_wire())
     assert len(frames) == 1 + 6 and b"__nd__" not in bytes(frames[0]) and b"tokens" not in bytes(frames[0])
-    assert [bytes(f) for f in frames[1:]] == [getattr(group, name).tobytes() for name in
-                                              ("tokens", "loss_mask", "behaviour_logprobs", "lengths", "rewards",
-                                               "token_versions")]
+    assert [bytes(f) for f in frames[1:]] == [getattr(group, name).tobytes() for name in ARRAYS]
+
+
+def test_small_groups_share_one_frame_each_array_at_an_8_byte_boundary():
+    groups = [make_group(length=5 + i, seed=i) for i in range(16)]
+    frames = encode({"groups": [g.to_wire() for g in groups]})
+    assert len(frames) == 2   # a sample of 16 small groups: a header and one frame
+    expected = b""
+    for g in groups:
+        for name in ARRAYS:
+            data = getattr(g, name).tobytes()
+            expected += data + bytes(-len(data) % 8)
+    assert bytes(frames[1]) == expected
+    back = [RolloutGroup.from_wire(w) for w in decode([bytes(f) for f in frames])["groups"]]
+    for g, b in zip(groups, back):
+        for name in ARRAYS:
+            np.testing.assert_array_equal(getattr(b, name), getattr(g, name))
+
+
+def test_small_and_large_groups_travel_together():
+    groups = [make_group(seed=0), make_group(length=COPY_BELOW // 4, seed=1), make_group(seed=2)]
+    frames = encode([g.to_wire() for g in groups])
+    assert len(frames) == 1 + 6 + 1   # the large one's 6 frames, the small ones' one shared frame
+    back = [RolloutGroup.from_wire(w) for w in decode([bytes(f) for f in frames])]
+    assert [b.id for b in back] == [g.id for g in groups]
+    assert all((b.tokens == g.tokens).all() and (b.behaviour_logprobs == g.behaviour_logprobs).all()
+               for b, g in zip(back, groups))
 
 
 @pytest.mark.parametrize("edit, message", [
