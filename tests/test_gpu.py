@@ -78,3 +78,38 @@ def test_compiled_blocks_and_the_chunked_head_train_as_the_plain_learner_on_a_gp
     plain = _gpu_learner_figures(tiny_model_path, logprob_chunk=0)
     fast = _gpu_learner_figures(tiny_model_path, logprob_chunk=16, compile=True)
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(plain), rtol=2e-2, atol=2e-3)   # bf16 both
+
+
+def _gather_on_one_gpu(rank, model_path, out_path):
+    import datetime
+
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from learner import fsdp
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = fsdp.shard(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).cuda(), "cuda", 1,
+                           torch.bfloat16)
+        held = {k: fsdp.local(v).detach().to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}
+        on_gpu = fsdp.full_state_dict(model, True, torch.bfloat16, "cuda", bucket_bytes=4096)
+        on_host = fsdp.full_state_dict(model, True, torch.bfloat16, "cpu")
+        torch.save({"held": held, "gpu_devices": {v.device.type for v in on_gpu.values()},
+                    "on_gpu": {k: v.cpu() for k, v in on_gpu.items()}, "on_host": on_host}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_one_rank_gpu_learners_full_weights_come_cast_on_the_gpu_or_on_the_host(tiny_model_path, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_on_one_gpu, args=(tiny_model_path, tmp_path / "state.pt"), nprocs=1, join=True)
+    got = torch.load(tmp_path / "state.pt")
+    assert got["gpu_devices"] == {"cuda"}
+    assert got["on_gpu"].keys() == got["on_host"].keys() == got["held"].keys()
+    for key, value in got["held"].items():
+        assert torch.equal(got["on_gpu"][key], value) and torch.equal(got["on_host"][key], value), key
+        assert got["on_host"][key].device.type == "cpu" and value.dtype == torch.bfloat16
