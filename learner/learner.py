@@ -109,6 +109,10 @@ class TrainerConfig:
     min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    max_nonfinite_updates: int = 3
+    """Optimizer updates in a row whose gradient norm is inf or NaN that are skipped (the
+    weights and optimizer state left as they were; counted in learner/skipped_updates) before
+    the run fails naming the step. 0: fail at the first."""
     torch_threads: int = 1
     """Torch intra-op threads of each CPU learner rank."""
     sample_timeout_s: float = 600.0
@@ -158,6 +162,7 @@ class TrainerConfig:
         check(0 <= self.warmup_steps, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must lie in [0, 1], got {self.min_lr_ratio}")
         check(self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        check(self.max_nonfinite_updates >= 0, "max_nonfinite_updates", f"must be >= 0, got {self.max_nonfinite_updates}")
         check(self.sample_timeout_s > 0, "sample_timeout_s", "must be > 0")
         check(self.dist_timeout_s > self.sample_timeout_s, "dist_timeout_s",
               f"must be larger than sample_timeout_s ({self.sample_timeout_s:g}s), got {self.dist_timeout_s:g}s: "
@@ -230,6 +235,8 @@ class Learner:
         self.version = 0
         self.lagged = collections.deque()   # (version, host tensors) made but not yet sent (publish_lag)
         self.published = 0                  # the newest version the actors were sent
+        self.skipped_updates = 0            # optimizer updates skipped for a non-finite gradient
+        self.nonfinite_in_a_row = 0
 
     def _build_megatron(self, model_path: str, master: torch.dtype):
         return megatron.build(model_path, master, self.device, self.config.tensor_parallel,
@@ -318,7 +325,7 @@ class Learner:
             "learner/tokens_per_s": global_tokens / train_s, "learner/tflops": step_flops / train_s / 1e12,
             "learner/grad_norm": sum(grad_norms) / passes, "rollout/episode_errors": errors,
             "loss/policy": loss / passes, "loss/clip_frac_per_minibatch": totals[6 + len(keys):],
-            "learner/lr": lr,
+            "learner/lr": lr, "learner/skipped_updates": self.skipped_updates,
         }
         metrics.update({k: v / max(global_tokens * c.epochs, 1.0) for k, v in zip(keys, totals[6:6 + len(keys)])})
         metrics.update(dict(zip(max_keys, top[1:])))
@@ -382,6 +389,18 @@ class Learner:
             grad_norm = fsdp.clip_grad_norm(self.model.parameters(), self.config.max_grad_norm, sharded=True)
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        if not math.isfinite(grad_norm):   # the same norm on every rank: they skip, or fail, together
+            self.skipped_updates += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row > self.config.max_nonfinite_updates:
+                raise FloatingPointError(
+                    f"learner step {self.step_count + 1}: the gradient norm was {grad_norm} in "
+                    f"{self.nonfinite_in_a_row} optimizer update(s) in a row, more than "
+                    f"trainer.max_nonfinite_updates={self.config.max_nonfinite_updates} (this mini-batch's loss: "
+                    f"{loss}); the weights are those of the last finite update")
+            self.optimizer.zero_grad(set_to_none=True)
+            return sums, maxes, loss, grad_norm
+        self.nonfinite_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
         return sums, maxes, loss, grad_norm

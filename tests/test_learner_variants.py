@@ -125,3 +125,25 @@ def test_activation_checkpointing_gives_the_same_gradient(tiny_model_path):
     recomputed.train_on(groups(), [0] * 4)
     for name, g in gradients(plain).items():
         torch.testing.assert_close(gradients(recomputed)[name], g, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_an_update_with_a_non_finite_gradient_is_skipped_and_too_many_in_a_row_fail_naming_the_step(tiny_model_path):
+    one = learner(tiny_model_path, LossConfig(), micro_batch_rows=16, max_nonfinite_updates=1)
+    embedding = one.model.get_input_embeddings().weight
+    finite = embedding.detach().clone()
+    with torch.no_grad():
+        embedding[3:, 0] = float("inf")   # a fault injected on purpose: every token's hidden state overflows
+    before = {n: p.detach().clone() for n, p in one.model.named_parameters()}
+    metrics = one.train_on(groups(), [0] * 4)
+    assert metrics["learner/skipped_updates"] == 1 and not torch.isfinite(torch.tensor(metrics["learner/grad_norm"]))
+    for name, p in one.model.named_parameters():   # nothing moved: the update was skipped
+        assert torch.equal(p.detach(), before[name]), name
+    assert not one.optimizer.state   # nor did Adam's moments start
+    with pytest.raises(FloatingPointError, match=r"learner step 2: .* 2 optimizer update\(s\) in a row, more than "
+                                                 r"trainer.max_nonfinite_updates=1"):
+        one.train_on(groups(), [0] * 4)
+    with torch.no_grad():
+        embedding.copy_(finite)
+    metrics = one.train_on(groups(), [0] * 4)   # finite again: it trains, and the count in a row restarts
+    assert metrics["learner/skipped_updates"] == 2 and one.nonfinite_in_a_row == 0
+    assert not torch.equal(embedding.detach(), finite)
