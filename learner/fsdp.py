@@ -164,7 +164,8 @@ def _unpack(bucket: list, received: list, world: int) -> dict:
 def clip_grad_norm(parameters, max_norm: float, sharded: bool) -> float:
     """Scale the gradients so that their global L2 norm is at most max_norm; returns the norm
     before. Sharded, each rank sums the squares of its own shards and one all-reduce adds
-    them (torch's clip_grad_norm_ on DTensors goes through functional collectives)."""
+    them (torch's clip_grad_norm_ on DTensors goes through functional collectives); otherwise
+    each rank's gradients are the whole model's (one rank, or Megatron's replicas)."""
     grads = [local(p.grad) for p in parameters if p.grad is not None]
     if not grads:
         return 0.0

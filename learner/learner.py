@@ -385,10 +385,7 @@ class Learner:
                     sums[k] = sums.get(k, 0.0) + float(v)
         if self.megatron and self.world_size > 1:
             megatron.average_gradients(self.model)
-        if self.sharded:
-            grad_norm = fsdp.clip_grad_norm(self.model.parameters(), self.config.max_grad_norm, sharded=True)
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm))
+        grad_norm = fsdp.clip_grad_norm(self.model.parameters(), self.config.max_grad_norm, self.sharded)
         if not math.isfinite(grad_norm):   # the same norm on every rank: they skip, or fail, together
             self.skipped_updates += 1
             self.nonfinite_in_a_row += 1
