@@ -2,6 +2,8 @@
 buffer server on loopback."""
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,13 @@ from buffer.server import BufferConfig, BufferServer
 from buffer.table import TableConfig
 from common.rollout import RolloutGroup
 from launch.models import TinyModelConfig, build_tiny
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

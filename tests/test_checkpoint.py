@@ -1,6 +1,5 @@
 """Checkpoints resume exactly: a learner stopped at step k and restored, fed the same batches,
 computes bit-identical losses to one never stopped; on one rank and on two (FSDP2, gloo)."""
-import socket
 
 import torch
 import torch.multiprocessing as mp
@@ -9,7 +8,7 @@ from common.weights import LocalWeightChannel
 from learner import checkpoint, logprob_head
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from tests.conftest import make_group
+from tests.conftest import free_port, make_group
 
 STEPS, STOP = 4, 2
 FIGURES = ("loss/policy", "learner/grad_norm", "loss/clip_frac", "learner/lr")
@@ -78,9 +77,7 @@ def _rank(rank, model_path, port, buffer_address, folder, results):
 
 def test_resume_two_ranks_gives_bit_identical_losses(tiny_model_path, tmp_path, buffer_server):
     address = buffer_server().address
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     results = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_rank, args=(tiny_model_path, port, address, str(tmp_path / "checkpoints"), results), nprocs=2, join=True)
     got, expected = results.get()

@@ -3,7 +3,6 @@ every way it can fail ends the waits on it in time, naming it."""
 import asyncio
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -15,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from actors.engine_process import EngineProcess, EngineProcessError
 from actors.engines.hf import HFEngine
 from common.weights_broadcast import BroadcastChannelSpec
-from tests.conftest import generate
+from tests.conftest import free_port, generate
 
 PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
 
@@ -107,9 +106,7 @@ def test_an_engine_that_cannot_be_built_fails_the_start_with_the_cause(tmp_path)
 
 
 def test_weights_reach_an_engine_process_over_the_broadcast_channel(tiny_model_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     spec = BroadcastChannelSpec("127.0.0.1", port, receivers=1, timeout_s=60.0)
     engine = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path), startup_timeout_s=120)
     try:

@@ -2,7 +2,6 @@
 the whole batch: the loss is normalised over the global batch, not per rank or micro-batch."""
 import datetime
 import faulthandler
-import socket
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from common.weights import LocalWeightChannel
 from learner import fsdp
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from tests.conftest import make_group
+from tests.conftest import free_port, make_group
 
 
 def groups():
@@ -65,9 +64,7 @@ def test_invariance_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_mod
                      "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
     expected_metrics = single.train_on(groups(), staleness=[0, 0, 1, 1])
     expected = gradients(single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation, micro_tokens,
                                 max_grad_norm), nprocs=2, join=True)
     shards = [np.load(f"{tmp_path / 'grads.npz'}.{rank}.npz") for rank in (0, 1)]
@@ -119,9 +116,7 @@ def _gather_rank(rank, model_path, port, out_path):
 
 def test_the_full_weights_gathered_in_buckets_equal_torchs_full_state_dict_cast_where_they_live(tiny_model_path,
                                                                                                 tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_gather_rank, args=(tiny_model_path, port, tmp_path / "state.pt"), nprocs=2, join=True)
     got = torch.load(tmp_path / "state.pt")
     oracle = got["oracle"]

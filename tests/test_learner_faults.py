@@ -1,7 +1,6 @@
 """Learner faults and the settings that would cause them: a failing rank is named at once,
 settings that deadlock or time out in the wrong place are refused at start, and the learner
 scores tokens without dropout noise."""
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from launch.models import TinyModelConfig, build_tiny
 from learner.batch import make_batch, token_logprobs
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from tests.conftest import make_group
+from tests.conftest import free_port, make_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,12 +41,6 @@ def local_ray():
              runtime_env={"env_vars": {"PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}})
     yield
     ray.shutdown()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_failing_rank_is_named_at_once_not_after_the_collective_deadline(local_ray, tiny_model_path,

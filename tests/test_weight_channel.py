@@ -3,7 +3,6 @@ TCP, real torch.distributed; a sender killed in the middle of a transfer."""
 import io
 import os
 import queue
-import socket
 import time
 
 import pytest
@@ -13,12 +12,7 @@ import torch.multiprocessing as mp
 from actors.engine import StagedWeights
 from common.weights import WeightSyncError
 from common.weights_broadcast import BroadcastChannelSpec, _pack_layout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 
 def version_tensors(version: int) -> dict:
@@ -163,13 +157,9 @@ def test_a_receiver_that_never_comes_is_named_by_the_sender():
 def test_a_cuda_ipc_receiver_whose_sender_is_gone_never_blocks_on_its_hellos():
     """The receiver greets its sender every few seconds while idle; with the sender gone they
     pile up in ZeroMQ's queue, and once it is full a blocking send would wait for ever."""
-    import socket
-
     from common.weights_ipc import IpcWeightReceiver
 
-    with socket.socket() as s:   # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()   # a port nobody listens on
     receiver = IpcWeightReceiver(f"tcp://127.0.0.1:{port}", timeout_s=1.0)
     receiver.HELLO_EVERY_S = 0.0   # a hello on every call
     t = time.monotonic()
