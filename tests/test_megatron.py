@@ -72,7 +72,7 @@ def test_megatron_refuses_models_it_cannot_hold(config, words):
 ])
 def test_megatron_config_errors_name_their_key(overrides, key, words):
     with pytest.raises(ConfigError, match=words) as info:
-        build_config("async_grpo", "tiny", overrides)
+        build_config("async_grpo", "tiny", ["run.wandb=disabled", *overrides])  # wandb: not this test's key
     assert info.value.key == key
 
 
