@@ -35,6 +35,7 @@ from envs import registry
 
 ENGINES = ("hf", "vllm")
 ENGINE_PLACES = ("auto", "own", "actor")
+WEIGHT_STAGING = ("full", "none")
 
 
 @dataclass
@@ -62,6 +63,14 @@ class ActorsConfig:
     """Sequences a vLLM engine batches at once."""
     enforce_eager: bool = False
     """vLLM without CUDA graphs: starts faster, generates slower."""
+    weight_staging: str = "full"
+    """How a new weight version reaches the served weights. full: received into a staging copy
+    beside them while generation goes on, then swapped in between two steps (generation stands
+    still for one device copy; costs a full copy of the weights in the engine's memory). none:
+    written straight into them while the engine waits between two steps (no copy; generation
+    stands still for the whole transfer, a device copy with CUDA IPC, the network transfer over
+    a broadcast). With none, a transfer that fails after its first write stops the engine: its
+    weights are then no policy's."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for each actor."""
     torch_threads: int = 1
@@ -88,6 +97,8 @@ class ActorsConfig:
         check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
               f"must lie in (0, 1], got {self.gpu_memory_utilization}")
         check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        check(self.weight_staging in WEIGHT_STAGING, "weight_staging",
+              f"must be one of {WEIGHT_STAGING}, got {self.weight_staging!r}")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         check(self.groups_per_version >= 0, "groups_per_version", "must be >= 0")
         check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
@@ -185,12 +196,13 @@ def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, st
         kwargs = dict(model_path=model_path, tensor_parallel_size=config.gpus_per_group,
                       gpu_memory_utilization=config.gpu_memory_utilization, max_num_seqs=config.max_num_seqs,
                       enforce_eager=config.enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      stop_token_ids=stop_token_ids)
+                      stop_token_ids=stop_token_ids, weight_staging=config.weight_staging)
     else:
         device = "cuda" if config.gpus_per_group and torch.cuda.is_available() else "cpu"
         build = "actors.engines.hf:HFEngine"
         kwargs = dict(model_path=model_path, dtype=dtype, device=device, stop_token_ids=stop_token_ids,
-                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed)
+                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, seed=seed,
+                      weight_staging=config.weight_staging)
     if config.engine_process == "own":
         return EngineProcess(build, kwargs, name=f"{config.engine} engine")
     return dotted.load(build)(**kwargs)

@@ -9,7 +9,10 @@ Cancelling the task that awaits a request abandons it.
 Weights: `version` is the policy version the engine serves (0 = the initial weights; +1 per
 learner publication). A new version is received beside the served weights (StagedWeights)
 and swapped in between two engine steps, so no request is aborted and generation stalls
-only for the in-place copy; each sampled token records the version that produced it.
+only for the in-place copy; each sampled token records the version that produced it. Where a
+full copy does not fit (actors.weight_staging=none), DirectWeights writes a version straight
+into the served weights while the engine is held between two steps: no copy, and generation
+stands still for the transfer instead.
 """
 from __future__ import annotations
 
@@ -97,7 +100,7 @@ class StagedWeights:
 
     def __init__(self, params: dict, route=None, expected: set | None = None):
         self.params = params                                            # served, in engine layout
-        self.staging = {n: torch.empty_like(p) for n, p in params.items()}
+        self.staging = self._staging_for(params)
         self._served_list = list(params.values())                      # the swap's operands, built once
         self._staging_list = [self.staging[n] for n in params]
         self.route = route or (lambda name, tensor: [(self.staging[name], tensor)] if name in self.staging else [])
@@ -109,6 +112,21 @@ class StagedWeights:
         self.swaps = 0
         self.last_swap_s = 0.0
         self.swap_s = 0.0   # all swaps so far: the time generation stood still for new weights
+
+    def _staging_for(self, params: dict) -> dict:
+        return {n: torch.empty_like(p) for n, p in params.items()}
+
+    def check_version(self, version: int, tensors: dict) -> None:
+        """Refuse a whole version held in memory (name -> tensor) before anything of it is
+        written: a name that is not a parameter, a shape that does not fit, a weight missing."""
+        for name, tensor in tensors.items():
+            self._targets(name, tensor)
+        self._check_complete(version, tensors)
+
+    def _check_complete(self, version: int, received) -> None:
+        missing = sorted(self.expected - set(received))
+        if missing:
+            raise WeightUpdateError(f"version {version} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
 
     def begin(self, version: int) -> None:
         self._lock.acquire()
@@ -125,11 +143,15 @@ class StagedWeights:
                                         f"the engine's needs {tuple(staging.shape)}")
         return targets
 
+    @torch.no_grad()   # the targets may be the served parameters themselves (DirectWeights)
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        for staging, source in self._targets(name, tensor):
+        targets = self._targets(name, tensor)   # checked before anything is copied
+        self._writing()
+        for staging, source in targets:
             staging.copy_(source, non_blocking=True)
         self._received.add(name)
 
+    @torch.no_grad()
     def write_many(self, items: list) -> None:
         """write() for many (name, tensor) at once: the copies go out as one batched launch,
         so a receiver thread holds the GIL once per version instead of once per tensor (it
@@ -145,18 +167,24 @@ class StagedWeights:
                 sources.append(src)
             self._received.add(name)
         if staging:
+            self._writing()
             torch._foreach_copy_(staging, sources, non_blocking=True)
+
+    def _writing(self) -> None:
+        """Called once the tensors of a write are checked, before they are copied."""
 
     def commit(self, version: int) -> None:
         try:
-            missing = sorted(self.expected - self._received)
-            if missing:
-                raise WeightUpdateError(f"version {version} lacks {len(missing)} weight(s), e.g. {missing[:3]}")
-            if any(t.is_cuda for t in self.staging.values()):
-                torch.cuda.current_stream().synchronize()  # the staging copies have landed
+            self._check_complete(version, self._received)
+            self._landed()
             self._pending = version
         finally:
             self._lock.release()
+
+    def _landed(self) -> None:
+        """Wait until the copies issued by write/write_many have landed."""
+        if any(t.is_cuda for t in self.staging.values()):
+            torch.cuda.current_stream().synchronize()
 
     def abort(self) -> None:
         if self._lock.locked():
@@ -183,3 +211,75 @@ class StagedWeights:
     def _copy_in(self, version: int) -> None:
         """The swap itself, under the lock (engines on a GPU add their stream bookkeeping)."""
         torch._foreach_copy_(self._served_list, self._staging_list)
+
+
+class DirectWeights(StagedWeights):
+    """actors.weight_staging=none: no staging copy. A version is written straight into the
+    served parameters while `hold` (the engine's step lock, which each engine step holds) keeps
+    the engine between two steps: generation stands still for the whole transfer instead of
+    for one device copy, and the memory of a full copy is saved. With CUDA IPC the transfer is
+    a device copy; over a broadcast it is the network transfer, through the channel's one bucket
+    buffer. A transfer that fails after its first write leaves the served weights part old,
+    part new: the sink is then broken, and swap_if_ready (called at each step) raises, so the
+    engine fails loudly instead of serving them. A version refused before its first write
+    (check_version, a name or shape that does not fit) leaves the served weights as they were."""
+
+    def __init__(self, params: dict, hold: threading.Lock, route=None, expected: set | None = None):
+        self.hold = hold
+        super().__init__(params, route=route, expected=expected)
+        self.broken: str | None = None
+        self._holding = False
+        self._written = False
+        self._incoming = 0
+        self._held_since = 0.0
+
+    def _staging_for(self, params: dict) -> dict:
+        return params   # the routes write into the served tensors themselves
+
+    def begin(self, version: int) -> None:
+        if self.broken:
+            raise WeightUpdateError(self.broken)
+        self.hold.acquire()
+        self._holding, self._written, self._received, self._incoming = True, False, set(), version
+        self._held_since = time.perf_counter()
+
+    def _writing(self) -> None:
+        self._written = True   # from here on a failure leaves the served weights mixed
+
+    def commit(self, version: int) -> None:
+        try:
+            self._check_complete(version, self._received)
+            self._landed()
+            self._pending = version   # labelled at the next step, the first to run on it
+            self.swaps += 1
+        except BaseException as e:
+            self._break(version, e)
+            raise
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        if self._holding:
+            self._break(self._incoming, None)
+            self._release()
+
+    def swap_if_ready(self) -> int | None:
+        """At a step boundary (the caller holds `hold`): the version committed since the last
+        step, already in place; raises if a failed transfer left the weights mixed."""
+        if self.broken:
+            raise WeightUpdateError(self.broken)
+        version, self._pending = self._pending, None
+        return version
+
+    def _break(self, version: int, error) -> None:
+        """After a failed transfer: broken if anything of it was written."""
+        if self._written:
+            self.broken = (f"version {version} failed after part of it was written into the served weights "
+                           f"(actors.weight_staging=none){f': {error}' if error else ''}; they are no "
+                           f"policy's now, so this engine stops serving")
+
+    def _release(self) -> None:
+        self.last_swap_s = time.perf_counter() - self._held_since
+        self.swap_s += self.last_swap_s
+        self._holding = False
+        self.hold.release()

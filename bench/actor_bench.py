@@ -485,45 +485,28 @@ def greedy(engine, batch: list, new_tokens: int) -> list:
 
 
 # -- the native path: pause(keep), IPC update, resume ------------------------------------------
-def native_updates(engine, learner, batch: list, n: int, transport: str = "ipc") -> dict:
+def native_updates(engine, learner, batch: list, n: int, here, transport: str = "ipc") -> dict:
     """vLLM's own path under load: pause (keep), start, update_weights, finish, resume; per
     update from "the learner has v". ipc: the learner's CUDA IPC handles (one GPU); nccl: the
-    learner on the other GPU broadcasts into update_weights through vLLM's NCCL engine."""
-    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest, WeightTransferUpdateRequest
-
-    llm = engine.llm
+    learner on the other GPU broadcasts into update_weights through vLLM's NCCL engine. `here`
+    runs a function where the engine is (its own process, or this one), as for the bare windows."""
     if transport == "nccl":
         port = _free_port()
         learner.conn.send(("native_nccl_init", "127.0.0.1", port))   # it waits in the group's rendezvous
-        engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=dict(
-            master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2))), timeout_s=120)
+        here(native_init, {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2})
         info = learner._recv(120)[1]
     else:
         info = learner.ask("native_handles")
-        engine.call(llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={})))
+        here(native_init, {})
     rows = []
-
-    async def one_update(t_has):
-        t = [time.time()]
-        await llm.pause_generation(mode="keep", clear_cache=False)
-        t.append(time.time())
-        await llm.start_weight_update()
-        if transport == "nccl":
-            learner.conn.send(("native_nccl_send",))   # the broadcast's other end
-        await llm.update_weights(WeightTransferUpdateRequest(update_info=dict(info)))
-        await llm.finish_weight_update()
-        t.append(time.time())
-        await llm.resume_generation()
-        t.append(time.time())
-        return {"total_ms": (t[3] - t_has) * 1e3, "pause_ms": (t[1] - t[0]) * 1e3,
-                "update_ms": (t[2] - t[1]) * 1e3, "resume_ms": (t[3] - t[2]) * 1e3}
-
-    load = threading.Thread(target=bare_round, args=(engine, batch, NEW_TOKENS), daemon=True)
+    load = threading.Thread(target=here, args=(bare_round, batch, NEW_TOKENS), daemon=True)
     load.start()
     time.sleep(1.5)
     for i in range(n + 1):  # the first opens the handles or warms the group up: reported apart
         t_has = learner.ask("perturb")
-        rows.append(engine.call(one_update(t_has), timeout_s=120))
+        if transport == "nccl":
+            learner.conn.send(("native_nccl_send",))   # the learner waits in the broadcast until vLLM joins it
+        rows.append(here(native_update, t_has, info))
         if transport == "nccl":
             learner._recv(120)   # the learner's send returned
         time.sleep(0.4)
@@ -532,6 +515,32 @@ def native_updates(engine, learner, batch: list, n: int, transport: str = "ipc")
     return {"first": rows[0], "rows": timed, "total_ms_median": statistics.median(r["total_ms"] for r in timed),
             "pause_ms_median": statistics.median(r["pause_ms"] for r in timed),
             "update_ms_median": statistics.median(r["update_ms"] for r in timed)}
+
+
+def native_init(engine, init_info: dict) -> None:
+    """Where the engine runs: vLLM's weight-transfer engine set up (empty init_info: IPC)."""
+    from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+    engine.call(engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info)), timeout_s=120)
+
+
+def native_update(engine, t_has: float, info: dict) -> dict:
+    """Where the engine runs: one update by vLLM's own path, timed from t_has (time.time())."""
+    from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+    llm = engine.llm
+
+    async def one_update():
+        t = [time.time()]
+        await llm.pause_generation(mode="keep", clear_cache=False)
+        t.append(time.time())
+        await llm.start_weight_update()
+        await llm.update_weights(WeightTransferUpdateRequest(update_info=dict(info)))
+        await llm.finish_weight_update()
+        t.append(time.time())
+        await llm.resume_generation()
+        t.append(time.time())
+        return {"total_ms": (t[3] - t_has) * 1e3, "pause_ms": (t[1] - t[0]) * 1e3,
+                "update_ms": (t[2] - t[1]) * 1e3, "resume_ms": (t[3] - t[2]) * 1e3}
+    return engine.call(one_update(), timeout_s=120)
 
 
 def ray_stub() -> str | None:
@@ -586,7 +595,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     work = tempfile.mkdtemp(prefix=f"actor-bench-{shape}-")
     model_dir = write_config(os.path.join(work, "model"), shape)
     rng = random.Random(0)
-    native = shape == "1.5b" and not args.no_native and not args.engine_process   # needs vLLM here
+    native = shape == "1.5b" and not args.no_native
     engine = learner = buffer = None
     sent = []
     stops = stop_tokens(args.stop_share)
@@ -613,7 +622,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         t = time.monotonic()
         kwargs = dict(model_path=model_dir, gpu_memory_utilization=args.gpu_memory_utilization,
                       max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager, seed=0,
-                      max_model_len=1024, load_format="dummy", disable_log_stats=False, stop_token_ids=stops, **extra)
+                      max_model_len=1024, load_format="dummy", disable_log_stats=False, stop_token_ids=stops,
+                      weight_staging=args.weight_staging, **extra)
         if args.engine_process:   # as a run places it (actors.engine_process=own)
             from actors.engine_process import EngineProcess
             engine = EngineProcess("actors.engines.vllm:VLLMEngine", kwargs, name="vllm engine")
@@ -709,7 +719,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     if native and phase.has_time(f"{shape}/native", 40):
         with phase(f"{shape}/native"):
             r["native"] = native_updates(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4,
-                                         args.transport)
+                                         here, args.transport)
     with phase(f"{shape}/close"):
         engine.close()
     if "greedy_after" in r and phase.has_time(f"{shape}/cold", 150):
@@ -769,6 +779,8 @@ def summary(out: dict) -> dict:
             "update_ms_1p5b": b.get("update_ms_median"), "update_ms_max_1p5b": b.get("update_ms_max"),
             "floor_ms_0p5b": a.get("floor_ms"), "floor_ms_1p5b": b.get("floor_ms"),
             "stall_ms": (b or a).get("stall_gpu_ms_median"), "stall_ms_0p5b": a.get("stall_gpu_ms_median"),
+            "stall_host_ms": (b or a).get("stall_host_ms_median"),   # the engine held (weight_staging none: the transfer)
+            "weight_staging": out["args"].get("weight_staging"),
             "send_ms_1p5b": b.get("send_ms_median"), "staged_ms_1p5b": b.get("staged_ms_median"),
             "receive_write_ms_1p5b": b.get("write_ms_median"), "receive_commit_ms_1p5b": b.get("commit_ms_median"),
             "native_update_ms_1p5b": (b.get("native") or {}).get("total_ms_median"),
@@ -796,7 +808,7 @@ def main() -> None:
     p.add_argument("--update-every-s", type=float, default=1.0)
     p.add_argument("--engine-process", action="store_true",
                    help="the engine in a process of its own (actors/engine_process.py), as runs place it; "
-                        "vLLM alone runs there too. No native-path comparison in this mode")
+                        "vLLM alone and its own update path run there too")
     p.add_argument("--quiet-windows", action="store_true",
                    help="after each pair, a window of the actor's loop with no weight updates")
     p.add_argument("--stop-share", type=float, default=0.0,
@@ -807,6 +819,9 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-native", action="store_true")
+    p.add_argument("--weight-staging", choices=("full", "none"), default="full",
+                   help="actors.weight_staging: a staging copy swapped in between steps, or none (written in "
+                        "place while the engine is held: no copy's memory, a longer stall)")
     p.add_argument("--transport", choices=("ipc", "nccl"), default="ipc",
                    help="ipc: the learner process on the engine's GPU (CUDA IPC); nccl: the learner on GPU 0, "
                         "vLLM on GPU 1, weights over the broadcast channel and vLLM's own path over NCCL "

@@ -102,12 +102,15 @@ class PollingReceiver(WeightReceiver):
 
 
 def deliver(sink, version: int, tensors: dict) -> None:
-    """Write a whole version held in memory (name -> tensor or array) into a sink: begin,
-    every tensor, commit; abort if any does not fit, so nothing half-written is served."""
+    """Write a whole version held in memory (name -> tensor or array) into a sink: checked
+    whole first (a version that does not fit is refused before anything of it is written),
+    then begin, every tensor, commit; abort if a write fails, so nothing half-written is served."""
+    tensors = {name: _as_tensor(value) for name, value in tensors.items()}
+    sink.check_version(version, tensors)
     sink.begin(version)
     try:
-        for name, value in tensors.items():
-            sink.write(name, _as_tensor(value))
+        for name, tensor in tensors.items():
+            sink.write(name, tensor)
     except BaseException:
         sink.abort()
         raise

@@ -25,6 +25,7 @@ def test_defaults_then_yaml_then_overrides():
     ("buffer.table.selector=random", "buffer.table.selector", "must be one of"),
     ("trainer.batch_groups=3", "trainer.batch_groups", "multiple"),
     ("loss.objective=ppo2", "loss.objective", "must be one of"),
+    ("actors.weight_staging=bucket", "actors.weight_staging", "must be one of"),
     ("nonsense", "nonsense", "not of the form key=value"),
 ])
 def test_bad_values_name_their_key(override, key, words):

@@ -103,3 +103,63 @@ def test_write_many_stages_what_write_stages_and_follows_sources_that_change_in_
         many.write_many([("a", torch.zeros(2, 3))])
     many.abort()
     assert many.swap_if_ready() is None
+
+
+def test_direct_weights_write_into_the_served_weights_while_the_engine_is_held():
+    """actors.weight_staging=none: no staging copy; the engine's step lock is held from the
+    first write to the commit, and the version is labelled at the next step."""
+    import threading
+    from actors.engine import DirectWeights
+    served = {"a": torch.zeros(3, 2), "b": torch.zeros(4)}
+    hold = threading.Lock()
+    direct = DirectWeights(served, hold)
+    assert all(direct.staging[n] is served[n] for n in served)   # no copy
+    sources = {"a": torch.randn(3, 2), "b": torch.randn(4)}
+    direct.begin(1)
+    assert not hold.acquire(blocking=False)   # no step runs while the version is written
+    direct.write_many(list(sources.items()))
+    direct.commit(1)
+    assert hold.acquire(blocking=False)
+    hold.release()
+    assert all(torch.equal(served[n], sources[n]) for n in served)
+    assert direct.swap_if_ready() == 1 and direct.swap_if_ready() is None
+    # refused before its first write (a shape that does not fit): the served weights stay, no harm
+    direct.begin(2)
+    with pytest.raises(WeightUpdateError, match=r"'a' has shape \(2, 3\)"):
+        direct.write("a", torch.zeros(2, 3))
+    direct.abort()
+    assert direct.broken is None and torch.equal(served["a"], sources["a"])
+    with pytest.raises(WeightUpdateError, match="lacks"):   # a whole version checked before begin
+        direct.check_version(2, {"a": torch.zeros(3, 2)})
+    # a transfer that fails after a write: the served weights are mixed, so the engine stops
+    direct.begin(3)
+    direct.write("a", torch.ones(3, 2))
+    direct.abort()
+    assert hold.acquire(blocking=False)   # released: the engine's steps go on and fail loudly
+    hold.release()
+    for call in (direct.swap_if_ready, lambda: direct.begin(4)):
+        with pytest.raises(WeightUpdateError, match="failed after part of it was written"):
+            call()
+
+
+def test_an_hf_engine_without_staging_serves_a_loaded_version_and_refuses_a_bad_one_whole(tiny_model_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    engine = HFEngine(tiny_model_path, stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                      weight_staging="none")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+        zeros = {n: p.detach().numpy() * 0 for n, p in model.named_parameters()}   # uniform policy
+        partial = dict(list(zeros.items())[:2])
+        with pytest.raises(WeightUpdateError, match="version 4 lacks"):
+            engine.load_weights(partial, version=4)   # refused before anything was written
+        s = generate(engine, [[3, 4]], max_new_tokens=4, temperature=1.0)[0]
+        assert engine.version == 0 and s.versions == [0] * len(s.tokens)
+        engine.load_weights(zeros, version=5)
+        s = generate(engine, [[3, 4]], max_new_tokens=4, temperature=1.0)[0]
+        assert engine.version == 5 and s.versions == [5] * len(s.tokens)
+        np.testing.assert_allclose(s.logprobs, [-np.log(19)] * len(s.tokens), atol=1e-5)
+        assert engine.staged.staging["lm_head.weight" if "lm_head.weight" in engine.staged.staging
+                                     else "model.embed_tokens.weight"].abs().sum() == 0   # served in place
+        engine.check()
+    finally:
+        engine.close()

@@ -183,8 +183,10 @@ def tiny_qwen2(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def engine_and_learner(tiny_qwen2):
+@pytest.fixture(scope="module", params=["full", "none"], ids=["staged", "unstaged"])
+def engine_and_learner(tiny_qwen2, request):
+    """actors.weight_staging full (a staging copy, swapped between steps) and none (written in
+    place while the engine is held): the same tests hold for both."""
     pytest.importorskip("vllm")
     from actors.engines.vllm import VLLMEngine
     from bench.actor_bench import Learner
@@ -192,8 +194,9 @@ def engine_and_learner(tiny_qwen2):
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     learner = Learner(tiny_qwen2)   # its own process: this one touches no CUDA before vLLM starts
     engine = VLLMEngine(tiny_qwen2, gpu_memory_utilization=0.2, max_num_seqs=16, enforce_eager=True,
-                        max_model_len=4096, seed=0)
-    engine.start_weight_updates(learner.spec.receiver(0))
+                        max_model_len=4096, seed=0, weight_staging=request.param)
+    installed = engine.start_weight_updates(learner.spec.receiver(0))
+    assert (installed[0]["staging_bytes"] > 0) == (request.param == "full"), installed
     learner.ask("wait_receivers", 1, 60.0)
     yield engine, learner
     engine.close()

@@ -3,13 +3,14 @@ TCP, real torch.distributed; a sender killed in the middle of a transfer."""
 import io
 import os
 import queue
+import threading
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from actors.engine import StagedWeights
+from actors.engine import DirectWeights, StagedWeights
 from common.weights import WeightSyncError
 from common.weights_broadcast import BroadcastChannelSpec, _pack_layout
 from tests.conftest import free_port
@@ -53,10 +54,10 @@ def _sender(spec, versions, die_after_buckets, log, stray=False):
     time.sleep(2)  # let the receivers read the last version before the store goes away
 
 
-def _receiver(spec, index, versions, results, log):
+def _receiver(spec, index, versions, results, log, staging):
     _log_to(log)
     served = {n: torch.zeros_like(t) for n, t in version_tensors(0).items()}
-    staged = StagedWeights(served)
+    staged = StagedWeights(served) if staging == "full" else DirectWeights(served, threading.Lock())
     receiver = spec.receiver(index)
     try:
         for _ in versions:
@@ -66,7 +67,8 @@ def _receiver(spec, index, versions, results, log):
             assert staged.swap_if_ready() == version
             results.put((index, version, _by_value(served), ""))
     except WeightSyncError as e:
-        results.put((index, None, _by_value(served), str(e)))
+        broken = getattr(staged, "broken", None)
+        results.put((index, None, _by_value(served), str(e) + (f" | broken: {broken}" if broken else "")))
 
 
 def _by_value(tensors: dict) -> bytes:
@@ -78,7 +80,7 @@ def _by_value(tensors: dict) -> bytes:
     return buffer.getvalue()
 
 
-def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False):
+def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, staging="full"):
     """Run a sender and two receivers; returns (every receiver's results, seconds, and a text
     with each process's exit code and stderr, for assertion messages). Each receiver has a
     queue of its own: a process that dies while writing to a shared one would hold its lock."""
@@ -90,7 +92,8 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False):
             for name in ("sender", "receiver0", "receiver1")]
     queues = [ctx.Queue() for _ in range(2)]
     procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0], stray))]
-    procs += [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1])) for i in range(2)]
+    procs += [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1], staging))
+              for i in range(2)]
     for p in procs:
         p.start()
     out, t = [], time.monotonic()
@@ -118,8 +121,9 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False):
     return out, seconds, report
 
 
-def test_every_receiver_gets_every_version_exactly_whatever_else_reaches_the_control_socket():
-    out, _, report = run_channel([1, 2, 3], stray=True)
+@pytest.mark.parametrize("staging", ["full", "none"])
+def test_every_receiver_gets_every_version_exactly_whatever_else_reaches_the_control_socket(staging):
+    out, _, report = run_channel([1, 2, 3], stray=True, staging=staging)
     assert sorted((i, v) for i, v, _, _ in out) == [(i, v) for i in range(2) for v in (1, 2, 3)], report
     for index, version, served, error in out:
         assert error == ""
@@ -138,6 +142,20 @@ def test_a_sender_killed_mid_transfer_fails_the_receivers_in_time_and_they_keep_
         assert "weight sender (learner rank 0) at 127.0.0.1" in error, error
         for name, tensor in version_tensors(1).items():  # still serving version 1
             assert torch.equal(served[name], tensor), (index, name)
+    assert seconds < 30
+
+
+def test_without_staging_a_sender_killed_mid_transfer_stops_the_receivers_engines_loudly():
+    """actors.weight_staging=none: the first bucket of version 2 was written into the served
+    weights when the sender died, so they are no policy's: the receiver fails in time, naming
+    the sender, and its sink refuses every later step."""
+    buckets = len(_pack_layout(version_tensors(1), int(0.004 * 2 ** 20))[1])
+    out, seconds, report = run_channel([1, 2], die_after_buckets=buckets + 1, timeout_s=5.0, staging="none")
+    failed = [error for i, v, served, error in out if v is None]
+    assert len(failed) == 2, f"{[(i, v, error) for i, v, _, error in out]}\n{report}"
+    for error in failed:
+        assert "weight sender (learner rank 0) at 127.0.0.1" in error, error
+        assert "broken: version 2 failed after part of it was written" in error, error
     assert seconds < 30
 
 

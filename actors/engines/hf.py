@@ -19,7 +19,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from actors.engine import Engine, Sample, StagedWeights, settle_from_thread
+from actors.engine import DirectWeights, Engine, Sample, StagedWeights, WeightUpdateError, settle_from_thread
 from common.weights import deliver
 
 
@@ -34,7 +34,8 @@ class _Request:
 
 class HFEngine(Engine):
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
-                 stop_token_ids: list = (), pad_token_id: int = 0, seed: int = 0, max_batch: int = 64):
+                 stop_token_ids: list = (), pad_token_id: int = 0, seed: int = 0, max_batch: int = 64,
+                 weight_staging: str = "full"):
         self.device = torch.device(device)
         transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
@@ -44,7 +45,9 @@ class HFEngine(Engine):
         self.max_batch = max_batch
         # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.2x; take either
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self.staged = StagedWeights(dict(self.model.named_parameters()))
+        self._step_lock = threading.Lock()   # held by each batch (and idle swap): a step of this engine
+        params = dict(self.model.named_parameters())
+        self.staged = DirectWeights(params, self._step_lock) if weight_staging == "none" else StagedWeights(params)
         self._version = 0
         self._generator = torch.Generator(self.device).manual_seed(seed)
         self._requests: queue.Queue = queue.Queue()
@@ -101,7 +104,11 @@ class HFEngine(Engine):
             try:
                 first = held.pop(0) if held else self._requests.get(timeout=0.05)
             except queue.Empty:
-                self._swap()  # idle is a step boundary too
+                try:
+                    with self._step_lock:
+                        self._swap()  # idle is a step boundary too
+                except WeightUpdateError as e:  # weights left mixed (weight_staging=none): check() raises it
+                    self._error = self._error or e
                 continue
             batch, rest = [first], []
             for r in held + self._drain():
@@ -111,10 +118,11 @@ class HFEngine(Engine):
             batch = [r for r in batch if not r.future.done()]
             if not batch:
                 continue
-            self._swap()
             t = time.monotonic()
             try:
-                samples = self._sample([r.prompt for r in batch], first.max_new_tokens, first.temperature)
+                with self._step_lock:
+                    self._swap()
+                    samples = self._sample([r.prompt for r in batch], first.max_new_tokens, first.temperature)
             except Exception as e:  # every request of the batch fails with it; the loop goes on
                 for r in batch:
                     settle_from_thread(r.loop, r.future, error=e)

@@ -129,10 +129,11 @@ class VLLMEngine(Engine):
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  max_num_seqs: int = 256, enforce_eager: bool = False, dtype: str = "bfloat16", seed: int = 0,
                  max_model_len: int | None = None, stop_token_ids: list = (), load_format: str = "auto",
-                 startup_timeout_s: float = 900.0, **engine_args):
+                 startup_timeout_s: float = 900.0, weight_staging: str = "full", **engine_args):
         """`engine_args` go to vLLM's AsyncEngineArgs as they are (e.g. enable_prefix_caching,
-        hf_overrides, weight_transfer_config)."""
+        hf_overrides, weight_transfer_config). `weight_staging`: actors.weight_staging (full or none)."""
         self.stop_token_ids = list(stop_token_ids)
+        self.weight_staging = weight_staging
         self.tensor_parallel_size = tensor_parallel_size
         self.log = VersionLog()
         self._ids = itertools.count()
@@ -246,7 +247,8 @@ class VLLMEngine(Engine):
                                       "a swap coordinated across TP ranks is not built yet")
         self._updates_started = True
         # Installing waits for the step under way, and opening IPC handles takes seconds.
-        return self.call(self.llm.collective_rpc("asyncrl_install", args=(pickle.dumps(receiver), self.log.address)),
+        return self.call(self.llm.collective_rpc("asyncrl_install", args=(pickle.dumps(receiver), self.log.address,
+                                                                          self.weight_staging)),
                          timeout_s=300.0, what="installing weight updates")
 
     def check(self) -> None:

@@ -12,6 +12,9 @@ vLLM mixes `AsyncRLWorker` into every worker (`worker_extension_cls`); one colle
     whole step, so the swap falls between two steps (ordered after every forward queued
     before it and before every later one), with no wait for the next step and also while the
     engine is idle;
+  - with actors.weight_staging=none, no staging copy: the receiver thread takes the step lock
+    for the whole transfer and writes into the parameters themselves (DirectWeights), after
+    the forwards queued before it;
   - a wrapper around this worker's `execute_model` that, at the start of every step, swaps a
     version the receiver thread has not yet swapped and, on TP rank 0, pushes to the engine's process (ZeroMQ PUSH, msgpack) a record
     (version, output tokens the request had before this step) for every scheduled request
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.engine import StagedWeights, WeightUpdateError
+from actors.engine import DirectWeights, StagedWeights, WeightUpdateError
 
 VOCAB_PADDING = 64  # vLLM pads embed_tokens / lm_head rows to a multiple of this (vocab_parallel_embedding.py)
 
@@ -218,6 +221,37 @@ class _StreamStaging(StagedWeights):
         self.swap_timing, self._swapped = (version, start, end), end
 
 
+class _StreamDirect(DirectWeights):
+    """DirectWeights whose writes run on the receiver's CUDA stream: begin() (holding the step
+    lock, so no forward is being queued) makes that stream wait for every forward queued on
+    the engine's stream, the last readers of the old weights; commit() waits for the writes
+    on the host before it lets the next step queue its forward."""
+
+    def __init__(self, params: dict, hold, expected: set, copy_stream, main_stream):
+        super().__init__(params, hold, expected=expected)
+        self.copy_stream, self.main_stream = copy_stream, main_stream
+        self.swap_timing = None
+        self._start = None
+
+    def begin(self, version: int) -> None:
+        super().begin(version)
+        self.copy_stream.wait_stream(self.main_stream)
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._start.record(self.copy_stream)
+
+    def _landed(self) -> None:
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self.copy_stream)
+        super()._landed()
+        self.swap_timing = (None, self._start, end)   # the version is filled in by swap_if_ready
+
+    def swap_if_ready(self) -> int | None:
+        version = super().swap_if_ready()
+        if version is not None and self.swap_timing is not None:
+            self.swap_timing = (version, *self.swap_timing[1:])
+        return version
+
+
 # -- the per-request version log (pure: tested on CPU) ---------------------------------------
 class StepLog:
     """Per scheduled request, the version it was last recorded under; `step()` returns the
@@ -248,10 +282,10 @@ class StepLog:
 
 # -- the extension ---------------------------------------------------------------------------
 class AsyncRLWorker:
-    def asyncrl_install(self, receiver_pickle: bytes, log_address: str) -> dict:
+    def asyncrl_install(self, receiver_pickle: bytes, log_address: str, staging: str = "full") -> dict:
         """Stage, swap and log (see the module docstring). `receiver_pickle`: a pickled
         WeightReceiver not yet connected (each worker unpickles its own copy), or a channel
-        spec whose receiver(index) is called with the TP rank."""
+        spec whose receiver(index) is called with the TP rank. `staging`: actors.weight_staging."""
         from common.weights import WeightReceiver
         import msgpack
         import zmq
@@ -265,13 +299,21 @@ class AsyncRLWorker:
         shapes, table = vllm_layout(cfg, rank, size)
         check_layout(shapes, params)
         main = torch.cuda.current_stream()
-        staged = _StreamStaging(params, expected_names(cfg), torch.cuda.Stream(), main)
+        # A step is execute_model(k) and, when that returns None, sample_tokens(k) (which applies
+        # lm_head): the step lock spans both, so a swap from the receiver thread falls between
+        # two steps, never inside one. Executors look both methods up per step.
+        self.asyncrl_step_lock = threading.Lock()
+        if staging == "none":
+            staged = _StreamDirect(params, self.asyncrl_step_lock, expected_names(cfg), torch.cuda.Stream(), main)
+            staging_bytes = 0
+        else:
+            staged = _StreamStaging(params, expected_names(cfg), torch.cuda.Stream(), main)
+            with torch.inference_mode():
+                for name, p in params.items():  # vocabulary padding rows keep what vLLM put there
+                    staged.staging[name].copy_(p)
+            torch.cuda.synchronize()
+            staging_bytes = sum(t.numel() * t.element_size() for t in staged.staging.values())
         staged.route = make_route(cfg, table, staged.staging)
-        with torch.inference_mode():
-            for name, p in params.items():  # vocabulary padding rows keep what vLLM put there
-                staged.staging[name].copy_(p)
-        torch.cuda.synchronize()
-        staging_bytes = sum(t.numel() * t.element_size() for t in staged.staging.values())
 
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, 0)   # never drop or block on a record
@@ -294,10 +336,6 @@ class AsyncRLWorker:
                                                name="asyncrl-weights", daemon=True)
         self.asyncrl_thread.start()
 
-        # A step is execute_model(k) and, when that returns None, sample_tokens(k) (which applies
-        # lm_head): the step lock spans both, so a swap from the receiver thread falls between
-        # two steps, never inside one. Executors look both methods up per step.
-        self.asyncrl_step_lock = threading.Lock()
         in_step = {"held": False}
         original_execute, original_sample = self.execute_model, self.sample_tokens
 
