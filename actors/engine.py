@@ -49,7 +49,8 @@ class Engine(ABC):
     def start_weight_updates(self, receiver) -> None:
         """Receive every new version from `receiver` (common/weights.py) in the background and
         swap each in between two engine steps. A failed transfer leaves the served version as
-        it was; `check()` then raises its error."""
+        it was (with actors.weight_staging=none, one that failed after its first write stops
+        the engine instead: DirectWeights); `check()` then raises its error."""
 
     @abstractmethod
     def check(self) -> None:
@@ -97,6 +98,10 @@ class StagedWeights:
     boundary: if a committed version waits and no transfer is under way, it is copied into the
     served parameters in place (CUDA graphs and other pointers to them stay valid).
     """
+
+    writes_in_place = False
+    """True where writes go into the served weights (DirectWeights): a receiver then checks a
+    version whole (check_version) before its first write wherever it knows the whole version."""
 
     def __init__(self, params: dict, route=None, expected: set | None = None):
         self.params = params                                            # served, in engine layout
@@ -223,6 +228,8 @@ class DirectWeights(StagedWeights):
     part new: the sink is then broken, and swap_if_ready (called at each step) raises, so the
     engine fails loudly instead of serving them. A version refused before its first write
     (check_version, a name or shape that does not fit) leaves the served weights as they were."""
+
+    writes_in_place = True
 
     def __init__(self, params: dict, hold: threading.Lock, route=None, expected: set | None = None):
         self.hold = hold

@@ -106,7 +106,7 @@ def deliver(sink, version: int, tensors: dict) -> None:
     whole first (a version that does not fit is refused before anything of it is written),
     then begin, every tensor, commit; abort if a write fails, so nothing half-written is served."""
     tensors = {name: _as_tensor(value) for name, value in tensors.items()}
-    sink.check_version(version, tensors)
+    sink.check_version(version, tensors)   # cheap here, and the same error for every sink
     sink.begin(version)
     try:
         for name, tensor in tensors.items():

@@ -211,7 +211,11 @@ class BroadcastWeightReceiver(WeightReceiver):
             k, version, layout, buckets = msgpack.unpackb(self._control.recv())
         except Exception as e:  # the store lives in the sender's process
             raise WeightSyncError(f"lost {self.spec.sender_name}: {e}") from None
+        if sink.writes_in_place:   # refused whole, by its layout, before its first write
+            sink.check_version(version, {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+                                         for name, dtype, shape, _, _ in layout})
         sink.begin(version)
+        committing = False
         try:
             self._control.send_multipart([READY, str(k).encode(), str(self.rank).encode()])
             transfer_deadline = time.monotonic() + self.spec.timeout_s
@@ -225,14 +229,21 @@ class BroadcastWeightReceiver(WeightReceiver):
                         dt = getattr(torch, dtype)
                         nbytes = _numel(shape) * torch.empty(0, dtype=dt).element_size()
                         sink.write(name, bucket[offset:offset + nbytes].view(dt).view(shape))
-            sink.commit(version)
+            committing = True
+            sink.commit(version)   # releases the sink itself, failed or not
         except WeightSyncError:
-            sink.abort()
+            if not committing:
+                sink.abort()
             raise
         except Exception as e:
-            sink.abort()
+            if not committing:
+                sink.abort()
             raise WeightSyncError(f"version {version} from {self.spec.sender_name} did not arrive: "
                                   f"{type(e).__name__}: {e}") from None
+        except BaseException:
+            if not committing:
+                sink.abort()
+            raise
         self.transfers += 1
         return version
 

@@ -231,10 +231,12 @@ class IpcWeightReceiver(WeightReceiver):
             if msg[0] == "bucket" and msg[2] == 0 and msg[1] > self.version:
                 break
         version, count = msg[1], msg[3]
-        committing = False
+        began = committing = False
         t_announced = time.monotonic()
-        sink.begin(version)
         try:
+            # Every part and handle first (opening a handle the first time takes a while), then
+            # the writes: the sink is held only while they are queued.
+            parts = []
             for i in range(count):
                 if i:
                     msg = self._next(self.timeout_s)
@@ -244,12 +246,18 @@ class IpcWeightReceiver(WeightReceiver):
                     if msg[0] != "bucket" or msg[1] != version or msg[2] != i:
                         raise WeightSyncError(f"weight sender {self.address} sent part {msg[2]} of version {msg[1]} "
                                               f"while part {i} of version {version} was due")
-                sink.write_many([(name, self._open(name, hid, args, msg[4])) for name, hid, args in msg[5]])
+                parts.append([(name, self._open(name, hid, args, msg[4])) for name, hid, args in msg[5]])
+            if sink.writes_in_place:   # refused whole before its first write
+                sink.check_version(version, {name: tensor for part in parts for name, tensor in part})
+            sink.begin(version)
+            began = True
+            for part in parts:
+                sink.write_many(part)
             t_written = time.monotonic()
             committing = True
             sink.commit(version)
         except BaseException as e:
-            if not committing:  # commit releases the staging itself, failed or not
+            if began and not committing:  # commit releases the staging itself, failed or not
                 sink.abort()
             self._send(("nack", version, f"{type(e).__name__}: {e}"))
             raise

@@ -62,9 +62,10 @@ class Frames:
 def encode(payload: Any) -> list:
     """Encode payload into [header, *array_frames]. Array frames share memory with the arrays."""
     frames: list = [b""]
-    shared: list = []   # [frame index, bytearray] once a small run is packed
+    packed_at = None   # the index in frames of the one frame (a bytearray) small runs are packed into
 
     def default(obj):
+        nonlocal packed_at
         if type(obj) is Frames:
             views = []
             for array in obj.items:
@@ -76,15 +77,15 @@ def encode(payload: Any) -> list:
             if sum(len(v) for v in views) >= COPY_BELOW:
                 frames.extend(views)
                 return msgpack.ExtType(_RUN, _RUN_REF.pack(len(frames) - len(views), len(views)))
-            if not shared:
+            if packed_at is None:
                 frames.append(bytearray())
-                shared.extend([len(frames) - 1, frames[-1]])
-            index, packed = shared
+                packed_at = len(frames) - 1
+            packed = frames[packed_at]
             start = len(packed)
             for view in views:
                 packed += view
                 packed += bytes(-len(packed) % _ALIGN)
-            return msgpack.ExtType(_PACKED, _PACKED_REF.pack(index, start, len(views)) +
+            return msgpack.ExtType(_PACKED, _PACKED_REF.pack(packed_at, start, len(views)) +
                                    struct.pack(f"<{len(views)}I", *map(len, views)))
         if isinstance(obj, np.ndarray):
             array = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)

@@ -1,4 +1,6 @@
 """The HF engine's behaviour log-probs are those the learner computes for the same weights."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -163,3 +165,33 @@ def test_an_hf_engine_without_staging_serves_a_loaded_version_and_refuses_a_bad_
         engine.check()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("staging", ["full", "none"])
+def test_an_hf_engine_takes_new_versions_between_two_tokens_and_labels_each_token(tiny_model_path, staging):
+    """Every forward is a step: a version loaded while a sample is being generated serves its
+    next tokens, and each token carries the version of the forward that sampled it."""
+    import threading
+    engine = HFEngine(tiny_model_path, stop_token_ids=[], pad_token_id=0, weight_staging=staging)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loaded, done = [], threading.Event()
+
+    def keep_loading():
+        version = 10
+        while not done.is_set():
+            engine.load_weights(weights, version=version)
+            loaded.append(version)
+            version += 1
+            time.sleep(0.002)
+    loader = threading.Thread(target=keep_loading)
+    try:
+        loader.start()
+        s = generate(engine, [[3, 4, 5]], max_new_tokens=200, temperature=1.0)[0]
+    finally:
+        done.set()
+        loader.join(10)
+        engine.close()
+    assert len(s.versions) == len(s.tokens) == 200
+    assert s.versions == sorted(s.versions) and len(set(s.versions)) > 1, s.versions
+    assert set(s.versions) <= {0, *loaded}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from actors.engine import DirectWeights, StagedWeights
+from actors.engine import DirectWeights, StagedWeights, WeightUpdateError
 from common.weights import WeightSyncError
 from common.weights_broadcast import BroadcastChannelSpec, _pack_layout
 from tests.conftest import free_port
@@ -30,7 +30,7 @@ def _log_to(path) -> None:
     os.dup2(fd, 2)
 
 
-def _sender(spec, versions, die_after_buckets, log, stray=False):
+def _sender(spec, versions, die_after_buckets, log, stray=False, bogus_version=None):
     _log_to(log)
     if die_after_buckets is not None:  # a fault injected on purpose: the process dies mid-transfer
         import common.weights_broadcast as channel
@@ -50,7 +50,14 @@ def _sender(spec, versions, die_after_buckets, log, stray=False):
         for message in ([b"hello"], [b"ready", b"x", b"1"], [b"hello", b"99"], [b"nonsense"]):
             other.send_multipart(message)
     for v in versions:
-        sender.send(v, version_tensors(v))
+        tensors = version_tensors(v)
+        if v == bogus_version:   # a version the receivers' model cannot take: a tensor it does not have
+            tensors["bogus.weight"] = torch.ones(3)
+        try:
+            sender.send(v, tensors)
+        except WeightSyncError:
+            if v != bogus_version:
+                raise
     time.sleep(2)  # let the receivers read the last version before the store goes away
 
 
@@ -66,7 +73,7 @@ def _receiver(spec, index, versions, results, log, staging):
                 version = receiver.receive(staged, timeout_s=1.0)
             assert staged.swap_if_ready() == version
             results.put((index, version, _by_value(served), ""))
-    except WeightSyncError as e:
+    except (WeightSyncError, WeightUpdateError) as e:
         broken = getattr(staged, "broken", None)
         results.put((index, None, _by_value(served), str(e) + (f" | broken: {broken}" if broken else "")))
 
@@ -80,7 +87,7 @@ def _by_value(tensors: dict) -> bytes:
     return buffer.getvalue()
 
 
-def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, staging="full"):
+def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, staging="full", bogus_version=None):
     """Run a sender and two receivers; returns (every receiver's results, seconds, and a text
     with each process's exit code and stderr, for assertion messages). Each receiver has a
     queue of its own: a process that dies while writing to a shared one would hold its lock."""
@@ -91,13 +98,13 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, s
     logs = [os.path.join(tempfile.mkdtemp(prefix="weights-test-"), f"{name}.log")
             for name in ("sender", "receiver0", "receiver1")]
     queues = [ctx.Queue() for _ in range(2)]
-    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0], stray))]
+    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0], stray, bogus_version))]
     procs += [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1], staging))
               for i in range(2)]
     for p in procs:
         p.start()
     out, t = [], time.monotonic()
-    expected = 2 * len(versions) if die_after_buckets is None else 2 * (len(versions) - 1) + 2
+    expected = 2 * len(versions) if die_after_buckets is None and bogus_version is None else 2 * (len(versions) - 1) + 2
     while len(out) < expected and time.monotonic() - t < 60:
         for q in queues:
             try:
@@ -157,6 +164,16 @@ def test_without_staging_a_sender_killed_mid_transfer_stops_the_receivers_engine
         assert "weight sender (learner rank 0) at 127.0.0.1" in error, error
         assert "broken: version 2 failed after part of it was written" in error, error
     assert seconds < 30
+
+
+def test_without_staging_a_version_that_does_not_fit_is_refused_whole_before_its_first_write():
+    out, _, report = run_channel([1, 2], timeout_s=3.0, staging="none", bogus_version=2)
+    failed = [(served, error) for i, v, served, error in out if v is None]
+    assert len(failed) == 2, f"{[(i, v, error) for i, v, _, error in out]}\n{report}"
+    for served, error in failed:
+        assert "'bogus.weight' is not a parameter" in error and "broken" not in error, error
+        for name, tensor in version_tensors(1).items():   # still serving version 1, whole
+            assert torch.equal(served[name], tensor), name
 
 
 def test_a_receiver_that_never_comes_is_named_by_the_sender():

@@ -1,8 +1,10 @@
 """A Hugging Face transformers engine (CPU or one GPU).
 
 A batching thread takes every pending request (up to `max_batch`, those with the same
-settings), swaps in a staged weight version if one is ready, and samples the batch with its
-own decoding loop: softmax(logits / T) over the whole vocabulary, nothing else. The model's
+settings) and samples the batch with its own decoding loop: softmax(logits / T) over the whole
+vocabulary, nothing else. Every forward of that loop is a step: it holds the step lock and
+first swaps in a weight version that is ready, so a version arrives between two tokens of a
+batch, as in vLLM, and each token records the version of the forward that sampled it. The model's
 generation_config.json (repetition penalty, top-k, ...) is never consulted, so the behaviour
 log-probs reported are exactly those of the distribution sampled from.
 """
@@ -45,7 +47,7 @@ class HFEngine(Engine):
         self.max_batch = max_batch
         # transformers renamed the KV-cache argument (past_key_values -> cache) in 5.2x; take either
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self._step_lock = threading.Lock()   # held by each batch (and idle swap): a step of this engine
+        self._step_lock = threading.Lock()   # held by each forward (and an idle swap): a step of this engine
         params = dict(self.model.named_parameters())
         self.staged = DirectWeights(params, self._step_lock) if weight_staging == "none" else StagedWeights(params)
         self._version = 0
@@ -120,10 +122,10 @@ class HFEngine(Engine):
                 continue
             t = time.monotonic()
             try:
-                with self._step_lock:
-                    self._swap()
-                    samples = self._sample([r.prompt for r in batch], first.max_new_tokens, first.temperature)
+                samples = self._sample([r.prompt for r in batch], first.max_new_tokens, first.temperature)
             except Exception as e:  # every request of the batch fails with it; the loop goes on
+                if isinstance(e, WeightUpdateError):   # weights left mixed: check() stops the actor too
+                    self._error = self._error or e
                 for r in batch:
                     settle_from_thread(r.loop, r.future, error=e)
                 continue
@@ -136,6 +138,12 @@ class HFEngine(Engine):
         swapped = self.staged.swap_if_ready()
         if swapped is not None:
             self._version = swapped
+
+    def _step(self, **inputs) -> tuple:
+        """One forward between two weight swaps: (its output, the version that computed it)."""
+        with self._step_lock:
+            self._swap()
+            return self.model(**inputs), self._version
 
     def _drain(self) -> list:
         out = []
@@ -155,13 +163,14 @@ class HFEngine(Engine):
             attention_mask[i, width - len(p):] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                         use_cache=True, logits_to_keep=1)
+        out, version = self._step(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  use_cache=True, logits_to_keep=1)
         stops = torch.tensor(self.stop_token_ids or [-1], device=self.device)
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
         next_position = positions[:, -1:] + 1
-        tokens, logprobs = [], []
+        tokens, logprobs, versions = [], [], []
         for step in range(max_new_tokens):
+            versions.append(version)
             step_logprobs = torch.log_softmax(out.logits[:, -1].float() / (temperature or 1.0), dim=-1)  # [B, V]
             if temperature == 0:  # greedy (evaluation); the log-probs are then those at T = 1
                 token = step_logprobs.argmax(-1, keepdim=True)                                  # [B, 1]
@@ -173,14 +182,13 @@ class HFEngine(Engine):
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-            out = self.model(input_ids=token, attention_mask=attention_mask, position_ids=next_position,
-                             use_cache=True, **{self._cache_arg: getattr(out, self._cache_arg)})
+            out, version = self._step(input_ids=token, attention_mask=attention_mask, position_ids=next_position,
+                                      use_cache=True, **{self._cache_arg: getattr(out, self._cache_arg)})
             next_position = next_position + 1
         new_tokens, new_logprobs = torch.stack(tokens, 1).tolist(), torch.stack(logprobs, 1).tolist()   # [B, N]
         stop_set, samples = set(self.stop_token_ids), []
         for row, row_logprobs in zip(new_tokens, new_logprobs):
             end = next((i + 1 for i, t in enumerate(row) if t in stop_set), None)
             n = end if end is not None else len(row)
-            samples.append(Sample(row[:n], row_logprobs[:n], [self._version] * n,
-                                  "stop" if end is not None else "length"))
+            samples.append(Sample(row[:n], row_logprobs[:n], versions[:n], "stop" if end is not None else "length"))
         return samples

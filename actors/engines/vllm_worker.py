@@ -210,7 +210,14 @@ class _StreamStaging(StagedWeights):
     def begin(self, version: int) -> None:
         super().begin(version)
         if self._swapped is not None:
-            self.copy_stream.wait_event(self._swapped)
+            try:
+                self.copy_stream.wait_event(self._swapped)
+            except BaseException:
+                self.abort()   # begin failed: the receiver will not abort what it never began
+                raise
+
+    def _landed(self) -> None:
+        self.copy_stream.synchronize()   # the writes were queued there (the receiver thread's stream)
 
     def _copy_in(self, version: int) -> None:
         # under the lock: the next begin() sees this swap's event, never an older one
@@ -235,14 +242,18 @@ class _StreamDirect(DirectWeights):
 
     def begin(self, version: int) -> None:
         super().begin(version)
-        self.copy_stream.wait_stream(self.main_stream)
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._start.record(self.copy_stream)
+        try:
+            self.copy_stream.wait_stream(self.main_stream)
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record(self.copy_stream)
+        except BaseException:
+            self._release()   # begin failed: the receiver will not abort what it never began
+            raise
 
     def _landed(self) -> None:
         end = torch.cuda.Event(enable_timing=True)
         end.record(self.copy_stream)
-        super()._landed()
+        self.copy_stream.synchronize()   # the writes were queued there (the receiver thread's stream)
         self.swap_timing = (None, self._start, end)   # the version is filled in by swap_if_ready
 
     def swap_if_ready(self) -> int | None:
