@@ -10,6 +10,8 @@
 #            --transport nccl for the learner on GPU 0 and vLLM on GPU 1)
 #   push     bench/weight_push_bench.py --backend nccl (2 GPUs): the broadcast channel against a
 #            plain NCCL broadcast of the same bytes, 0.5B and 1.5B shapes
+#            (the two-GPU issue: push, actor with ACTOR_ARGS="--models 1.5b --transport nccl", job2; then,
+#            here, python -m bench.two_gpu <each call's files_at> writes bench/results/two_gpu.json)
 #   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study; cells
 #            carried back in (STUDY_FROM, a folder of finished cells) are read, not run again
 # A part still running 30 s before its deadline gets the Python stacks of every process of the

@@ -219,3 +219,22 @@ def test_the_weight_push_bench_delivers_every_version_exactly_over_gloo():
     assert summary["exact_tiny"] is True and summary["backend"] == "gloo"
     assert summary["transfer_ms_tiny"] > 0 and summary["floor_ms_tiny"] > 0
     assert summary["transfer_over_floor_tiny"] == summary["transfer_ms_tiny"] / summary["floor_ms_tiny"]
+
+
+def test_the_two_gpu_figures_take_the_highest_target_both_runs_reach_and_name_missing_parts():
+    """bench/two_gpu.py merges the parts of a two-GPU session; here with parts shaped as the
+    benches write them (made up numbers: the merge's arithmetic is what is checked)."""
+    from bench.two_gpu import figures
+    push = {"results": {}, "summary": {"transfer_ms_1p5b": 30.0, "floor_ms_1p5b": 20.0, "device": "2 GPUs"}}
+    actor = {"summary": {"update_ms_1p5b": 12.0, "stall_ms": 2.0, "native_update_ms_1p5b": 900.0}}
+    job = {"metric": "eval/reward", "to_0.3_s_sync": 50.0, "to_0.3_s_async": 20.0,
+           "to_0.6_s_sync": 200.0, "to_0.6_s_async": 80.0, "to_0.7_s_sync": 300.0, "to_0.7_s_async": None}
+    metrics = [{"buffer/inserts": 10, "buffer/dropped_stale": 0},
+               {"buffer/inserts": 40, "buffer/dropped_stale": 2, "buffer/staleness_histogram": {"0": 30, "1": 8}}]
+    out = figures(push, actor, job, metrics)
+    assert out["transfer_over_floor_1p5b"] == 1.5 and out["serving_ms_1p5b"] == 12.0
+    assert (out["target"], out["async_over_sync"]) == (0.6, 2.5)   # 0.7: async never reached it
+    assert out["dropped_share"] == 0.05 and out["staleness_histogram"] == {"0": 30, "1": 8}
+    assert out["missing"] == [] and out["device"] == "2 GPUs"
+    nothing = figures(None, actor, None, None)
+    assert nothing["async_over_sync"] is None and nothing["missing"] == ["push", "job", "async metrics"]
