@@ -12,6 +12,12 @@ gradient norm, the entropy proxy, the share of tokens truncated or masked.
   python -m bench.staleness_study --config tiny --lags 0 2 4 8 --corrections none truncate decoupled \\
       --seeds 0 1 --out runs/staleness/study.json --plot docs/off-policy-heldout.png
 
+--free-running measures what a staleness bound costs instead: no fixed lag (trainer.publish_lag=0),
+the actors run ahead as far as the buffer lets them, and k is buffer.table.max_staleness (cells
+named bound<k>); each cell then also reports the learner's seconds per step (median, from the
+step rows), the actors' tokens/s, the mean staleness trained on and the share of groups dropped
+as too old: throughput against accuracy for each bound.
+
 Runs already finished under --runs-dir are read, not run again, so a grid can be continued
 (past --budget-s no new cell starts: a grid too large for one sitting, or one device call,
 goes on in the next). --parallel N runs N cells at once (on one GPU, give each its share:
@@ -47,18 +53,18 @@ STABILITY = ("loss/kl_behaviour", "learner/grad_norm", "loss/entropy_proxy", "lo
              "loss/is_masked_frac", "loss/clip_frac")
 
 
-def cell_name(lag: int, correction: str, lr: float | None, seed: int) -> str:
-    return f"lag{lag}-{correction}" + (f"-lr{lr:g}" if lr else "") + f"-seed{seed}"
+def cell_name(lag: int, correction: str, lr: float | None, seed: int, free_running: bool = False) -> str:
+    return f"{'bound' if free_running else 'lag'}{lag}-{correction}" + (f"-lr{lr:g}" if lr else "") + f"-seed{seed}"
 
 
 def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadline: float = float("inf")) -> dict:
     """Run (or read) one cell; returns its scores, or why it has none."""
-    run_dir = Path(args.runs_dir) / cell_name(lag, correction, lr, seed)
+    run_dir = Path(args.runs_dir) / cell_name(lag, correction, lr, seed, args.free_running)
     done = run_dir / "study.done"
     if not done.exists():
         if time.monotonic() >= deadline:
             return {"cell": run_dir.name, "skipped": f"not started: --budget-s {args.budget_s:g} was spent"}
-        overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"trainer.publish_lag={lag}",
+        overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"trainer.publish_lag={0 if args.free_running else lag}",
                      f"buffer.table.max_staleness={lag}", f"trainer.max_steps={args.steps}",
                      f"eval.every={args.steps}", f"eval.tasks={args.eval_tasks}", "run.wandb=disabled",
                      *CORRECTIONS[correction], *([f"trainer.lr={lr}"] if lr else []), *args.overrides]
@@ -83,14 +89,14 @@ def setting(args) -> dict:
     """What a cell's name does not say but its result depends on: a finished cell is read
     back only under the same setting."""
     return {"config": args.config, "actors": args.actors, "steps": args.steps, "eval_tasks": args.eval_tasks,
-            "overrides": list(args.overrides)}
+            "overrides": list(args.overrides), "free_running": args.free_running}
 
 
 def stale_cells(args, cells: list) -> list:
     """Finished cells under --runs-dir that ran with another setting than this command's."""
     out = []
     for cell in cells:
-        done = Path(args.runs_dir) / cell_name(*cell) / "study.done"
+        done = Path(args.runs_dir) / cell_name(*cell, args.free_running) / "study.done"
         if done.exists():
             were = json.loads(done.read_text()).get("setting")
             if were is not None and were != setting(args):
@@ -107,7 +113,13 @@ def score(run_dir: Path, wall_s: float) -> dict:
            "reward_last5": statistics.mean(m["reward/mean"] for m in steps[-5:]) if steps else None,
            "staleness_mean": statistics.mean(m["staleness/mean"] for m in steps) if steps else None,
            "dropped_share": last.get("buffer/dropped_stale", 0) / max(last.get("buffer/inserts", 0), 1),
-           "steps": len(steps), "wall_s": wall_s}
+           "steps": len(steps), "wall_s": wall_s,
+           # throughput: the learner's seconds per step (median; the first steps wait for the
+           # first groups), and the actors' generated tokens/s
+           "step_s": statistics.median(b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:]))
+           if len(steps) > 1 else None,
+           "actor_tokens_per_s": statistics.mean(m["actor/tokens_per_s"] for m in steps[1:])
+           if len(steps) > 1 else None}
     for key in STABILITY:
         values = [m[key] for m in steps if m.get(key) is not None]
         out[key] = statistics.mean(values) if values else None
@@ -136,26 +148,28 @@ def summarise(rows: list) -> list:
                     "grad_norm": mean("learner/grad_norm"), "entropy_proxy": mean("loss/entropy_proxy"),
                     "truncated": mean("loss/is_truncated_frac"), "masked": mean("loss/is_masked_frac"),
                     "dropped_share": mean("dropped_share"), "staleness_mean": mean("staleness_mean"),
-                    "wall_s": mean("wall_s")})
+                    "wall_s": mean("wall_s"), "step_s": mean("step_s"), "actor_tokens_per_s": mean("actor_tokens_per_s")})
     return out
 
 
-def table(summary: list) -> str:
+def table(summary: list, free_running: bool = False) -> str:
     def f(v, spec=".3f"):
         return "–" if v is None else format(v, spec)
-    lines = ["| correction | lr | lag | seeds | held-out (min–max) | reward, last 5 | KL(mu‖pi) mean (max) | "
-             "grad norm | entropy | truncated | masked | dropped | s/run |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [f"| correction | lr | {'bound' if free_running else 'lag'} | seeds | held-out (min–max) | reward, last 5 | KL(mu‖pi) mean (max) | "
+             "grad norm | entropy | truncated | masked | dropped | staleness | s/step | actor tokens/s | s/run |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for s in summary:
         lines.append(f"| {s['correction']} | {f(s['lr'], 'g') if s['lr'] else 'config'} | {s['lag']} | {s['seeds']} | "
                      f"{f(s['held_out'])} ({f(s['held_out_min'])}–{f(s['held_out_max'])}) | {f(s['reward_last5'])} | "
                      f"{f(s['kl_behaviour'], '.4f')} ({f(s['kl_behaviour_max'], '.4f')}) | {f(s['grad_norm'])} | "
                      f"{f(s['entropy_proxy'])} | {f(s['truncated'])} | {f(s['masked'])} | {f(s['dropped_share'], '.2f')} | "
+                     f"{f(s['staleness_mean'], '.2f')} | {f(s['step_s'], '.2f')} | {f(s['actor_tokens_per_s'], '.0f')} | "
                      f"{f(s['wall_s'], '.0f')} |")
     return "\n".join(lines)
 
 
-def plot(summary: list, path: str) -> None:
+def plot(summary: list, path: str, free_running: bool = False) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,7 +184,8 @@ def plot(summary: list, path: str) -> None:
         label = correction + (f", lr {lr:g}" if lr else "")
         ax.errorbar(lags, means, yerr=[[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]],
                     marker="o", capsize=3, label=label)
-    ax.set_xlabel("staleness k (versions; trainer.publish_lag)")
+    ax.set_xlabel("staleness bound k (versions; buffer.table.max_staleness, actors free-running)" if free_running
+                  else "staleness k (versions; trainer.publish_lag)")
     ax.set_ylabel("held-out reward at the end\n(mean; bars: min–max over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -195,6 +210,8 @@ def main(argv=None) -> dict:
                    help="no cell starts after this many seconds (those skipped run when the grid is continued)")
     p.add_argument("--out", help="write every run's scores and the summary here (JSON)")
     p.add_argument("--plot", help="held-out accuracy against staleness, one line per correction (PNG)")
+    p.add_argument("--free-running", action="store_true",
+                   help="k is buffer.table.max_staleness with the actors free-running, not a fixed lag")
     p.add_argument("overrides", nargs="*", help="key=value for every run")
     args = p.parse_args(argv)
     if args.parallel < 1:
@@ -212,18 +229,19 @@ def main(argv=None) -> dict:
     skipped = [r["cell"] for r in rows if "skipped" in r]
     rows = [r for r in rows if "skipped" not in r]
     summary = summarise(rows)
-    print(table(summary))
+    print(table(summary, args.free_running))
     for r in rows:
         if "error" in r:
             print(f"[study] {r['cell']} failed:\n{r['error']}", file=sys.stderr)
-    out = {"config": args.config, "steps": args.steps, "lags": args.lags, "corrections": args.corrections,
+    out = {"config": args.config, "free_running": args.free_running, "steps": args.steps, "lags": args.lags,
+           "corrections": args.corrections,
            "seeds": args.seeds, "lrs": args.lrs, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
            "runs": rows, "summary": summary, "errors": [r["cell"] for r in rows if "error" in r], "skipped": skipped}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
     if args.plot:
-        plot(summary, args.plot)
+        plot(summary, args.plot, args.free_running)
     if skipped:
         print(f"[study] {len(skipped)} cell(s) not started within --budget-s: run the same command again to go on",
               file=sys.stderr)
