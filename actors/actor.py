@@ -35,7 +35,7 @@ from envs import registry
 
 ENGINES = ("hf", "vllm")
 ENGINE_PLACES = ("auto", "own", "actor")
-WEIGHT_STAGING = ("full", "none")
+WEIGHT_STAGING = ("auto", "full", "none")
 
 
 @dataclass
@@ -63,14 +63,15 @@ class ActorsConfig:
     """Sequences a vLLM engine batches at once."""
     enforce_eager: bool = False
     """vLLM without CUDA graphs: starts faster, generates slower."""
-    weight_staging: str = "full"
+    weight_staging: str = "auto"
     """How a new weight version reaches the served weights. full: received into a staging copy
     beside them while generation goes on, then swapped in between two steps (generation stands
     still for one device copy; costs a full copy of the weights in the engine's memory). none:
     written straight into them while the engine waits between two steps (no copy; generation
     stands still for the whole transfer, a device copy with CUDA IPC, the network transfer over
     a broadcast). With none, a transfer that fails after its first write stops the engine: its
-    weights are then no policy's."""
+    weights are then no policy's. auto: full where a full copy fits in the engine's GPU beside
+    what it holds (1 GiB to spare; always on the CPU), none where it does not."""
     num_cpus: float = 1.0
     """CPUs Ray reserves for each actor."""
     torch_threads: int = 1

@@ -218,6 +218,23 @@ class StagedWeights:
         torch._foreach_copy_(self._served_list, self._staging_list)
 
 
+STAGING_HEADROOM_BYTES = 2 ** 30   # free GPU memory left beside a full staging copy (auto)
+
+
+def choose_staging(mode: str, params: dict) -> str:
+    """actors.weight_staging as it applies to these parameters: auto is full where a full copy
+    of them fits in the free memory of their GPU with STAGING_HEADROOM_BYTES to spare (always on
+    the CPU), none where it does not."""
+    if mode != "auto":
+        return mode
+    first = next(iter(params.values()))
+    if first.device.type != "cuda":
+        return "full"
+    need = sum(p.numel() * p.element_size() for p in params.values())
+    free, _ = torch.cuda.mem_get_info(first.device)
+    return "full" if free >= need + STAGING_HEADROOM_BYTES else "none"
+
+
 class DirectWeights(StagedWeights):
     """actors.weight_staging=none: no staging copy. A version is written straight into the
     served parameters while `hold` (the engine's step lock, which each engine step holds) keeps

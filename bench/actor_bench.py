@@ -819,7 +819,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--no-native", action="store_true")
-    p.add_argument("--weight-staging", choices=("full", "none"), default="full",
+    p.add_argument("--weight-staging", choices=("auto", "full", "none"), default="full",
                    help="actors.weight_staging: a staging copy swapped in between steps, or none (written in "
                         "place while the engine is held: no copy's memory, a longer stall)")
     p.add_argument("--transport", choices=("ipc", "nccl"), default="ipc",

@@ -111,8 +111,10 @@ def test_direct_weights_write_into_the_served_weights_while_the_engine_is_held()
     """actors.weight_staging=none: no staging copy; the engine's step lock is held from the
     first write to the commit, and the version is labelled at the next step."""
     import threading
-    from actors.engine import DirectWeights
+    from actors.engine import DirectWeights, choose_staging
     served = {"a": torch.zeros(3, 2), "b": torch.zeros(4)}
+    # auto: a full copy wherever it fits; host memory always counts as fitting
+    assert [choose_staging(m, served) for m in ("auto", "full", "none")] == ["full", "full", "none"]
     hold = threading.Lock()
     direct = DirectWeights(served, hold)
     assert all(direct.staging[n] is served[n] for n in served)   # no copy

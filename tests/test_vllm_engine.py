@@ -196,7 +196,7 @@ def engine_and_learner(tiny_qwen2, request):
     engine = VLLMEngine(tiny_qwen2, gpu_memory_utilization=0.2, max_num_seqs=16, enforce_eager=True,
                         max_model_len=4096, seed=0, weight_staging=request.param)
     installed = engine.start_weight_updates(learner.spec.receiver(0))
-    assert (installed[0]["staging_bytes"] > 0) == (request.param == "full"), installed
+    assert installed[0]["staging"] == request.param and (installed[0]["staging_bytes"] > 0) == (request.param == "full")
     learner.ask("wait_receivers", 1, 60.0)
     yield engine, learner
     engine.close()

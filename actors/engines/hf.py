@@ -21,7 +21,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from actors.engine import DirectWeights, Engine, Sample, StagedWeights, WeightUpdateError, settle_from_thread
+from actors.engine import (DirectWeights, Engine, Sample, StagedWeights, WeightUpdateError, choose_staging,
+                           settle_from_thread)
 from common.weights import deliver
 
 
@@ -37,7 +38,7 @@ class _Request:
 class HFEngine(Engine):
     def __init__(self, model_path: str, dtype: str = "float32", device: str = "cpu",
                  stop_token_ids: list = (), pad_token_id: int = 0, seed: int = 0, max_batch: int = 64,
-                 weight_staging: str = "full"):
+                 weight_staging: str = "auto"):
         self.device = torch.device(device)
         transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
@@ -49,7 +50,8 @@ class HFEngine(Engine):
         self._cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._step_lock = threading.Lock()   # held by each forward (and an idle swap): a step of this engine
         params = dict(self.model.named_parameters())
-        self.staged = DirectWeights(params, self._step_lock) if weight_staging == "none" else StagedWeights(params)
+        self.weight_staging = choose_staging(weight_staging, params)   # actors.weight_staging
+        self.staged = DirectWeights(params, self._step_lock) if self.weight_staging == "none" else StagedWeights(params)
         self._version = 0
         self._generator = torch.Generator(self.device).manual_seed(seed)
         self._requests: queue.Queue = queue.Queue()

@@ -129,9 +129,9 @@ class VLLMEngine(Engine):
     def __init__(self, model_path: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.5,
                  max_num_seqs: int = 256, enforce_eager: bool = False, dtype: str = "bfloat16", seed: int = 0,
                  max_model_len: int | None = None, stop_token_ids: list = (), load_format: str = "auto",
-                 startup_timeout_s: float = 900.0, weight_staging: str = "full", **engine_args):
+                 startup_timeout_s: float = 900.0, weight_staging: str = "auto", **engine_args):
         """`engine_args` go to vLLM's AsyncEngineArgs as they are (e.g. enable_prefix_caching,
-        hf_overrides, weight_transfer_config). `weight_staging`: actors.weight_staging (full or none)."""
+        hf_overrides, weight_transfer_config). `weight_staging`: actors.weight_staging (auto, full or none)."""
         self.stop_token_ids = list(stop_token_ids)
         self.weight_staging = weight_staging
         self.tensor_parallel_size = tensor_parallel_size
@@ -238,7 +238,7 @@ class VLLMEngine(Engine):
     def start_weight_updates(self, receiver) -> list:
         """`receiver`: a WeightReceiver that connects on first use (e.g. IpcChannelSpec.receiver(i)),
         pickled to every worker, which receives with its own copy. One collective_rpc; returns
-        each worker's {rank, staging_bytes, parameters}."""
+        each worker's {rank, staging (full or none), staging_bytes, parameters}."""
         if self._updates_started:
             raise RuntimeError("weight updates are already started")
         if self.tensor_parallel_size > 1:

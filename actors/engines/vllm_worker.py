@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.engine import DirectWeights, StagedWeights, WeightUpdateError
+from actors.engine import DirectWeights, StagedWeights, WeightUpdateError, choose_staging
 
 VOCAB_PADDING = 64  # vLLM pads embed_tokens / lm_head rows to a multiple of this (vocab_parallel_embedding.py)
 
@@ -293,7 +293,7 @@ class StepLog:
 
 # -- the extension ---------------------------------------------------------------------------
 class AsyncRLWorker:
-    def asyncrl_install(self, receiver_pickle: bytes, log_address: str, staging: str = "full") -> dict:
+    def asyncrl_install(self, receiver_pickle: bytes, log_address: str, staging: str = "auto") -> dict:
         """Stage, swap and log (see the module docstring). `receiver_pickle`: a pickled
         WeightReceiver not yet connected (each worker unpickles its own copy), or a channel
         spec whose receiver(index) is called with the TP rank. `staging`: actors.weight_staging."""
@@ -314,6 +314,7 @@ class AsyncRLWorker:
         # lm_head): the step lock spans both, so a swap from the receiver thread falls between
         # two steps, never inside one. Executors look both methods up per step.
         self.asyncrl_step_lock = threading.Lock()
+        staging = choose_staging(staging, params)   # auto: full where a full copy fits beside the engine
         if staging == "none":
             staged = _StreamDirect(params, self.asyncrl_step_lock, expected_names(cfg), torch.cuda.Stream(), main)
             staging_bytes = 0
@@ -373,7 +374,7 @@ class AsyncRLWorker:
                     self.asyncrl_step_lock.release()
         self.execute_model, self.sample_tokens = execute_model, sample_tokens
         self.asyncrl_send([{"kind": "installed", "rank": rank, "staging_bytes": staging_bytes}])
-        return {"rank": rank, "staging_bytes": staging_bytes, "parameters": len(params)}
+        return {"rank": rank, "staging": staging, "staging_bytes": staging_bytes, "parameters": len(params)}
 
     def asyncrl_send(self, messages: list) -> None:
         with self.asyncrl_push_lock:
