@@ -51,6 +51,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch.multiprocessing as tmp
 
+from common.net import free_port
+
 MODELS = {  # Qwen2-0.5B and Qwen2-1.5B (tied embeddings, q/k/v biases)
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2),
@@ -96,7 +98,7 @@ def _learner(conn, model_dir: str, seed: int, transport: str) -> None:
     named = {n: p.detach() for n, p in model.named_parameters()}  # tied: one embedding
     nbytes = sum(p.numel() * p.element_size() for p in named.values())
     if transport == "nccl":   # the engine on the other GPU, over a broadcast group
-        spec = BroadcastChannelSpec("127.0.0.1", _free_port(), receivers=1, backend="nccl", timeout_s=120.0)
+        spec = BroadcastChannelSpec("127.0.0.1", free_port(), receivers=1, backend="nccl", timeout_s=120.0)
         sender = spec.sender()
     else:
         sender = IpcWeightSender(timeout_s=120.0)
@@ -209,13 +211,6 @@ def _score(model, samples: list, temperature: float) -> dict:
             del logprobs
     gaps = torch.cat(gaps)
     return {"mean": float(gaps.mean()), "max": float(gaps.max()), "tokens": int(gaps.numel())}
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Learner:
@@ -491,7 +486,7 @@ def native_updates(engine, learner, batch: list, n: int, here, transport: str = 
     learner on the other GPU broadcasts into update_weights through vLLM's NCCL engine. `here`
     runs a function where the engine is (its own process, or this one), as for the bare windows."""
     if transport == "nccl":
-        port = _free_port()
+        port = free_port()
         learner.conn.send(("native_nccl_init", "127.0.0.1", port))   # it waits in the group's rendezvous
         here(native_init, {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2})
         info = learner._recv(120)[1]

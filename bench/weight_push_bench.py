@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.net import free_port  # noqa: E402
 
 SHAPES = {  # Qwen2-0.5B and -1.5B (tied embeddings, q/k/v biases); tiny: a CPU check of the bench
     "0.5b": dict(vocab=151936, hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2),
@@ -137,12 +137,6 @@ def _numel(shape) -> int:
     return n
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _take(out, kind: str, process):
     """The receiver's next report, which must be of `kind`; its failure or death raises, named."""
     deadline = time.monotonic() + TIMEOUT_S
@@ -167,9 +161,9 @@ def bench_shape(model: str, args) -> dict:
     device = _device(args.backend, 0)
     shapes = shapes_of(model)
     nbytes = sum(2 * _numel(s) for s in shapes.values())
-    spec = BroadcastChannelSpec("127.0.0.1", _free_port(), 1, backend=args.backend, timeout_s=TIMEOUT_S,
+    spec = BroadcastChannelSpec("127.0.0.1", free_port(), 1, backend=args.backend, timeout_s=TIMEOUT_S,
                                 bucket_mb=args.bucket_mb)
-    floor_port = _free_port()
+    floor_port = free_port()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     process = ctx.Process(target=receiver_main, args=(args.backend, model, floor_port, spec, args.repeats + 2,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 
 import ray
@@ -14,6 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.actor import RolloutActor
 from common.config import ConfigError
+from common.net import free_port
 from common.progress import Progress
 from launch.config import Config
 from common.weights_broadcast import BroadcastChannelSpec
@@ -138,9 +138,7 @@ def wait_all_ready(config: Config, ranks: list, actors: list) -> None:
 
 @ray.remote(num_cpus=0)
 def _rendezvous_address():
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 def _learner_bundle(config: Config) -> dict:

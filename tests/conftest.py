@@ -2,22 +2,14 @@
 buffer server on loopback."""
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import TableConfig
+from common.net import free_port  # noqa: F401  (the tests import it from here)
 from common.rollout import RolloutGroup
 from launch.models import TinyModelConfig, build_tiny
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -13,14 +13,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from common.net import free_port
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo", "scancel", "squeue", "srun")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def install() -> None:
@@ -46,8 +42,8 @@ class SlurmCluster:
         self.conf.write_text(f"""\
 ClusterName=asyncrl-test
 SlurmctldHost={host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
+SlurmctldPort={free_port("")}
+SlurmdPort={free_port("")}
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation={r}/state
@@ -66,8 +62,8 @@ JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 ReturnToService=2
 KillWait=30
-NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus_per_node}
-NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs={cpus_per_node}
+NodeName=n1 NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port("")} CPUs={cpus_per_node}
+NodeName=n2 NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port("")} CPUs={cpus_per_node}
 PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 """)
         (r / "state").mkdir(exist_ok=True)
