@@ -106,6 +106,7 @@ class StagedWeights:
     def __init__(self, params: dict, route=None, expected: set | None = None):
         self.params = params                                            # served, in engine layout
         self.staging = self._staging_for(params)
+        self._on_gpu = any(t.is_cuda for t in self.staging.values())   # commit waits for the copies
         self._served_list = list(params.values())                      # the swap's operands, built once
         self._staging_list = [self.staging[n] for n in params]
         self.route = route or (lambda name, tensor: [(self.staging[name], tensor)] if name in self.staging else [])
@@ -188,7 +189,7 @@ class StagedWeights:
 
     def _landed(self) -> None:
         """Wait until the copies issued by write/write_many have landed."""
-        if any(t.is_cuda for t in self.staging.values()):
+        if self._on_gpu:
             torch.cuda.current_stream().synchronize()
 
     def abort(self) -> None:

@@ -231,19 +231,13 @@ class BroadcastWeightReceiver(WeightReceiver):
                         sink.write(name, bucket[offset:offset + nbytes].view(dt).view(shape))
             committing = True
             sink.commit(version)   # releases the sink itself, failed or not
-        except WeightSyncError:
+        except BaseException as e:
             if not committing:
                 sink.abort()
-            raise
-        except Exception as e:
-            if not committing:
-                sink.abort()
+            if isinstance(e, WeightSyncError) or not isinstance(e, Exception):
+                raise
             raise WeightSyncError(f"version {version} from {self.spec.sender_name} did not arrive: "
                                   f"{type(e).__name__}: {e}") from None
-        except BaseException:
-            if not committing:
-                sink.abort()
-            raise
         self.transfers += 1
         return version
 
