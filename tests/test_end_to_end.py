@@ -197,7 +197,13 @@ def test_a_killed_buffer_is_restarted_and_sigterm_stops_every_part(tmp_path):
         wait_for_steps(run, tmp_path, 10)   # trains on, on the restarted buffer
         parts = descendants(run.pid)   # Ray, the actors, learner, buffer, environment workers
         run.send_signal(signal.SIGTERM)   # as scancel does
-        out, err = run.communicate(timeout=120)
+        try:
+            out, err = run.communicate(timeout=120)
+        except subprocess.TimeoutExpired:   # say where the stop hung: the launcher's last words, what lives
+            stuck = [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in parts if alive(p)]
+            run.kill()
+            _, err = run.communicate(timeout=30)
+            pytest.fail(f"the run did not stop within 120 s of SIGTERM; still alive: {stuck}\n{err[-4000:]}")
     finally:
         if run.poll() is None:
             run.kill()
