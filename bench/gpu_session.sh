@@ -59,7 +59,7 @@ for part in "$@"; do
       tail -8 "$OUT/learner.txt" | cut -c1-600 ;;
     tests)
       watcher=$(stacks_before $(( ${TESTS_TIMEOUT:-250} - 30 )) tests)
-      timeout ${TESTS_TIMEOUT:-250} python -m pytest -q -p no:cacheprovider -o faulthandler_timeout=$(( ${TESTS_TIMEOUT:-250} - 40 )) \
+      timeout ${TESTS_TIMEOUT:-250} python -m pytest -q -rA -p no:cacheprovider -o faulthandler_timeout=$(( ${TESTS_TIMEOUT:-250} - 40 )) \
         ${TESTS:-tests/test_vllm_engine.py tests/test_gpu.py tests/test_telemetry.py tests/test_megatron.py} > "$OUT/tests.txt" 2>&1
       kill "$watcher" 2>/dev/null
       tail -15 "$OUT/tests.txt" ;;
