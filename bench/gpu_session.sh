@@ -6,7 +6,7 @@
 #   job2     the same on a 2-GPU kind, actor group and learner on a GPU each (weights over NCCL)
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
-#   actor    bench/actor_bench.py (ACTOR_ARGS, default: both shapes, --quick; on a 2-GPU kind add
+#   actor    bench/actor_bench.py (ACTOR_ARGS, default: the one call, both shapes; on a 2-GPU kind add
 #            --transport nccl for the learner on GPU 0 and vLLM on GPU 1)
 #   push     bench/weight_push_bench.py --backend nccl (2 GPUs): the broadcast channel against a
 #            plain NCCL broadcast of the same bytes, 0.5B and 1.5B shapes
@@ -31,6 +31,9 @@ stacks_before() {  # stacks_before SECONDS PART: in the background, dump stacks 
   echo $!
 }
 export PATH=/tmp/site/bin:$PATH
+# the vLLM actor issue's proof in one call on a fresh machine (engine starts of 110-130 s each
+# with vLLM's compile; 15 s windows left vLLM's own path out of a 545 s budget on 2026-12-07)
+ONE_CALL="--models 0.5b,1.5b --rounds 0 --prompts 512 --pairs 2 --continuous-s 12 --warm-s 4 --stop-share 0.004 --engine-process --budget-s 575"
 for part in "$@"; do
   start=$(date +%s)
   case $part in
@@ -68,8 +71,8 @@ for part in "$@"; do
         --out "$OUT/weight_push.json" > "$OUT/push.txt" 2>&1
       tail -4 "$OUT/push.txt" ;;
     actor)
-      watcher=$(stacks_before $(( ${ACTOR_TIMEOUT:-400} - 30 )) actor)
-      timeout ${ACTOR_TIMEOUT:-400} python -m bench.actor_bench ${ACTOR_ARGS:---models 0.5b,1.5b --quick} \
+      watcher=$(stacks_before $(( ${ACTOR_TIMEOUT:-595} - 30 )) actor)
+      timeout ${ACTOR_TIMEOUT:-595} python -m bench.actor_bench ${ACTOR_ARGS:-$ONE_CALL} \
         > "$OUT/actor.txt" 2>&1
       kill "$watcher" 2>/dev/null
       tail -25 "$OUT/actor.txt" | cut -c1-1500 ;;
