@@ -2,8 +2,9 @@
 against a device copy of the same bytes and against vLLM's own pause/update/resume path,
 greedy tokens after updates against a cold start, and behaviour log-probs against HF.
 
-Per model (Qwen2-0.5B / -1.5B shapes, vocabulary 151936, random bf16 weights; the engine
-starts with load_format="dummy" and gets the learner's weights through the channel):
+Per model (SmolLM2-135M's shape, vocabulary 49152, the GPU job's model; Qwen2-0.5B / -1.5B
+shapes, vocabulary 151936; random bf16 weights; the engine starts with load_format="dummy" and
+gets the learner's weights through the channel):
   1. a learner process (spawned; the bench's own process never touches CUDA, vLLM starts
      first) builds the HF model on the GPU and an IpcWeightSender; a buffer server process
   2. VLLMEngine; bare: AsyncLLM alone on the workload (P prompts of 64 random tokens, 256 new
@@ -27,7 +28,7 @@ broadcast channel (NCCL) to vLLM on GPU 1, and vLLM's native path uses its NCCL 
 floor (a plain NCCL broadcast of the same bytes) is bench/weight_push_bench.py's, run in the
 same device call. Not run yet: written on CPU, no 2-GPU kind lent.
 Writes $OUT/actor_bench_<models>.json; prints a table, then one JSON line.
-Usage: python -m bench.actor_bench [--models 0.5b,1.5b] [--quick] [--rounds 0] [--pairs 2] [--continuous-s 12]
+Usage: python -m bench.actor_bench [--models 0.5b,1.5b|135m] [--quick] [--rounds 0] [--pairs 2] [--continuous-s 12]
                                    [--transport ipc|nccl]
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import functools
 import importlib.util
 import itertools
 import json
@@ -53,23 +55,30 @@ import torch.multiprocessing as tmp
 
 from common.net import free_port
 
-MODELS = {  # Qwen2-0.5B and Qwen2-1.5B (tied embeddings, q/k/v biases)
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                 num_key_value_heads=2),
+MODELS = {  # name -> architecture, vocabulary and shape; all with tied embeddings
+    "135m": dict(arch="llama", vocab=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                 num_attention_heads=9, num_key_value_heads=3),   # SmolLM2-135M (no biases)
+    "0.5b": dict(arch="qwen2", vocab=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2),   # Qwen2-0.5B (q/k/v biases)
+    "1.5b": dict(arch="qwen2", vocab=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2),   # Qwen2-1.5B
 }
-VOCAB = 151936
 PROMPT_TOKENS, NEW_TOKENS, GROUP = 64, 256, 8
 
 
-def write_config(path: str, shape: str, vocab: int = VOCAB) -> str:
+def write_config(path: str, shape: str) -> str:
     os.makedirs(path, exist_ok=True)
-    cfg = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=vocab, hidden_act="silu",
-               max_position_embeddings=4096, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
-               use_sliding_window=False, sliding_window=None, max_window_layers=MODELS[shape]["num_hidden_layers"],
+    model = dict(MODELS[shape])
+    arch, vocab = model.pop("arch"), model.pop("vocab")
+    cfg = dict(vocab_size=vocab, hidden_act="silu", max_position_embeddings=4096, tie_word_embeddings=True,
                attention_dropout=0.0, initializer_range=0.02, bos_token_id=0, eos_token_id=1, dtype="bfloat16",
-               torch_dtype="bfloat16", **MODELS[shape])
+               torch_dtype="bfloat16", **model)
+    if arch == "qwen2":
+        cfg.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0, rms_norm_eps=1e-6,
+                   use_sliding_window=False, sliding_window=None, max_window_layers=model["num_hidden_layers"])
+    else:   # SmolLM2's: Llama with plain RoPE, no biases
+        cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=100000.0, rms_norm_eps=1e-5,
+                   attention_bias=False, mlp_bias=False, head_dim=model["hidden_size"] // model["num_attention_heads"])
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     return path
@@ -265,13 +274,13 @@ class IdTokenizer:
         return " ".join(f"t{t}" for t in tokens)
 
 
-def make_env():
+def make_env(vocab: int):
     from envs.base import Environment, StepResult, last_reply
 
     class CountEnv(Environment):
         """Reward: the share of reply tokens below 1000 (any cheap single-turn check will do)."""
         def sample(self, rng):  # the bench builds its tasks itself (the same prompts as bare vLLM's)
-            p = prompts(rng, 1)[0]
+            p = prompts(rng, 1, vocab)[0]
             return {"id": f"sampled-{rng.getrandbits(32)}", "prompt": " ".join(f"t{t}" for t in p)}
 
         def reset(self, task):
@@ -283,14 +292,14 @@ def make_env():
     return CountEnv()
 
 
-def prompts(rng: random.Random, n: int) -> list:
-    return [[rng.randrange(100, VOCAB - 100) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
+def prompts(rng: random.Random, n: int, vocab: int) -> list:
+    return [[rng.randrange(100, vocab - 100) for _ in range(PROMPT_TOKENS)] for _ in range(n)]
 
 
-def stop_tokens(share: float) -> list:
+def stop_tokens(share: float, vocab: int) -> list:
     """A fixed random `share` of the vocabulary as stop tokens (random weights sample nearly
     uniformly, so each token stops a request with about that probability)."""
-    return sorted(random.Random(5).sample(range(VOCAB), int(VOCAB * share))) if share > 0 else []
+    return sorted(random.Random(5).sample(range(vocab), int(vocab * share))) if share > 0 else []
 
 
 def bare_round(engine, batch: list, new_tokens: int) -> dict:
@@ -355,7 +364,7 @@ def engine_log(engine) -> dict:
     return {"swaps": engine.log.swaps, "staged": engine.log.staged}
 
 
-def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, window_s: float) -> dict:
+def bare_continuous(engine, rng: random.Random, vocab: int, inflight: int, warm_s: float, window_s: float) -> dict:
     """AsyncLLM alone, kept full: inflight/G lanes, each generating one group of G requests of
     one prompt after another; output tokens of the requests that end inside the window (after
     warm_s), per second. The lanes are cancelled (their requests aborted) when it closes."""
@@ -377,7 +386,7 @@ def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, wi
 
         async def lane(i):
             for k in itertools.count():
-                p = prompts(rng, 1)[0]
+                p = prompts(rng, 1, vocab)[0]
                 await asyncio.gather(*(one(p, f"bare{i}-{k}-{j}-{time.time_ns()}") for j in range(GROUP)))
 
         lanes = [asyncio.ensure_future(lane(i)) for i in range(max(1, inflight // GROUP))]
@@ -394,7 +403,7 @@ def bare_continuous(engine, rng: random.Random, inflight: int, warm_s: float, wi
             "engine_tokens_per_s": (c1 - c0) / window_s if c0 is not None else None, "cpu_s": cpu_delta(*cpu)}
 
 
-def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: float, counter=None,
+def actor_continuous(runner, client, vocab: int, inflight: int, warm_s: float, window_s: float, counter=None,
                      in_flight=None) -> dict:
     """The actor's own loop (actors/actor.py: RolloutActor.run) over the bench's engine, kept at
     `inflight` episodes; tokens of the episodes that end inside the window, per second. With
@@ -403,7 +412,7 @@ def actor_continuous(runner, client, inflight: int, warm_s: float, window_s: flo
 
     counter = counter or vllm_generated_tokens
     actor = RolloutActor.of_parts(0, ActorsConfig(engine="vllm", gpus_per_group=1, max_inflight_episodes=inflight),
-                                  runner.config, runner, make_env(), client)
+                                  runner.config, runner, make_env(vocab), client)
     result = {}
     thread = threading.Thread(target=lambda: result.update(actor.run()), daemon=True)
     thread.start()
@@ -585,7 +594,8 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     from actors.rollout import EpisodeRunner, RolloutConfig
     from buffer.client import BufferClient
 
-    r = out.setdefault(shape, {"vocab": VOCAB, "prompts": args.prompts, "new_tokens": NEW_TOKENS})
+    vocab = MODELS[shape]["vocab"]
+    r = out.setdefault(shape, {"vocab": vocab, "prompts": args.prompts, "new_tokens": NEW_TOKENS})
     phase = Phases(out, path, deadline)
     work = tempfile.mkdtemp(prefix=f"actor-bench-{shape}-")
     model_dir = write_config(os.path.join(work, "model"), shape)
@@ -593,7 +603,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
     native = shape == "1.5b" and not args.no_native
     engine = learner = buffer = None
     sent = []
-    stops = stop_tokens(args.stop_share)
+    stops = stop_tokens(args.stop_share, vocab)
     r["stop_tokens"] = len(stops)
     with phase(f"{shape}/start"):
         ctx = tmp.get_context("spawn")
@@ -635,10 +645,10 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             return engine.run(f"bench.actor_bench:{function.__name__}", *more, timeout_s=600)
         return function(engine, *more)
     with phase(f"{shape}/bare"):
-        here(bare_round, prompts(rng, 64), 32)  # warm-up
-        r["bare"] = [here(bare_round, [p for p in prompts(rng, args.prompts // GROUP) for _ in range(GROUP)],
+        here(bare_round, prompts(rng, 64, vocab), 32)  # warm-up
+        r["bare"] = [here(bare_round, [p for p in prompts(rng, args.prompts // GROUP, vocab) for _ in range(GROUP)],
                           NEW_TOKENS) for _ in range(args.rounds)]
-    check_prompts = prompts(random.Random(7), 8)
+    check_prompts = prompts(random.Random(7), 8, vocab)
     with phase(f"{shape}/install"):
         r["install"] = engine.start_weight_updates(learner.spec.receiver(0))
         learner.ask("wait_receivers", 1, 60.0)
@@ -647,7 +657,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
         r["first_update"] = {"send_ms": first["send_ms"], "wall_s": time.monotonic() - t}
         r["staging_bytes"] = sum(w["staging_bytes"] for w in r["install"])
     with phase(f"{shape}/asyncrl"):
-        runner = EpisodeRunner(engine, IdTokenizer(), make_env, RolloutConfig(
+        runner = EpisodeRunner(engine, IdTokenizer(), functools.partial(make_env, vocab), RolloutConfig(
             group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=1.0, max_turns=1, max_seq_len=4096))
         rounds, bare_windows, ours_windows, quiet_windows = [], [], [], []
         counter = lambda: here(engine_counter)   # noqa: E731
@@ -657,22 +667,22 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             learner.ask("publish_start", args.update_every_s)
             for i in range(args.rounds):
                 tasks = [{"id": f"{shape}-{i}-{j}", "prompt": " ".join(f"t{t}" for t in p)}
-                         for j, p in enumerate(prompts(rng, args.prompts // GROUP))]
+                         for j, p in enumerate(prompts(rng, args.prompts // GROUP, vocab))]
                 rounds.append(actor_round(engine, runner, client, tasks))
             sent = learner.ask("publish_stop")
             for i in range(args.pairs if args.continuous_s else 0):   # bare, ours, ours, bare, ...
                 kinds = ("bare", "asyncrl") if i % 2 == 0 else ("asyncrl", "bare")
                 for kind in kinds + (("quiet",) if args.quiet_windows else ()):
                     if kind == "bare":    # no version arrives: the learner is quiet
-                        bare_windows.append(here(bare_continuous, rng, args.prompts, args.warm_s, args.continuous_s))
+                        bare_windows.append(here(bare_continuous, rng, vocab, args.prompts, args.warm_s, args.continuous_s))
                         continue
                     if kind == "quiet":   # the actor's loop with no weight updates: what the updates cost
-                        quiet_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
+                        quiet_windows.append(actor_continuous(runner, client, vocab, args.prompts, args.warm_s,
                                                               args.continuous_s, counter, in_flight))
                         continue
                     learner.ask("publish_start", args.update_every_s)
                     try:
-                        ours_windows.append(actor_continuous(runner, client, args.prompts, args.warm_s,
+                        ours_windows.append(actor_continuous(runner, client, vocab, args.prompts, args.warm_s,
                                                              args.continuous_s, counter, in_flight))
                     finally:
                         sent = learner.ask("publish_stop")   # every version sent so far
@@ -702,7 +712,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             r["greedy_versions_ok"] = all(set(s.versions) == {final} for s in after)
             r["greedy_after"] = [s.tokens for s in after]
 
-            scored = prompts(random.Random(11), 64)
+            scored = prompts(random.Random(11), 64, vocab)
 
             async def sampled():
                 return await asyncio.gather(*(engine.generate(p, 128, 1.0) for p in scored))
@@ -713,7 +723,7 @@ def bench_model(shape: str, args, out: dict, path: str, deadline: float) -> None
             learner.ask("save", os.path.join(work, "final"))
     if native and phase.has_time(f"{shape}/native", 40):
         with phase(f"{shape}/native"):
-            r["native"] = native_updates(engine, learner, [p for p in prompts(rng, 32) for _ in range(GROUP)], 4,
+            r["native"] = native_updates(engine, learner, [p for p in prompts(rng, 32, vocab) for _ in range(GROUP)], 4,
                                          here, args.transport)
     with phase(f"{shape}/close"):
         engine.close()
@@ -782,8 +792,21 @@ def summary(out: dict) -> dict:
             "native_pause_ms_1p5b": (b.get("native") or {}).get("pause_ms_median"),
             "staging_bytes_0p5b": a.get("staging_bytes"), "staging_bytes_1p5b": b.get("staging_bytes"),
             "logprob_gap_mean": a.get("logprob_gap_mean"), "logprob_gap_max": a.get("logprob_gap_max"),
-            "greedy_equal": a.get("greedy_equal"), "vocab": VOCAB, "device": out.get("device"),
+            "greedy_equal": a.get("greedy_equal"), **_small(out.get("135m", {})),
+            "vocab": {shape: out[shape]["vocab"] for shape in MODELS if shape in out}, "device": out.get("device"),
             "date": datetime.date.today().isoformat(), "errors": sorted(out.get("errors", {}))}
+
+
+def _small(c: dict) -> dict:
+    """SmolLM2-135M's figures, where it ran (the GPU job's model: the actor's own CPU work is
+    the largest share of each token there)."""
+    if not c:
+        return {}
+    return {"ratio_tokens_135m": c.get("ratio_tokens"), "ratio_tokens_pairs_135m": c.get("ratio_tokens_pairs"),
+            "bare_tokens_per_s_135m": _mean(c.get("bare_continuous"), "engine_tokens_per_s"),
+            "asyncrl_tokens_per_s_135m": _mean(c.get("asyncrl_continuous"), "engine_tokens_per_s"),
+            "update_ms_135m": c.get("update_ms_median"), "floor_ms_135m": c.get("floor_ms"),
+            "stall_ms_135m": c.get("stall_gpu_ms_median")}
 
 
 def _mean(rows, key):
@@ -792,7 +815,7 @@ def _mean(rows, key):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="0.5b,1.5b", help="comma-separated: 0.5b, 1.5b")
+    p.add_argument("--models", default="0.5b,1.5b", help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--quick", action="store_true", help="256 prompts, one round each")
     p.add_argument("--prompts", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
@@ -833,6 +856,8 @@ def main() -> None:
     deadline = time.monotonic() + args.budget_s
     out_dir = os.environ.get("OUT") or tempfile.mkdtemp(prefix="actor-bench-")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := [m for m in models if m not in MODELS]:
+        p.error(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
     path = os.path.join(out_dir, f"actor_bench_{'_'.join(models)}.json")
     out = {"args": vars(args)}
     for shape in models:

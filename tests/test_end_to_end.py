@@ -197,13 +197,17 @@ def test_a_killed_buffer_is_restarted_and_sigterm_stops_every_part(tmp_path):
         wait_for_steps(run, tmp_path, 10)   # trains on, on the restarted buffer
         parts = descendants(run.pid)   # Ray, the actors, learner, buffer, environment workers
         run.send_signal(signal.SIGTERM)   # as scancel does
+        # The stop's designed bound: actors that miss their stop are waited for twice
+        # run.actor_timeout_s (60 s: to end their loop, then to close) before they are killed,
+        # then the buffer gets 30 s to save and exit, then Ray shuts down.
+        bound_s = 2 * 60 + 30 + 30
         try:
-            out, err = run.communicate(timeout=120)
+            out, err = run.communicate(timeout=bound_s)
         except subprocess.TimeoutExpired:   # say where the stop hung: the launcher's last words, what lives
             stuck = [Path(f"/proc/{p}/cmdline").read_bytes()[:100] for p in parts if alive(p)]
             run.kill()
             _, err = run.communicate(timeout=30)
-            pytest.fail(f"the run did not stop within 120 s of SIGTERM; still alive: {stuck}\n{err[-4000:]}")
+            pytest.fail(f"the run did not stop within {bound_s} s of SIGTERM; still alive: {stuck}\n{err[-4000:]}")
     finally:
         if run.poll() is None:
             run.kill()
