@@ -240,7 +240,7 @@ class Learner:
 
     def _build_megatron(self, model_path: str, master: torch.dtype):
         return megatron.build(model_path, master, self.device, self.config.tensor_parallel,
-                              self.config.activation_checkpointing)
+                              self.config.activation_checkpointing, self.config.logprob_chunk)
 
     def _all_reduce(self, values: list, op=None) -> list:
         if not self.distributed:

@@ -125,16 +125,12 @@ def chosen_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return logprobs.view(shape), (ent.view(shape) if entropy else None)
 
 
-class LogprobHead(torch.nn.Module):
-    """A causal LM's output projection that, inside `request(...)`, returns the chosen tokens'
-    log-probs (and entropy) instead of logits: [B, L-1, 1] (or [B, L-1, 2]) for hidden
-    [B, L, H], position i scored on target i (the last position has no target)."""
+class ChosenRequest:
+    """The one request a head answers inside `request(...)`: the chosen tokens' log-probs (and
+    entropy) in place of logits. Shared by LogprobHead (Hugging Face models) and the Megatron
+    backend's output processor (learner/megatron.py)."""
 
-    def __init__(self, linear: torch.nn.Linear, chunk: int):
-        super().__init__()
-        self.weight = linear.weight            # the same Parameter: a tied embedding stays tied
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+    def __init__(self, chunk: int):
         self.chunk = chunk
         self._request = None                   # (targets [B, L-1], temperature, entropy)
 
@@ -146,13 +142,35 @@ class LogprobHead(torch.nn.Module):
         finally:
             self._request = None
 
+    @property
+    def requested(self) -> bool:
+        return self._request is not None
+
+    def scored(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """hidden [B, L, H] -> [B, L-1, 1] (or [B, L-1, 2] with the entropy): position i scored on
+        target i (the last position has no target)."""
+        targets, temperature, entropy = self._request
+        logprobs, ent = chosen_logprobs(hidden[:, :-1], weight, bias, targets, temperature,
+                                        entropy=entropy, chunk=self.chunk)
+        return torch.stack([logprobs, ent], -1) if entropy else logprobs[..., None]
+
+
+class LogprobHead(ChosenRequest, torch.nn.Module):
+    """A causal LM's output projection that, inside `request(...)`, returns the chosen tokens'
+    log-probs (and entropy) instead of logits: [B, L-1, 1] (or [B, L-1, 2]) for hidden
+    [B, L, H]."""
+
+    def __init__(self, linear: torch.nn.Linear, chunk: int):
+        torch.nn.Module.__init__(self)
+        ChosenRequest.__init__(self, chunk)
+        self.weight = linear.weight            # the same Parameter: a tied embedding stays tied
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self._request is None:
             return F.linear(hidden, self.weight, self.bias)
-        targets, temperature, entropy = self._request
-        logprobs, ent = chosen_logprobs(hidden[:, :-1], self.weight, self.bias, targets, temperature,
-                                        entropy=entropy, chunk=self.chunk)
-        return torch.stack([logprobs, ent], -1) if entropy else logprobs[..., None]
+        return self.scored(hidden, self.weight, self.bias)
 
 
 def install(model: torch.nn.Module, chunk: int) -> bool:
@@ -168,6 +186,7 @@ def install(model: torch.nn.Module, chunk: int) -> bool:
     return True
 
 
-def head_of(model: torch.nn.Module) -> LogprobHead | None:
+def head_of(model: torch.nn.Module) -> ChosenRequest | None:
+    """The model's chosen-log-prob head (a LogprobHead, or the Megatron backend's processor), or None."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head if isinstance(head, LogprobHead) else None
+    return head if isinstance(head, ChosenRequest) else None

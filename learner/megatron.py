@@ -12,6 +12,10 @@ and loss as the FSDP2 backend.
 - The layers are Megatron-core's local (torch-only) ones; attention is torch's
   scaled_dot_product_attention (flash or memory-efficient kernels, causal) in place of the
   local spec's unfused softmax, which materialises every [sequence x sequence] score.
+- Log-probs as the FSDP2 backend's chunked head (learner/logprob_head.py): the decoder's output
+  goes to `ChosenLogprobs` through GPTModel's `output_processor` hook (megatron-core 0.19; an
+  older one, or trainer.logprob_chunk=0, gives the full logits as before), so the
+  [rows, positions, vocabulary] logits are never whole.
 - Precision as the FSDP2 backend: weights and optimizer state in trainer.master_dtype,
   forward and backward under autocast in model.dtype.
 - Parallelism: `trainer.tensor_parallel` ranks per model replica through parallel_state; the
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from learner.logprob_head import ChosenRequest
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama")
 
@@ -148,17 +154,46 @@ class _Output:
         self.logits = logits
 
 
+class ChosenLogprobs(ChosenRequest):
+    """The chosen tokens' log-probs straight from the decoder's output, through GPTModel's
+    `output_processor` hook (megatron-core 0.19): the [rows, positions, vocabulary] logits are
+    never whole, as with the Hugging Face model's LogprobHead (learner/logprob_head.py). Not a
+    module: the output weight stays the model's (the embedding's, when tied)."""
+
+    def __call__(self, hidden_states, output_layer, output_weight=None, **_) -> torch.Tensor:
+        weight = output_weight if output_weight is not None else output_layer.weight
+        kept = self._request[0].shape[1] + 1                     # the positions scored, and the last
+        hidden = hidden_states.transpose(0, 1)[:, -kept:]        # [s, b, h] -> [b, kept, h]
+        return self.scored(hidden, weight, None)                 # the output layer has no bias
+
+
+def takes_output_processor() -> bool:
+    """Whether this megatron-core's GPTModel.forward has the `output_processor` hook."""
+    import inspect
+
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    return "output_processor" in inspect.signature(GPTModel.forward).parameters
+
+
 class MegatronCausalLM(torch.nn.Module):
     """GPTModel behind the Hugging Face causal-LM call the learner makes:
     `model(input_ids=, attention_mask=, logits_to_keep=, use_cache=).logits` ([B, kept, V]).
-    Rows are right-padded, so causal attention alone keeps padding out of every valid token."""
+    Rows are right-padded, so causal attention alone keeps padding out of every valid token.
+    With a `logprob_chunk`, `get_output_embeddings()` is a ChosenRequest: inside its
+    `request(...)` the call returns the chosen tokens' log-probs [B, kept-1, 1 or 2] instead."""
 
-    def __init__(self, gpt, hf_config):
+    def __init__(self, gpt, hf_config, logprob_chunk: int = 0):
         super().__init__()
         self.gpt, self.hf_config = gpt, hf_config
+        self.chosen = ChosenLogprobs(logprob_chunk) if logprob_chunk > 0 else None
+
+    def get_output_embeddings(self):
+        return self.chosen
 
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0, use_cache: bool = False):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if self.chosen is not None and self.chosen.requested:
+            return _Output(self.gpt(input_ids, positions, attention_mask=None, output_processor=self.chosen))
         logits = self.gpt(input_ids, positions, attention_mask=None)   # [B, T, V], the vocabulary gathered
         return _Output(logits[:, -logits_to_keep:] if logits_to_keep else logits)
 
@@ -194,9 +229,11 @@ def initialize(tensor_parallel: int, seed: int) -> None:
 
 
 def build(model_path: str, master_dtype: torch.dtype, device: torch.device, tensor_parallel: int = 1,
-          activation_checkpointing: bool = False) -> MegatronCausalLM:
+          activation_checkpointing: bool = False, logprob_chunk: int = 0) -> MegatronCausalLM:
     """The Hugging Face checkpoint at model_path as a MegatronCausalLM on `device`, its
-    weights in master_dtype (parallel_state initialised first: `initialize`)."""
+    weights in master_dtype (parallel_state initialised first: `initialize`). `logprob_chunk`
+    (trainer.logprob_chunk): positions scored at a time without whole logits, where this
+    megatron-core has GPTModel's output_processor hook (0 or an older one: full logits)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -219,7 +256,8 @@ def build(model_path: str, master_dtype: torch.dtype, device: torch.device, tens
     gpt = GPTModel(config, spec, vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,
                    parallel_output=False, share_embeddings_and_output_weights=s["tied"],
                    position_embedding_type="rope", rotary_base=int(_rope_theta(hf)))
-    model = MegatronCausalLM(gpt, hf).to(device)
+    chunk = logprob_chunk if logprob_chunk > 0 and tensor_parallel == 1 and takes_output_processor() else 0
+    model = MegatronCausalLM(gpt, hf, chunk).to(device)
     if activation_checkpointing:   # not Megatron's own recompute: it runs only in train mode and drops autocast
         from learner import fsdp
         fsdp.checkpoint_activations(model, layers(model))

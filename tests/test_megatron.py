@@ -30,6 +30,30 @@ def llama(**kw) -> LlamaConfig:
                           "max_position_embeddings": 512, **kw})
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_megatron_output_processor_gives_the_full_logits_log_probs_and_entropy(tied):
+    """GPTModel's output_processor hook hands over the decoder's output [s, b, h]: the chosen
+    tokens' log-probs and entropy of the kept positions, chunked, equal those of the whole
+    logits at the sampling temperature (plain torch: runs without megatron-core)."""
+    torch.manual_seed(0)
+    s, b, h, vocab, kept, temperature = 11, 3, 16, 37, 7, 0.7
+    hidden = torch.randn(s, b, h, dtype=torch.float64)
+    layer = torch.nn.Linear(h, vocab, bias=False).double()
+    shared = torch.randn(vocab, h, dtype=torch.float64) / h ** 0.5   # a tied head: the embedding's weight, passed in
+    if tied:
+        layer.weight = None
+    targets = torch.randint(vocab, (b, kept - 1))
+    head = megatron.ChosenLogprobs(chunk=4)
+    with head.request(targets, temperature, entropy=True):
+        out = head(hidden_states=hidden, output_layer=layer, output_weight=shared if tied else None, labels=None)
+    weight = shared if tied else layer.weight
+    logits = hidden.transpose(0, 1)[:, -kept:-1] @ weight.T / temperature          # [b, kept-1, V]
+    logp = torch.log_softmax(logits, -1)
+    assert out.shape == (b, kept - 1, 2)
+    torch.testing.assert_close(out[..., 0].double(), logp.gather(-1, targets[..., None])[..., 0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[..., 1].double(), -(logp.exp() * logp).sum(-1), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("config", [qwen2(), llama()], ids=["qwen2-gqa-bias-tied", "llama-mqa-untied"])
 def test_megatron_conversion_round_trip_keeps_every_tensor(config):
     torch.manual_seed(0)
