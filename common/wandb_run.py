@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,34 @@ class WandbRun:
         except Exception as e:
             log.error("asyncrl: wandb could not log a row: %s: %s", type(e).__name__, e)
 
-    def finish(self, images: list = ()) -> None:
-        try:
-            if images:
-                self.run.log({f"report/{Path(p).stem}": self._wandb.Image(str(p)) for p in images})
-            self.run.finish()
-            # finish() can return before wandb's service has flushed and closed the run's
-            # file (seen on a loaded CI machine: the file held only its header); teardown
-            # waits for the service to exit, so the folder is complete when this returns
-            self._wandb.teardown()
-        except Exception as e:
-            log.error("asyncrl: wandb could not finish: %s: %s", type(e).__name__, e)
+    def finish(self, images: list = (), timeout_s: float = 60.0) -> bool:
+        """Log the images, finish the run and wait for wandb's service to write it all, for at
+        most timeout_s: a stop must not wait on wandb for ever.
+        False, with the reason logged, if it failed or is still going (it goes on in a daemon
+        thread, which ends with the process)."""
+        error = []
+
+        def finish():
+            try:
+                if images:
+                    self.run.log({f"report/{Path(p).stem}": self._wandb.Image(str(p)) for p in images})
+                self.run.finish()
+                # finish() can return before wandb's service has flushed and closed the run's
+                # file (seen on a loaded CI machine: the file held only its header); teardown
+                # waits for the service to exit, so the folder is complete when this returns
+                self._wandb.teardown()
+            except Exception as e:
+                error.append(f"{type(e).__name__}: {e}")
+        worker = threading.Thread(target=finish, name="wandb-finish", daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.error("asyncrl: wandb did not finish within %.0fs; its run folder %s may be incomplete",
+                      timeout_s, self.folder)
+            return False
+        if error:
+            log.error("asyncrl: wandb could not finish: %s", error[0])
+        return not error
 
 
 def start(mode: str, run_dir: Path, config, project: str = "asyncrl", name: str = "", tags=(),

@@ -30,6 +30,7 @@ from learner import checkpoint
 log = logging.getLogger(__name__)
 
 CONFIG_FILES = ["async_grpo"]  # configs/*.yaml applied over the dataclass defaults, before --config
+STOP_WANDB_S = 30.0   # a failed or stopped run waits this long at most for wandb to write its run
 # the actors' environment counters, summed into every step's metrics as env/<name> (cumulative)
 ENV_COUNTERS = ("episodes_timed_out", "hung_env_calls", "env_workers", "env_worker_crashes", "env_workers_replaced",
                 "env_episodes_lost")
@@ -97,7 +98,8 @@ def main(config: Config) -> Path:
             ("buffer server", buffer.stop if buffer else None),
             ("Ray", ray.shutdown),
             # a failed run's wandb run ends here (a finished one's after its report, below)
-            ("wandb", tracker.finish if tracker is not None and sys.exc_info()[0] is not None else None))
+            ("wandb", partial(tracker.finish, (), STOP_WANDB_S)
+             if tracker is not None and sys.exc_info()[0] is not None else None))
     if failure is not None:  # reached only by a run that succeeded: no error of the run is hidden
         raise failure
     print(f"asyncrl: run finished; metrics in {run_dir / 'metrics.jsonl'}", flush=True)

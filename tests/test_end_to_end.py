@@ -199,8 +199,8 @@ def test_a_killed_buffer_is_restarted_and_sigterm_stops_every_part(tmp_path):
         run.send_signal(signal.SIGTERM)   # as scancel does
         # The stop's designed bound: actors that miss their stop are waited for twice
         # run.actor_timeout_s (60 s: to end their loop, then to close) before they are killed,
-        # then the buffer gets 30 s to save and exit, then Ray shuts down.
-        bound_s = 2 * 60 + 30 + 30
+        # then the buffer gets 30 s to save and exit, Ray shuts down, and wandb gets 30 s.
+        bound_s = 2 * 60 + 30 + 30 + 30
         try:
             out, err = run.communicate(timeout=bound_s)
         except subprocess.TimeoutExpired:   # say where the stop hung: the launcher's last words, what lives

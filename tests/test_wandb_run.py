@@ -1,4 +1,9 @@
 """Weights & Biases, offline: the run folder it writes holds every metric logged and the config."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from common import wandb_run
@@ -10,7 +15,7 @@ def test_offline_writes_its_run_folder_with_the_metrics_and_the_config(tmp_path)
     run = wandb_run.start("offline", tmp_path, {"trainer": {"lr": 3e-5}}, "asyncrl", "", ["test"], 60.0)
     for step in (1, 2, 3):
         run.log({"step": step, "reward/mean": step / 4, "kind": "step", "flag": True})
-    run.finish([])
+    assert run.finish([])
     assert run.folder.parent == tmp_path / "wandb" and run.folder.name.startswith("offline-run-")
     record = next(run.folder.glob("run-*.wandb")).read_bytes()
     assert b"reward/mean" in record and b"lr" in record
@@ -22,3 +27,34 @@ def test_disabled_starts_nothing_and_a_bad_mode_is_refused_naming_the_key(tmp_pa
     assert not (tmp_path / "wandb").exists()
     with pytest.raises(ConfigError, match="wandb"):
         RunConfig(wandb="sometimes").validate()
+
+
+STUCK_SERVICE = """
+import os, signal, sys, time
+import psutil
+from common import wandb_run
+run = wandb_run.start("offline", sys.argv[1], {}, "asyncrl", "", [], 60.0)
+run.log({"step": 1, "reward/mean": 0.5})
+service = [p for p in psutil.Process().children(recursive=True) if "wandb" in " ".join(p.cmdline())]
+assert service, "no wandb service process found"
+for p in service:
+    os.kill(p.pid, signal.SIGSTOP)   # a service that no longer answers
+t = time.monotonic()
+finished = run.finish([], timeout_s=3.0)
+print("finished", finished, "after", round(time.monotonic() - t, 1), flush=True)
+for p in service:
+    os.kill(p.pid, signal.SIGKILL)
+os._exit(0)
+"""
+
+
+def test_finishing_waits_no_longer_than_its_deadline_when_wandbs_service_is_stuck(tmp_path):
+    # in a process of its own: wandb's service address stays in the environment of the process
+    # that started it, and its children would find it dead
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
+    result = subprocess.run([sys.executable, "-c", STUCK_SERVICE, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    words = result.stdout.split()
+    assert words[:2] == ["finished", "False"] and float(words[3]) < 10, result.stdout
+    assert "wandb did not finish within 3s" in result.stderr
