@@ -117,6 +117,17 @@ def tiny_qwen2(folder, tokenizer_from) -> str:
     return str(folder)
 
 
+def tiny_llama(folder, tokenizer_from) -> str:
+    """A Llama-shaped tiny model (MQA, an untied head) with the tiny tokenizer."""
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(llama())
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src := tokenizer_from / f).exists():
+            shutil.copy(src, folder / f)
+    return str(folder)
+
+
 def batch(step: int) -> list:
     return [make_group(group_size=4, length=10 + 3 * i, seed=10 * step + i, rewards=[i % 2, 1, 0, step / 4])
             for i in range(4)]
@@ -165,6 +176,35 @@ def test_megatron_logprobs_match_the_fsdp2_backend(tiny_model_path, tmp_path, dt
     diff = (got["fsdp2"] - got["megatron"]).abs().max().item()
     print(f"max |log-prob difference| megatron vs fsdp2, {dtype}: {diff:.3g}")
     assert diff < tolerance
+
+
+@on_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_llama], ids=["tied", "untied"])
+def test_megatron_chunked_head_gives_its_full_logits_log_probs_entropy_and_gradients(make, tiny_model_path, tmp_path):
+    """The output_processor path (trainer.logprob_chunk > 0) against Megatron's own logits
+    (logprob_chunk=0) on the same weights and batch, fp32: forward and one backward."""
+    from learner.batch import make_batch
+    from learner.learner import _to
+
+    path = make(tmp_path / "model", Path(tiny_model_path))
+    got = {}
+    for chunk in (0, 4):
+        one = learner(path, "megatron", "float32", logprob_chunk=chunk)
+        assert (one.model.get_output_embeddings() is None) == (chunk == 0)
+        micro = _to(make_batch(batch(0)), one.device)
+        start, values, entropy = one._forward(one.model, micro, entropy=True)
+        mask = micro.loss_mask[:, start:]
+        ((values * mask).sum() + 0.1 * (entropy * mask).sum()).backward()
+        grads = {n: p.grad.detach().cpu().clone() for n, p in one.model.named_parameters() if p.grad is not None}
+        got[chunk] = ((values * mask).detach().cpu(), (entropy * mask).detach().cpu(), grads)
+        one.close()
+    (v0, e0, g0), (v1, e1, g1) = got[0], got[4]
+    torch.testing.assert_close(v1, v0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(e1, e0, rtol=0, atol=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @on_gpu
