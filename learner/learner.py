@@ -271,7 +271,8 @@ class Learner:
     def train_on(self, groups: list, staleness: list) -> dict:
         """Train on this rank's groups: trainer.epochs passes over trainer.minibatches
         mini-batches, one optimizer step each (every rank calls it together). pi_prox (and
-        pi_ref) log-probs are taken once, before the first update."""
+        pi_ref) log-probs are taken once, before the first update; with one update in all,
+        pi_prox is the policy that update starts from, so its training forward gives them."""
         t0 = time.monotonic()
         c, lc = self.config, self.loss_config
         batch = make_batch(groups, lc.scale_by_std)
@@ -281,14 +282,15 @@ class Learner:
         minibatches = [[_to(m, self.device) for m in micro]
                        for micro in self._micro_batches(batch.split(-(-batch.rows // c.minibatches)))]  # [mini][micro]
         self._check_equal_micro_batches(sum(len(mb) for mb in minibatches))
-        fixed = [[self._fixed_logprobs(m) for m in mb] for mb in minibatches]
+        one_update = c.minibatches * c.epochs == 1
+        fixed = [[self._fixed_logprobs(m, proximal=not one_update) for m in mb] for mb in minibatches]
         shares = [[token_weights(m.loss_mask, lc.aggregation)[1] for m in mb] for mb in minibatches]
         counts = self._all_reduce([sum(s) for s in shares] + [float(sum(m.loss_mask.sum() for m in mb))
                                                               for mb in minibatches])
         divisors, tokens = counts[:len(minibatches)], counts[len(minibatches):]        # per mini-batch, global
-        # model FLOPs of this rank's step: pi_prox (and pi_ref) forward once, then per epoch a
-        # forward and a backward (2 forwards) over every row
-        forwards = 1 + (self.reference is not None) + 3 * c.epochs
+        # model FLOPs of this rank's step: pi_prox (unless one update) and pi_ref forward once,
+        # then per epoch a forward and a backward (2 forwards) over every row
+        forwards = (not one_update) + (self.reference is not None) + 3 * c.epochs
         step_flops = forwards * flops.forward(self.model_config, batch.attention_mask.sum(1).tolist(),
                                               int(batch.loss_mask.sum()))
 
@@ -355,11 +357,12 @@ class Learner:
                                    "every rank needs the same number of rows (equal rollout.group_size)")
 
     @torch.no_grad()
-    def _fixed_logprobs(self, micro) -> tuple:
-        """(pi_prox log-probs, pi_ref log-probs or None) of a micro-batch, before any update."""
-        _, proximal = self._forward(self.model, micro)
+    def _fixed_logprobs(self, micro, proximal: bool = True) -> tuple:
+        """(pi_prox log-probs, pi_ref log-probs or None) of a micro-batch, before any update;
+        pi_prox is None where the update's own forward is to give it (`proximal=False`)."""
+        values = self._forward(self.model, micro)[1] if proximal else None
         reference = self._forward(self.reference, micro)[1] if self.reference is not None else None
-        return proximal, reference
+        return values, reference
 
     def _update(self, micro_batches: list, fixed: list, divisor: float) -> tuple:
         """One optimizer step on a mini-batch; returns (metric sums, maxima, its share of the
@@ -369,6 +372,8 @@ class Learner:
         sums, maxes, loss = {}, {}, 0.0
         for micro, (proximal, reference) in zip(micro_batches, fixed):
             start, logprobs, *entropy = self._forward(self.model, micro, entropy=lc.entropy_coef > 0)  # [b, T-1-start]
+            if proximal is None:   # the only update: pi_prox is the policy of this very forward
+                proximal = logprobs.detach()
             mask = micro.loss_mask[:, start:]
             weights, _ = token_weights(mask, lc.aggregation)
             loss_sum, metric_sums = policy_loss(

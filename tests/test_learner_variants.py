@@ -55,6 +55,29 @@ def test_minibatches_move_the_policy_from_the_proximal_one_so_the_clip_acts(tiny
     assert metrics["step"] == 1 and metrics["loss/is_weight_max"] >= metrics["loss/is_weight_mean"]
 
 
+def test_with_one_update_pi_prox_from_its_own_forward_equals_a_separate_pass(tiny_model_path):
+    """minibatches x epochs = 1: the update's forward gives pi_prox (one forward fewer a step);
+    the loss and the gradient equal those with pi_prox from a pass of its own before it."""
+    from learner.batch import make_batch
+
+    loss = LossConfig(kl_coef=0.05, entropy_coef=0.01)
+    results = []
+    for separate in (False, True):
+        one = learner(tiny_model_path, loss, micro_batch_rows=5)
+        micro = one._micro_batches([make_batch(groups())])[0]
+        fixed = [one._fixed_logprobs(m, proximal=separate) for m in micro]
+        assert (fixed[0][0] is None) != separate
+        divisor = float(sum(m.loss_mask.sum() for m in micro))
+        sums, _, loss_value, _ = one._update(micro, fixed, divisor)
+        results.append((loss_value, sums, gradients(one)))
+    (loss_a, sums_a, grads_a), (loss_b, sums_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6) and sums_a.keys() == sums_b.keys()
+    for key in sums_a:
+        assert sums_a[key] == pytest.approx(sums_b[key], rel=1e-5, abs=1e-8), key
+    for name, g in grads_b.items():
+        torch.testing.assert_close(grads_a[name], g, rtol=1e-5, atol=1e-8, msg=name)
+
+
 def test_fewer_rows_than_minibatches_is_refused_naming_the_key(tiny_model_path):
     one = learner(tiny_model_path, LossConfig(), minibatches=64)
     with pytest.raises(ValueError, match="trainer.minibatches=64"):
