@@ -146,6 +146,11 @@ class ChosenRequest:
     def requested(self) -> bool:
         return self._request is not None
 
+    @property
+    def kept(self) -> int:
+        """The positions the pending request needs: one per target, and the last."""
+        return self._request[0].shape[1] + 1
+
     def scored(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """hidden [B, L, H] -> [B, L-1, 1] (or [B, L-1, 2] with the entropy): position i scored on
         target i (the last position has no target)."""

@@ -164,8 +164,7 @@ class ChosenLogprobs(ChosenRequest):
         if getattr(config, "use_mup", False):   # its logit scale is applied on the logits path only
             raise NotImplementedError("the chunked log-prob head does not apply MuP's logit scale")
         weight = output_weight if output_weight is not None else output_layer.weight
-        kept = self._request[0].shape[1] + 1                     # the positions scored, and the last
-        hidden = hidden_states[-kept:].transpose(0, 1)           # [s, b, h] -> [b, kept, h]
+        hidden = hidden_states[-self.kept:].transpose(0, 1)      # [s, b, h] -> [b, kept, h]
         return self.scored(hidden, weight, getattr(output_layer, "bias", None))   # GPTModel's: no bias
 
 
@@ -195,9 +194,9 @@ class MegatronCausalLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, logits_to_keep: int = 0, use_cache: bool = False):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if self.chosen is not None and self.chosen.requested:
-            kept = self.chosen._request[0].shape[1] + 1
-            if logits_to_keep != kept:
-                raise ValueError(f"logits_to_keep={logits_to_keep}, but the request scores {kept - 1} positions")
+            if logits_to_keep != self.chosen.kept:
+                raise ValueError(f"logits_to_keep={logits_to_keep}, but the request scores "
+                                 f"{self.chosen.kept - 1} positions")
             return _Output(self.gpt(input_ids, positions, attention_mask=None, output_processor=self.chosen))
         logits = self.gpt(input_ids, positions, attention_mask=None)   # [B, T, V], the vocabulary gathered
         return _Output(logits[:, -logits_to_keep:] if logits_to_keep else logits)
