@@ -6,9 +6,13 @@ does (the episodes of a group end at different times; counting whole groups left
 running a fraction of its sequences while each group's slowest episode finished). Each group
 is inserted as soon as its G episodes end: no barrier spans groups. It never waits for the
 learner's weights: the engine swaps each new version in between two of its steps.
-Back-pressure is the buffer's: an insert its table's rate limiter holds (queue: the table is
-full; ratio: the learner is behind) is awaited, so no new group starts until the learner has
-taken some, and the engine is left to the learner meanwhile.
+Back-pressure is the buffer's: every insert's reply says how many more groups the table's rate
+limiter would take now (`room`; queue: free places; ratio: what the learner's pace allows), and
+the actor has no more groups in flight than that. With none in flight and no room it waits on
+the buffer for room, leaving the engine (and on CPU the cores) to the learner, so that the
+groups the learner takes were started on recent weights instead of waiting, generated, while
+the learner moved on. Room comes when the learner samples, just after it published new
+weights: the groups started then wait (up to CATCH_UP_S) until the engine serves them. Groups that find no room anyway (actors share it) wait in a held insert.
 Plain Python; launch/ runs it as a Ray actor.
 """
 from __future__ import annotations
@@ -107,6 +111,8 @@ class ActorsConfig:
 
 ENV_WORKERS_START_S = 120.0  # an environment's worker processes start (import it) within this
 HELD_POLL_S = 1.0  # an insert the buffer's rate limiter holds is asked again this often
+CATCH_UP_S = 10.0  # after a wait for room, new groups wait at most this long for the newest published weights
+CATCH_UP_POLL_S = 0.05
 
 
 class RolloutActor:
@@ -222,13 +228,17 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                 group.add_done_callback(slots.group_done)
                 inflight.add(group)
             if not inflight:
-                await asyncio.sleep(0.02)
+                if gate.room == 0:   # the buffer takes no more groups now: wait until it does
+                    with a.runner.activity.doing("buffer"):
+                        await _wait_room(a, gate)
+                else:
+                    await asyncio.sleep(0.02)
                 continue
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
             groups = [g for g in (finished.result() for finished in done) if g is not None]
             if groups:  # the groups that ended together go in one request
                 with a.runner.activity.doing("buffer"):   # held here while the rate limiter says so
-                    a.groups += await _insert(a, groups)
+                    a.groups += await _insert(a, groups, gate)
     finally:
         a._loop = None
         for task in inflight:
@@ -249,15 +259,16 @@ async def _evaluate(a: RolloutActor, min_version: int) -> dict:
     return {**result, "eval/actor_id": a.actor_id}
 
 
-async def _insert(a: RolloutActor, groups: list) -> int:
+async def _insert(a: RolloutActor, groups: list, gate: "_StartGate") -> int:
     """Insert the groups, however long the buffer's rate limiter holds them (up to
     actors.wait_timeout_s): asked again every HELD_POLL_S with what is not yet stored, so that
     stop() is seen meanwhile (the groups still held are then given up). Returns how many
-    went in."""
+    went in; the reply's room goes to the gate."""
     deadline, total = time.monotonic() + a.config.wait_timeout_s, len(groups)
     while groups:
         try:
-            await _buffer_call(a, partial(a.buffer.insert, *groups, hold_s=HELD_POLL_S))
+            reply = await _buffer_call(a, partial(a.buffer.insert, *groups, hold_s=HELD_POLL_S))
+            gate.room = reply.get("room")
             return total
         except BufferHeld as held:
             groups = groups[len(held.stored):]
@@ -267,6 +278,32 @@ async def _insert(a: RolloutActor, groups: list) -> int:
                 raise TimeoutError(f"actor {a.actor_id} waited actors.wait_timeout_s={a.config.wait_timeout_s}s for "
                                    f"the buffer's rate limiter to take {len(groups)} group(s); is the learner "
                                    f"alive? ({held})") from None
+
+
+async def _wait_room(a: RolloutActor, gate: "_StartGate") -> None:
+    """Wait until the buffer's rate limiter would take a group (up to actors.wait_timeout_s),
+    asking again every HELD_POLL_S so that stop() is seen meanwhile."""
+    deadline = time.monotonic() + a.config.wait_timeout_s
+    while not a._stop.is_set():
+        try:
+            reply = await _buffer_call(a, partial(a.buffer.room, HELD_POLL_S))
+            gate.room = reply["room"]
+            await _catch_up(a, reply.get("published_version", 0))
+            return
+        except BufferHeld as held:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"actor {a.actor_id} waited actors.wait_timeout_s={a.config.wait_timeout_s}s for "
+                                   f"room in the buffer; is the learner alive? ({held})") from None
+
+
+async def _catch_up(a: RolloutActor, version: int) -> None:
+    """Room comes when the learner samples, just after it published `version`: the learner is
+    the slower side, so the groups it takes next wait (up to CATCH_UP_S) to start on those
+    weights, still on their way, rather than on the ones before."""
+    deadline = time.monotonic() + CATCH_UP_S
+    while a.engine.version < version and time.monotonic() < deadline and not a._stop.is_set():
+        a.engine.check()
+        await asyncio.sleep(CATCH_UP_POLL_S)   # an engine process answers each ask with a round trip
 
 
 async def _buffer_call(a: RolloutActor, fn, *args):
@@ -300,6 +337,8 @@ class _StartGate:
         self.version, self.on_version = actor.engine.version, 0
         self.waiting_since: float | None = None
         self.live_episodes = 0   # of the groups started: episodes not yet ended (or not yet begun)
+        self.room: int | None = 0   # groups the buffer would take, at its last reply (None: unbounded);
+                                    # 0 until asked: the first start waits for room like any other
 
     def started(self) -> "_GroupSlots":
         """A group starts: it holds group_size episode slots until they are freed."""
@@ -311,6 +350,8 @@ class _StartGate:
         a, group_size = self.actor, self.actor.rollout.group_size
         if max_groups is not None and a.groups + inflight_groups >= max_groups:
             return False
+        if self.room is not None and inflight_groups >= self.room:
+            return False   # the buffer would hold what more it generated (back-pressure)
         # room for a whole group among the episode slots (one group may always run, even if
         # larger than the limit)
         if self.live_episodes and self.live_episodes + group_size > a.config.max_inflight_episodes:

@@ -206,10 +206,11 @@ class BufferClient:
                             f"({attempts} attempt(s)); {self._hint()}")
 
     def _socket_for(self, op: str):
-        """Inserts go to the main port, the other ops to the control port once it is known,
+        """Inserts (and the actors' room requests) go to the main port, the other ops to the
+        control port once it is known,
         unless puts of this client are unacknowledged: the server reads the control port
         first, and a client's own requests are served in the order it sent them."""
-        if op == "insert" or self._control is None or self._flying or self._queued:
+        if op in ("insert", "room") or self._control is None or self._flying or self._queued:
             return self._socket
         return self._control
 
@@ -313,6 +314,15 @@ class BufferClient:
             raise
         self._keep(reply, groups, table)
         return reply
+
+    def room(self, hold_s: float | None = None, table: str = ROLLOUTS) -> dict:
+        """Wait until `table`'s rate limiter would take one more group without holding it (after
+        the inserts it holds). Returns {room: how many it would take now (None: it never holds
+        an insert), published_version, size, learner_version}, as an insert's reply carries
+        them. Past hold_s (default timeout_s) raises BufferHeld."""
+        hold_s = self.timeout_s if hold_s is None else hold_s
+        return self._call("room", deadline_s=max(self.timeout_s, hold_s + _grace(hold_s)), timeout_s=hold_s,
+                          table=table)
 
     def _keep(self, reply: dict, groups, table: str) -> None:
         """Keep acknowledged groups until a checkpoint of a checkpointing server holds them."""
@@ -493,8 +503,11 @@ class BufferClient:
         groups = RolloutGroup.from_wire_all(reply["groups"])
         return groups, list(reply["staleness"]), int(reply["learner_version"])
 
-    def set_learner_version(self, version: int) -> dict:
-        return self._call("set_version", version=int(version), token=self.version_token)
+    def set_learner_version(self, version: int, published: int | None = None) -> dict:
+        """Move the learner version; `published`: the newest weights version sent to the
+        actors, if not this one (trainer.publish_lag)."""
+        fields = {} if published is None else {"published": int(published)}
+        return self._call("set_version", version=int(version), token=self.version_token, **fields)
 
     def stats(self, table: str = ROLLOUTS, timeout_s: float | None = None) -> dict:
         """`table`'s counters (buffer/table.py summary) and `tables`: every table's, by name."""

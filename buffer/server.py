@@ -26,9 +26,20 @@ a map with `op`. Ops:
                                     of consecutive runs of groups: a client's pipelined puts),
                                     each run is, and `refused` lists [part, reason] of the
                                     runs refused (`stored`: one bool per group of the others)
+                                    The reply's `room`: how many more groups the table's rate
+                                    limiter would take now without holding them (null: it never
+                                    holds an insert); `published_version`: see set_version
+  room        {timeout_s?, table?} -> as insert's reply, with no groups: answered once the
+                                    rate limiter would take one more group (after the inserts it
+                                    holds; it holds none behind it); at timeout_s an error with
+                                    held=true. An actor that has used up `room` waits on this
+                                    before starting more groups
   update_priorities {ids, priorities, table?} -> {updated: how many of the ids are held}
   sample      {n, timeout_s, table?} -> {groups, staleness, learner_version}; waits for n groups
-  set_version {version, token}   -> {learner_version, dropped}; with a version token set, only
+  set_version {version, published?, token} -> {learner_version, dropped}; `published`: the newest
+                                    weights version sent to the actors (default version; less
+                                    with trainer.publish_lag), which insert and room replies
+                                    carry as `published_version`; with a version token set, only
                                     a request carrying it (the learner's) may move the version
   stats       {table?}           -> that table's summary (rollouts by default), and `tables`:
                                     every table's, by name
@@ -177,6 +188,20 @@ class _PendingInsert:
     deadline: float
     stored: list = field(default_factory=list)   # one bool per group stored so far, in order
     refused: list = field(default_factory=list)  # [part, reason] of the parts refused (request with parts)
+    room: int = 0   # a room request (no groups): answered once the rate limiter would take this many
+
+
+def _may_go(table: Table, p: _PendingInsert) -> bool:
+    """Whether the rate limiter lets the held request go ahead: an insert's next group, or a
+    room request's `room` groups."""
+    if not p.room:
+        return table.can_insert(1)
+    room = table.room()
+    return room is None or room >= p.room
+
+
+def _what_waited(p: _PendingInsert) -> str:
+    return f"a wait for room for {p.room} group(s)" if p.room else f"this insert of {len(p.groups)} group(s)"
 
 
 def _percentiles_ms(seconds) -> dict:
@@ -277,6 +302,7 @@ class BufferServer:
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self.errors = 0
+        self.published_version = 0   # the newest weights the learner has sent the actors (set_version)
 
     def _bind(self, socket: zmq.Socket, host: str, port: int, key: str) -> int:
         """Bind socket to host:port (0: a free port); the port. ConfigError naming `key` if it cannot."""
@@ -506,7 +532,7 @@ class BufferServer:
                 refused.append([k, f"{type(e).__name__}: {e}"])
             start += size
         insert = _PendingInsert(socket, identity, rid, name, groups, kept, time.monotonic() + timeout_s, refused=refused)
-        held = any(p.table == name for p in self._pending_inserts)   # it waits behind those
+        held = any(p.table == name and not p.room for p in self._pending_inserts)   # it waits behind those
         if held or not self._admit(insert):  # the rate limiter holds (the rest of) it
             self._pending_inserts.append(insert)
             return None
@@ -529,17 +555,34 @@ class BufferServer:
     def _admit(self, insert: _PendingInsert) -> bool:
         """Store, in order, as many of the insert's groups as its table's rate limiter lets in
         now (a queue with room for one more takes one: a request of several never waits for
-        room for all at once, which might never come); True once all are stored."""
+        room for all at once, which might never come); True once all are stored (a room
+        request, with none: once the limiter would take one)."""
         table = self.tables[insert.table]
         while len(insert.stored) < len(insert.groups) and table.can_insert(1):
             i = len(insert.stored)
             insert.stored.append(table.insert(insert.groups[i], insert.priorities[i]))
-        return len(insert.stored) == len(insert.groups)
+        if len(insert.stored) < len(insert.groups):
+            return False
+        return not insert.room or _may_go(table, insert)   # a room request: once there is that room
 
     def _stored(self, insert: _PendingInsert) -> dict:
         table = self.tables[insert.table]
         return {"stored": insert.stored, "size": len(table), "learner_version": table.learner_version,
-                "seq": self.inserts, "refused": insert.refused}  # covered once checkpoint_seq reaches it
+                "seq": self.inserts, "refused": insert.refused,   # covered once checkpoint_seq reaches it
+                "room": table.room(), "published_version": self.published_version}
+
+    def _op_room(self, socket, identity, rid, request):
+        n = _number(request, "n", int, default=1)
+        timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
+        name, table = self._table(request)
+        if n != 1:
+            raise RequestError(f"room for n={n}: a room request waits for room for 1 group")
+        # waits like an insert of nothing, behind the inserts its table holds (and holds none)
+        wait = _PendingInsert(socket, identity, rid, name, [], [], time.monotonic() + timeout_s, room=n)
+        if any(p.table == name and not p.room for p in self._pending_inserts) or not self._admit(wait):
+            self._pending_inserts.append(wait)
+            return None
+        return self._stored(wait)
 
     def _op_update_priorities(self, socket, identity, rid, request):
         ids, priorities = request.get("ids"), request.get("priorities")
@@ -565,6 +608,11 @@ class BufferServer:
         version = _number(request, "version", int)
         if not 0 <= version <= MAX_VERSION:
             raise RequestError(f"set_version refused: version {version} lies outside [0, {MAX_VERSION}]")
+        published = _number(request, "published", int, default=version)
+        if not 0 <= published <= version:
+            raise RequestError(f"set_version refused: published version {published} lies outside [0, {version}]")
+        self.published_version = published   # the learner's word (a resumed one may go back); not checkpointed:
+                                             # 0 after a restart until the learner's next set_version
         before = sum(t.stats.dropped_stale for t in self.tables.values())
         for table in self.tables.values():
             table.set_learner_version(version)
@@ -574,7 +622,8 @@ class BufferServer:
     def _op_stats(self, socket, identity, rid, request):
         name, table = self._table(request)
         return {**table.summary(), "table": name, "sample_reply_ms": _percentiles_ms(self._sample_s[name]),
-                "held_inserts": sum(p.table == name for p in self._pending_inserts),
+                "held_inserts": sum(p.table == name and not p.room for p in self._pending_inserts),
+                "room_waits": sum(p.table == name and bool(p.room) for p in self._pending_inserts),
                 "waiting_samples": sum(p.table == name for p in self._pending),
                 "tables": {n: t.summary() for n, t in self.tables.items()}}
 
@@ -603,14 +652,15 @@ class BufferServer:
                 self._reply(p.socket, p.identity, p.rid, {
                     "ok": False, "held": True, "stored": p.stored, "seq": self.inserts, "refused": p.refused,
                     "error": f"timeout: the rate limiter ({table.config.rate_limiter}) of the table "
-                    f"{p.table!r} held this insert of {len(p.groups)} group(s) past its deadline, "
-                    f"{len(p.stored)} of them stored: the learner is not sampling (size {len(table)}, "
+                    f"{p.table!r} held {_what_waited(p)} past its deadline, "
+                    f"{len(p.stored)} group(s) stored: the learner is not sampling (size {len(table)}, "
                     f"samples {table.stats.samples}, inserts {table.stats.inserts})"})
             elif p.table not in holding and self._admit(p):
                 self._reply(p.socket, p.identity, p.rid, self._stored(p))
             else:
                 waiting.append(p)
-                holding.add(p.table)
+                if not p.room:   # a room request waits behind held inserts, but holds none behind it
+                    holding.add(p.table)
         self._pending_inserts = waiting
         still = []
         for p in self._pending:
@@ -628,8 +678,16 @@ class BufferServer:
                 table.mark_sampled(groups)
                 self._sample_s[p.table].append(time.monotonic() - p.arrived)
         self._pending = still
-        heads: dict = {}   # the first held insert of each table
+        if any(p.deadline > now and _may_go(self.tables[p.table], p) for p in self._next_to_go()):
+            self._serve_pending()  # the samples made room for a held insert or a room request
+
+    def _next_to_go(self) -> list:
+        """The held requests the rate limiter looks at next: the first held insert of each table
+        and the room requests before it (a room request holds nothing behind it)."""
+        heads, held = [], set()
         for p in self._pending_inserts:
-            heads.setdefault(p.table, p)
-        if any(p.deadline > now and self.tables[p.table].can_insert(1) for p in heads.values()):
-            self._serve_pending()  # the samples made room for a held insert
+            if p.table not in held:
+                heads.append(p)
+                if not p.room:
+                    held.add(p.table)
+        return heads

@@ -5,6 +5,7 @@ buffer.tables adds more) and calls them from its loop.
 """
 from __future__ import annotations
 
+import math
 import random
 from bisect import bisect_left, bisect_right
 from collections import Counter, OrderedDict
@@ -158,6 +159,18 @@ class Table:
             most = c.samples_per_insert * c.min_size_to_sample + c.error_buffer
             return self._balance() + c.samples_per_insert <= most
         return True
+
+    def room(self) -> int | None:
+        """How many more groups the rate limiter would take now without holding an insert;
+        None for a limiter that never holds one (min_size). An actor starts no more groups
+        than this (actors/actor.py), so none waits generated while the learner moves on."""
+        c = self.config
+        if c.rate_limiter == "queue":
+            return max(0, c.max_size - len(self._items))
+        if c.rate_limiter == "ratio":
+            most = c.samples_per_insert * c.min_size_to_sample + c.error_buffer
+            return max(0, math.floor((most - self._balance()) / c.samples_per_insert + 1e-9))  # can_insert's test, k times
+        return None
 
     def update_priorities(self, priorities: dict) -> int:
         """Set the priority of each id held; returns how many were held (others are gone)."""

@@ -445,7 +445,11 @@ class Learner:
             if tensors is not None:
                 self.weights.send(version, tensors)
                 self.published = version
-            self.buffer.set_learner_version(self.version)
+            self.buffer.set_learner_version(self.version, published=self.published)
+        if self.distributed and self.world_size > 1:
+            # no rank samples (which makes room for the actors) before rank 0 has told the buffer
+            # what it sent: an actor given room starts its groups on that version (actors/actor.py)
+            dist.barrier()
         return gathered - t, time.monotonic() - gathered
 
     def publish_unlagged(self) -> int:

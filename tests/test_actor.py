@@ -13,23 +13,33 @@ from common.weights import LocalWeightChannel
 from envs.registry import EnvConfig
 
 
+def _actor(tiny_model_path, server, channel=None) -> RolloutActor:
+    return RolloutActor(0, tiny_model_path, "float32", ActorsConfig(max_inflight_episodes=4),
+                        RolloutConfig(group_size=2, max_new_tokens=2),
+                        EnvConfig(name="token_match", args={"words": 16, "target": "w3"}),
+                        server.address, 5.0, channel or LocalWeightChannel())
+
+
+def _wait_for(condition, what: str, run: threading.Thread, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline and run.is_alive(), f"{what} never happened"
+        time.sleep(0.05)
+
+
 def test_an_actor_held_by_a_full_queue_waits_and_still_stops_when_asked(tiny_model_path, buffer_server):
     server = buffer_server(rate_limiter="queue", max_size=2)
-    actor = RolloutActor(0, tiny_model_path, "float32", ActorsConfig(max_inflight_episodes=4),
-                         RolloutConfig(group_size=2, max_new_tokens=2),
-                         EnvConfig(name="token_match", args={"words": 16, "target": "w3"}),
-                         server.address, 5.0, LocalWeightChannel())
+    actor = _actor(tiny_model_path, server)
     watcher = BufferClient(server.address, timeout_s=5.0)
     finished = {}
     run = threading.Thread(target=lambda: finished.update(stats=actor.run()))
     run.start()
     try:
-        deadline = time.monotonic() + 60
-        while watcher.stats()["held_inserts"] == 0:   # the queue is full and holds the actor's next insert
-            assert time.monotonic() < deadline and run.is_alive(), "the actor never filled the queue"
-            time.sleep(0.05)
-        time.sleep(1.5)   # held across more than one of the actor's asks (HELD_POLL_S)
-        assert watcher.stats()["size"] == 2 and actor.groups == 2   # it waited; nothing was evicted
+        # the queue is full: the actor waits for room with nothing generated (no held insert)
+        _wait_for(lambda: watcher.stats()["room_waits"] == 1, "the actor waiting for room", run)
+        time.sleep(1.5)   # across more than one of the actor's asks (HELD_POLL_S)
+        stats = watcher.stats()
+        assert stats["size"] == 2 and actor.groups == 2 and stats["held_inserts"] == 0   # nothing was evicted
         assert actor.runner.activity.seconds()["buffer"] > 1.0      # and the wait shows as buffer time
         actor.stop()
         run.join(10)
@@ -40,6 +50,42 @@ def test_an_actor_held_by_a_full_queue_waits_and_still_stops_when_asked(tiny_mod
         run.join(10)
         actor.close()
         watcher.close()
+
+
+def test_an_actor_starts_no_more_groups_than_the_buffer_takes_so_the_next_batch_is_on_new_weights(
+        tiny_model_path, buffer_server):
+    # The default job's regression (docs/benchmarks.md, 2026-12-07): groups generated while
+    # the queue was full waited, generated, while the learner moved on, and the learner
+    # trained on groups two versions old. Starting no more groups than the buffer's room, and
+    # after a wait for room none before the engine serves the weights published before the
+    # sample, every group of the next batch is started on them.
+    from transformers import AutoModelForCausalLM
+
+    server = buffer_server(rate_limiter="queue", max_size=2)
+    channel = LocalWeightChannel()
+    actor = _actor(tiny_model_path, server, channel)
+    learner = BufferClient(server.address, timeout_s=5.0)
+    run = threading.Thread(target=actor.run)
+    run.start()
+    try:
+        _wait_for(lambda: learner.stats()["room_waits"] == 1, "the actor waiting for room", run)
+        assert learner.stats()["held_inserts"] == 0   # no group generated beyond the room
+        # The learner says it published version 1 and samples, as it does after a step; the
+        # version reaches the actor a second later (on CPU it takes that long through Ray)
+        learner.set_learner_version(1)
+        first, _, _ = learner.sample(2, timeout_s=10.0)
+        time.sleep(1.0)
+        assert learner.stats()["size"] == 0 and actor.engine.version == 0   # nothing started on version 0
+        weights = AutoModelForCausalLM.from_pretrained(tiny_model_path).named_parameters()   # as a learner sends them
+        channel.send(1, {name: t.detach().clone() for name, t in weights})
+        second, staleness, _ = learner.sample(2, timeout_s=30.0)
+        assert [g.version for g in first] == [0, 0]
+        assert [g.version for g in second] == [1, 1] and staleness == [0, 0]
+    finally:
+        actor.stop()
+        run.join(10)
+        actor.close()
+        learner.close()
 
 
 def test_an_actor_of_parts_runs_its_own_loop_over_an_engine_built_outside_it(tiny_model_path, buffer_server):

@@ -535,6 +535,37 @@ def test_a_queue_takes_a_request_of_several_groups_as_room_comes_rather_than_wai
         learner.close()
 
 
+def test_room_is_what_the_rate_limiter_takes_before_it_holds_an_insert_and_a_room_wait_ends_when_a_sample_frees_it(
+        buffer_server):
+    queue = buffer_server(rate_limiter="queue", max_size=3)
+    ratio = buffer_server(rate_limiter="ratio", samples_per_insert=1.0, error_buffer=2.0, min_size_to_sample=1)
+    plain = buffer_server()
+    actor, learner = BufferClient(queue.address, timeout_s=5.0), BufferClient(queue.address, timeout_s=5.0)
+    others = [BufferClient(server.address, timeout_s=5.0) for server in (ratio, plain)]
+    try:
+        assert actor.room()["room"] == 3
+        assert [actor.insert(make_group(seed=i))["room"] for i in range(3)] == [2, 1, 0]
+        with pytest.raises(BufferHeld, match=r"\(queue\) of the table 'rollouts' held a wait for room for 1 group"):
+            actor.room(hold_s=0.3)
+        done = {}
+        waiting = threading.Thread(target=lambda: done.update(room=actor.room(hold_s=5.0)["room"]))
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive() and learner.stats()["room_waits"] == 1 and learner.stats()["held_inserts"] == 0
+        learner.sample(2, timeout_s=2.0)
+        waiting.join(3.0)
+        assert done["room"] == 2
+        # ratio: inserts x samples_per_insert - samples may reach min_size_to_sample + error_buffer = 3
+        ratio_actor, plain_actor = others
+        assert [ratio_actor.insert(make_group(seed=i))["room"] for i in range(3)] == [2, 1, 0]
+        with pytest.raises(BufferHeld):
+            ratio_actor.insert(make_group(seed=9), timeout_s=0.3)   # room 0 is what the limiter holds at
+        assert plain_actor.insert(make_group(seed=1))["room"] is None and plain_actor.room()["room"] is None   # never holds
+    finally:
+        for client in (actor, learner, *others):
+            client.close()
+
+
 def _ask(socket, rid: int, request: dict) -> dict:
     socket.send_multipart([rid.to_bytes(8, "big"), *encode(request)])
     assert socket.poll(5000), f"no reply to {request['op']}"
