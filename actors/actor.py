@@ -9,7 +9,7 @@ learner's weights: the engine swaps each new version in between two of its steps
 Back-pressure is the buffer's: every insert's reply says how many more groups the table's rate
 limiter would take now (`room`; queue: free places; ratio: what the learner's pace allows), and
 the actor has no more groups in flight than that. With none in flight and no room it waits on
-the buffer for room, leaving the engine (and on CPU the cores) to the learner, so that the
+the buffer for room (the actor groups share it evenly), leaving the engine (and on CPU the cores) to the learner, so that the
 groups the learner takes were started on recent weights instead of waiting, generated, while
 the learner moved on. Room comes when the learner samples, just after it published new
 weights: the groups started then wait (up to CATCH_UP_S) until the engine serves them. Groups that find no room anyway (actors share it) wait in a held insert.
@@ -268,7 +268,7 @@ async def _insert(a: RolloutActor, groups: list, gate: "_StartGate") -> int:
     while groups:
         try:
             reply = await _buffer_call(a, partial(a.buffer.insert, *groups, hold_s=HELD_POLL_S))
-            gate.room = reply.get("room")
+            gate.told(reply.get("room"))
             return total
         except BufferHeld as held:
             groups = groups[len(held.stored):]
@@ -287,7 +287,7 @@ async def _wait_room(a: RolloutActor, gate: "_StartGate") -> None:
     while not a._stop.is_set():
         try:
             reply = await _buffer_call(a, partial(a.buffer.room, HELD_POLL_S))
-            gate.room = reply["room"]
+            gate.told(reply["room"])
             await _catch_up(a, reply.get("published_version", 0))
             return
         except BufferHeld as held:
@@ -337,8 +337,13 @@ class _StartGate:
         self.version, self.on_version = actor.engine.version, 0
         self.waiting_since: float | None = None
         self.live_episodes = 0   # of the groups started: episodes not yet ended (or not yet begun)
-        self.room: int | None = 0   # groups the buffer would take, at its last reply (None: unbounded);
-                                    # 0 until asked: the first start waits for room like any other
+        self.room: int | None = 0   # this actor's share of what the buffer would take, at its last reply
+                                    # (None: unbounded); 0 until asked: the first start waits for room
+
+    def told(self, room: int | None) -> None:
+        """The buffer's room, from a reply: the actors.count actor groups share it evenly (a
+        share rounded up, so each may go on; what overshoots waits in held inserts)."""
+        self.room = None if room is None else -(-room // self.actor.config.count)
 
     def started(self) -> "_GroupSlots":
         """A group starts: it holds group_size episode slots until they are freed."""
