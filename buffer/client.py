@@ -27,6 +27,7 @@ which server incarnation answered) and re-sent, once, when a new incarnation ans
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,9 @@ from common.rollout import ARRAY_FIELDS, RolloutGroup
 from common.wire import WireError, decode, encode, recv_frames, send_frames, split_rid, with_rid
 
 
+log = logging.getLogger(__name__)
 RESEND_BATCH = 64  # groups per re-sent insert
+RESEND_HOLD_S = 1.0  # a re-sent insert the rate limiter holds is tried again at the next reply after this
 COALESCE_BYTES = 1 << 20   # puts wait to go together only while smaller: one request is served
                            # whole before the server reads the next (a learner's sample among them)
 PING_S = 2.0       # a long wait for a reply checks this often that the same server still lives
@@ -275,23 +278,49 @@ class BufferClient:
         return "is the server running (and without buffer.curve, which answers only clients with its keys)?"
 
     def _observe(self, reply: dict) -> None:
-        """Forget the acknowledged groups the server's newest checkpoint holds; re-send, once,
-        those a restarted server (a new incarnation) may have lost."""
+        """Forget the acknowledged groups the server's newest checkpoint holds; re-send those a
+        restarted server (a new incarnation) may have lost: once, or, those its rate limiter
+        held, again at each later reply until stored."""
         incarnation, covered = reply.get("incarnation"), reply.get("checkpoint_seq", 0)
         first, restarted = self._incarnation is None, self._incarnation not in (None, incarnation)
         self._incarnation = incarnation
         if self._flying and (first or restarted):
             self._pong(incarnation)
-        if self._unsaved:
-            self._unsaved = [u for u in self._unsaved if u[0] != incarnation or u[1] > covered]
-        if restarted:
-            lost = [u for u in self._unsaved if u[0] != incarnation]
-            self._unsaved = [u for u in self._unsaved if u[0] == incarnation]
-            for table in dict.fromkeys(u[2] for u in lost):
-                groups = [u[3] for u in lost if u[2] == table]
-                for i in range(0, len(groups), RESEND_BATCH):  # ids are unique: what it still holds is refused once
-                    self.insert(*groups[i:i + RESEND_BATCH], table=table)
-            self.resent_groups += len(lost)
+        if not self._unsaved:
+            return
+        # kept: this server's groups no checkpoint covers yet; lost: those acknowledged by an
+        # earlier incarnation (a restart, or a re-send that was held and is owed still)
+        kept, lost = [], []
+        for u in self._unsaved:
+            if u[0] != incarnation:
+                lost.append(u)
+            elif u[1] > covered:
+                kept.append(u)
+        self._unsaved = kept
+        tables = list(dict.fromkeys(u[2] for u in lost))
+        lost.sort(key=lambda u: tables.index(u[2]))   # stable: each table's groups in their order
+        sent = 0
+        while sent < len(lost):
+            table = lost[sent][2]
+            batch = [u for u in lost[sent:sent + RESEND_BATCH] if u[2] == table]
+            try:   # ids are unique: what the server still holds is refused once
+                self.insert(*[u[3] for u in batch], table=table, hold_s=RESEND_HOLD_S)
+            except (BufferHeld, BufferTimeout) as e:
+                # What was not stored stays owed, under its old incarnation, and the next reply
+                # re-sends it (a restored queue may be full until the learner samples); the
+                # call whose reply this is goes on.
+                stored = len(e.stored) if isinstance(e, BufferHeld) else 0
+                self._unsaved += lost[sent + stored:]
+                self.resent_groups += stored
+                log.info("buffer at %s: %d group(s) still to re-send: %s", self.address, len(lost) - sent - stored, e)
+                return
+            except BufferError as e:   # refused (the restarted server lacks its table?): never storable
+                log.error("buffer at %s refused %d re-sent group(s) of table %r, given up: %s",
+                          self.address, len(batch), table, e)
+                sent += len(batch)
+                continue
+            sent += len(batch)
+            self.resent_groups += len(batch)
 
     def insert(self, *groups: RolloutGroup, priorities: list | None = None, timeout_s: float | None = None,
                table: str = ROLLOUTS, hold_s: float | None = None) -> dict:

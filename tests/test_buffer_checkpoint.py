@@ -329,3 +329,34 @@ def test_a_buffer_whose_launcher_was_killed_outright_stops_and_saves(tmp_path):
         assert time.monotonic() < deadline, "the orphaned buffer is still serving"
         time.sleep(0.1)
     assert checkpoint.latest(tmp_path) is not None   # it saved on the way out
+
+
+def test_a_resend_the_restored_queue_holds_is_owed_until_the_learner_makes_room_and_then_stored_once(tmp_path):
+    # A restored queue can be full: the groups acknowledged after its checkpoint must then wait
+    # for room, not be given up by the re-send (nor hold the call that found the restart).
+    config = BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
+                          table=TableConfig(rate_limiter="queue", max_size=2))
+    process = BufferProcess(config, tmp_path / "buffer.log").start()
+    actor, learner = BufferClient(process.address, timeout_s=5.0), BufferClient(process.address, timeout_s=5.0)
+    try:
+        actor.insert(make_group(seed=0, prompt_id="g0"), make_group(seed=1, prompt_id="g1"))
+        actor.checkpoint()                               # g0, g1 on disk
+        learner.sample(2, timeout_s=5.0)
+        actor.insert(make_group(seed=2, prompt_id="g2"), make_group(seed=3, prompt_id="g3"))
+        assert actor.unsaved == 2                        # acknowledged, in no checkpoint
+        os.kill(process.process.pid, signal.SIGKILL)
+        process.process.wait(10)
+        process.check()                                  # restored full: g0, g1
+        started = time.monotonic()
+        assert actor.stats()["size"] == 2                # the restart is found; the re-send is held
+        assert time.monotonic() - started < 4.0 and actor.resent_groups == 0 and actor.unsaved == 2
+        first, _, _ = learner.sample(2, timeout_s=5.0)
+        actor.stats()                                    # the next reply re-sends them into the room
+        assert actor.resent_groups == 2
+        rest, _, _ = learner.sample(2, timeout_s=5.0)
+        assert [g.prompt_id for g in first + rest] == ["g0", "g1", "g2", "g3"]
+        assert learner.stats()["duplicates"] == 0
+    finally:
+        actor.close()
+        learner.close()
+        process.stop()
