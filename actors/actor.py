@@ -8,11 +8,12 @@ is inserted as soon as its G episodes end: no barrier spans groups. It never wai
 learner's weights: the engine swaps each new version in between two of its steps.
 Back-pressure is the buffer's: every insert's reply says how many more groups the table's rate
 limiter would take now (`room`; queue: free places; ratio: what the learner's pace allows), and
-the actor has no more groups in flight than that. With none in flight and no room it waits on
-the buffer for room (the actor groups share it evenly), leaving the engine (and on CPU the cores) to the learner, so that the
-groups the learner takes were started on recent weights instead of waiting, generated, while
-the learner moved on. Room comes when the learner samples, just after it published new
-weights: the groups started then wait (up to CATCH_UP_S) until the engine serves them. Groups that find no room anyway (actors share it) wait in a held insert.
+the actor has no more groups in flight than its share of that (the actor groups share it
+evenly). With none in flight and no room it waits on the buffer for room, leaving the engine
+(and on CPU the cores) to the learner, so that the groups the learner takes were started on
+recent weights instead of waiting, generated, while the learner moved on. Room comes when the
+learner samples, just after it published new weights: the groups started then wait (up to
+CATCH_UP_S) until the engine serves them. Groups that find no room anyway wait in a held insert.
 Plain Python; launch/ runs it as a Ray actor.
 """
 from __future__ import annotations

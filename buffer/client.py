@@ -22,7 +22,8 @@ while puts are in flight hands their acknowledgements on instead of dropping the
 
 Nothing acknowledged is lost to a server restart: inserted groups are kept until a
 checkpoint of the server holds them (every reply says what its newest checkpoint holds, and
-which server incarnation answered) and re-sent, once, when a new incarnation answers.
+which server incarnation answered) and re-sent when a new incarnation answers (those its rate
+limiter holds, again at each later reply until stored).
 """
 from __future__ import annotations
 

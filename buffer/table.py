@@ -169,7 +169,8 @@ class Table:
             return max(0, c.max_size - len(self._items))
         if c.rate_limiter == "ratio":
             most = c.samples_per_insert * c.min_size_to_sample + c.error_buffer
-            return max(0, math.floor((most - self._balance()) / c.samples_per_insert + 1e-9))  # can_insert's test, k times
+            # can_insert's test, k times over (the 1e-9: a quotient that should be whole)
+            return max(0, math.floor((most - self._balance()) / c.samples_per_insert + 1e-9))
         return None
 
     def update_priorities(self, priorities: dict) -> int:
