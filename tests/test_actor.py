@@ -210,3 +210,20 @@ def test_a_group_cancelled_before_or_while_its_episodes_play_frees_every_slot(ti
         assert asyncio.run(scenario()) == [(True, 0), (True, 0), (False, 0)]
     finally:
         actor.close()
+
+
+def test_actor_groups_share_the_buffers_room_evenly_rounded_up():
+    from types import SimpleNamespace
+
+    from actors.actor import _StartGate
+
+    actor = SimpleNamespace(engine=SimpleNamespace(version=0), config=ActorsConfig(count=3, max_inflight_episodes=64),
+                            rollout=RolloutConfig(group_size=2), groups=0)
+    gate = _StartGate(actor)
+    assert gate.room == 0 and not gate.may_start(0, None)   # not asked yet: the first start waits for room
+    gate.told(4)
+    assert gate.room == 2 and gate.may_start(1, None) and not gate.may_start(2, None)   # 4 among 3: 2 each
+    gate.told(1)
+    assert gate.room == 1   # each may still go on; what overshoots waits in a held insert
+    gate.told(None)
+    assert gate.room is None and gate.may_start(30, None)   # a limiter that never holds: the slots decide
