@@ -188,20 +188,11 @@ class _PendingInsert:
     deadline: float
     stored: list = field(default_factory=list)   # one bool per group stored so far, in order
     refused: list = field(default_factory=list)  # [part, reason] of the parts refused (request with parts)
-    room: int = 0   # a room request (no groups): answered once the rate limiter would take this many
-
-
-def _may_go(table: Table, p: _PendingInsert) -> bool:
-    """Whether the rate limiter lets the held request go ahead: an insert's next group, or a
-    room request's `room` groups."""
-    if not p.room:
-        return table.can_insert(1)
-    room = table.room()
-    return room is None or room >= p.room
+    room_wait: bool = False   # a room request (no groups): answered once the rate limiter would take a group
 
 
 def _what_waited(p: _PendingInsert) -> str:
-    return f"a wait for room for {p.room} group(s)" if p.room else f"this insert of {len(p.groups)} group(s)"
+    return "a wait for room for 1 group" if p.room_wait else f"this insert of {len(p.groups)} group(s)"
 
 
 def _percentiles_ms(seconds) -> dict:
@@ -532,8 +523,13 @@ class BufferServer:
                 refused.append([k, f"{type(e).__name__}: {e}"])
             start += size
         insert = _PendingInsert(socket, identity, rid, name, groups, kept, time.monotonic() + timeout_s, refused=refused)
-        held = any(p.table == name and not p.room for p in self._pending_inserts)   # it waits behind those
-        if held or not self._admit(insert):  # the rate limiter holds (the rest of) it
+        return self._hold_or_answer(insert)
+
+    def _hold_or_answer(self, insert: _PendingInsert):
+        """The reply to an insert or room request the rate limiter lets through now, else None
+        (it is held, behind the inserts its table holds already)."""
+        held = any(p.table == insert.table and not p.room_wait for p in self._pending_inserts)
+        if held or not self._admit(insert):
             self._pending_inserts.append(insert)
             return None
         return self._stored(insert)
@@ -563,7 +559,7 @@ class BufferServer:
             insert.stored.append(table.insert(insert.groups[i], insert.priorities[i]))
         if len(insert.stored) < len(insert.groups):
             return False
-        return not insert.room or _may_go(table, insert)   # a room request: once there is that room
+        return not insert.room_wait or table.can_insert(1)   # a room request: once there is room
 
     def _stored(self, insert: _PendingInsert) -> dict:
         table = self.tables[insert.table]
@@ -574,15 +570,12 @@ class BufferServer:
     def _op_room(self, socket, identity, rid, request):
         n = _number(request, "n", int, default=1)
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
-        name, table = self._table(request)
+        name, _ = self._table(request)
         if n != 1:
             raise RequestError(f"room for n={n}: a room request waits for room for 1 group")
         # waits like an insert of nothing, behind the inserts its table holds (and holds none)
-        wait = _PendingInsert(socket, identity, rid, name, [], [], time.monotonic() + timeout_s, room=n)
-        if any(p.table == name and not p.room for p in self._pending_inserts) or not self._admit(wait):
-            self._pending_inserts.append(wait)
-            return None
-        return self._stored(wait)
+        return self._hold_or_answer(_PendingInsert(socket, identity, rid, name, [], [], time.monotonic() + timeout_s,
+                                                   room_wait=True))
 
     def _op_update_priorities(self, socket, identity, rid, request):
         ids, priorities = request.get("ids"), request.get("priorities")
@@ -622,8 +615,8 @@ class BufferServer:
     def _op_stats(self, socket, identity, rid, request):
         name, table = self._table(request)
         return {**table.summary(), "table": name, "sample_reply_ms": _percentiles_ms(self._sample_s[name]),
-                "held_inserts": sum(p.table == name and not p.room for p in self._pending_inserts),
-                "room_waits": sum(p.table == name and bool(p.room) for p in self._pending_inserts),
+                "held_inserts": sum(p.table == name and not p.room_wait for p in self._pending_inserts),
+                "room_waits": sum(p.table == name and p.room_wait for p in self._pending_inserts),
                 "waiting_samples": sum(p.table == name for p in self._pending),
                 "tables": {n: t.summary() for n, t in self.tables.items()}}
 
@@ -659,7 +652,7 @@ class BufferServer:
                 self._reply(p.socket, p.identity, p.rid, self._stored(p))
             else:
                 waiting.append(p)
-                if not p.room:   # a room request waits behind held inserts, but holds none behind it
+                if not p.room_wait:   # a room request waits behind held inserts, but holds none behind it
                     holding.add(p.table)
         self._pending_inserts = waiting
         still = []
@@ -678,7 +671,7 @@ class BufferServer:
                 table.mark_sampled(groups)
                 self._sample_s[p.table].append(time.monotonic() - p.arrived)
         self._pending = still
-        if any(p.deadline > now and _may_go(self.tables[p.table], p) for p in self._next_to_go()):
+        if any(p.deadline > now and self.tables[p.table].can_insert(1) for p in self._next_to_go()):
             self._serve_pending()  # the samples made room for a held insert or a room request
 
     def _next_to_go(self) -> list:
@@ -688,6 +681,6 @@ class BufferServer:
         for p in self._pending_inserts:
             if p.table not in held:
                 heads.append(p)
-                if not p.room:
+                if not p.room_wait:
                     held.add(p.table)
         return heads

@@ -151,14 +151,12 @@ class Table:
 
     def can_insert(self, n: int = 1) -> bool:
         """Whether n groups may be inserted now (else the insert waits)."""
-        c = self.config
-        if c.rate_limiter == "queue":
-            return len(self._items) + n <= c.max_size
-        if c.rate_limiter == "ratio":
-            # n at once would never fit a small window: admit them if one more would
-            most = c.samples_per_insert * c.min_size_to_sample + c.error_buffer
-            return self._balance() + c.samples_per_insert <= most
-        return True
+        room = self.room()
+        if room is None:
+            return True
+        if self.config.rate_limiter == "ratio":
+            return room >= 1   # n at once would never fit a small window: admit them if one more would
+        return room >= n
 
     def room(self) -> int | None:
         """How many more groups the rate limiter would take now without holding an insert;
