@@ -568,11 +568,8 @@ class BufferServer:
                 "room": table.room(), "published_version": self.published_version}
 
     def _op_room(self, socket, identity, rid, request):
-        n = _number(request, "n", int, default=1)
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
         name, _ = self._table(request)
-        if n != 1:
-            raise RequestError(f"room for n={n}: a room request waits for room for 1 group")
         # waits like an insert of nothing, behind the inserts its table holds (and holds none)
         return self._hold_or_answer(_PendingInsert(socket, identity, rid, name, [], [], time.monotonic() + timeout_s,
                                                    room_wait=True))
