@@ -22,6 +22,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.time_to_reward import load, table, time_to  # noqa: E402
 from launch import report  # noqa: E402
+from launch.__main__ import RECIPES  # noqa: E402
 
 
 def main():
@@ -34,8 +35,9 @@ def main():
                         help="reward/mean (training reward per step) or eval/reward (held-out; needs eval.every)")
     parser.add_argument("--runs-dir", help="keep both runs' folders here (default: temporary folders)")
     parser.add_argument("--timeout-s", type=float, help="deadline of each run")
-    parser.add_argument("--recipes", nargs="+", default=["sync_grpo", "async_grpo"],
-                        help="run only some (compare with earlier runs by bench/time_to_reward.py)")
+    parser.add_argument("--recipes", nargs="+", default=["sync_grpo", "async_grpo"], choices=sorted(RECIPES),
+                        help="run only some (compare with earlier runs by bench/time_to_reward.py); "
+                             "key=value overrides go before it, or it takes them for recipes")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     common = (["--config", args.config] if args.config else []) + (["--actors", str(args.actors)] if args.actors else [])

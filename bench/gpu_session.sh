@@ -12,8 +12,10 @@
 #            plain NCCL broadcast of the same bytes, 0.5B and 1.5B shapes
 #            (the two-GPU issue: push, actor with ACTOR_ARGS="--models 1.5b --transport nccl", job2; then,
 #            here, python -m bench.two_gpu <each call's files_at> writes bench/results/two_gpu.json)
-#   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study; cells
-#            carried back in (STUDY_FROM, a folder of finished cells) are read, not run again
+#   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study, back as
+#            study.tgz; cells carried back in (STUDY_FROM, a study.tgz or a folder of finished
+#            cells) are read, not run again
+# job, job2 and study bring their run folders back as one .tgz each (a call returns at most 8 files)
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
 # machine written to $OUT/stacks-<part>.txt (py-spy, when staged): a hang names where it waits.
 set -u
@@ -31,6 +33,9 @@ stacks_before() {  # stacks_before SECONDS PART: in the background, dump stacks 
   echo $!
 }
 export PATH=/tmp/site/bin:$PATH
+bundle() {  # bundle DIR: $OUT/DIR as one $OUT/DIR.tgz (at most 8 files come back from a call, 2 folders down)
+  tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
+}
 # the vLLM actor issue's proof in one call on a fresh machine (engine starts of 110-130 s each
 # with vLLM's compile; 15 s windows left vLLM's own path out of a 545 s budget on 2026-12-07)
 ONE_CALL="--models 0.5b,1.5b --rounds 0 --prompts 512 --pairs 2 --continuous-s 12 --warm-s 4 --stop-share 0.004 --engine-process --budget-s 575"
@@ -39,21 +44,21 @@ for part in "$@"; do
   case $part in
     job)
       timeout 560 python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
-        --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs" --timeout-s 270 --recipes ${RECIPES:-sync_grpo async_grpo} \
-        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/job.txt" 2>&1
+        --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs" --timeout-s 270 \
+        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled --recipes ${RECIPES:-sync_grpo async_grpo} > "$OUT/job.txt" 2>&1
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
       done
-      tail -25 "$OUT/job.txt" ;;
+      bundle runs ;   tail -25 "$OUT/job.txt" ;;
     job2)
       timeout 560 python bench/async_vs_sync.py --config gpu --actors 1 --metric eval/reward --window 1 \
-        --targets 0.3 0.4 0.5 0.6 --runs-dir "$OUT/runs2" --timeout-s 270 --recipes ${RECIPES:-sync_grpo async_grpo} \
+        --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs2" --timeout-s 270 \
         run.colocate=false trainer.gpus=1 actors.gpus_per_group=1 actors.gpu_memory_utilization=0.8 \
-        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/job2.txt" 2>&1
+        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled --recipes ${RECIPES:-sync_grpo async_grpo} > "$OUT/job2.txt" 2>&1
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs2/$r/final" "$OUT/runs2/$r/checkpoints"
       done
-      tail -25 "$OUT/job2.txt" ;;
+      bundle runs2 ;   tail -25 "$OUT/job2.txt" ;;
     learner)
       watcher=$(stacks_before $(( ${LEARNER_TIMEOUT:-330} - 30 )) learner)
       timeout ${LEARNER_TIMEOUT:-330} python -m bench.learner_bench --out "$OUT/learner_bench.json" ${LEARNER_ARGS:-} \
@@ -78,13 +83,15 @@ for part in "$@"; do
       tail -25 "$OUT/actor.txt" | cut -c1-1500 ;;
     study)
       mkdir -p "$OUT/study"
-      [[ -n ${STUDY_FROM:-} ]] && cp -r "$STUDY_FROM"/. "$OUT/study/"
+      if [[ ${STUDY_FROM:-} == *.tgz ]]; then tar xzf "$STUDY_FROM" -C "$OUT"
+      elif [[ -n ${STUDY_FROM:-} ]]; then cp -r "$STUDY_FROM"/. "$OUT/study/"; fi
       timeout ${STUDY_TIMEOUT:-540} python -m bench.staleness_study --config gpu --runs-dir "$OUT/study" \
         --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 200 )) \
         ${STUDY_ARGS:---lags 0 4 8 --corrections none truncate decoupled --seeds 0 1 --steps 40 --parallel 3} \
         actors.gpu_memory_utilization=0.15 actors.enforce_eager=true trainer.export_final=false \
         model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/study.txt" 2>&1
       find "$OUT/study" -name '*.safetensors' -delete; rm -rf "$OUT"/study/*/checkpoints
+      bundle study
       tail -25 "$OUT/study.txt" | cut -c1-400 ;;
     *) echo "unknown part $part" ;;
   esac

@@ -5,15 +5,18 @@ megatron-core is installed), plus the time to gather and publish all weights.
 
   python -m bench.learner_bench --models 0.5b 1.5b --backends fsdp2 megatron --out $OUT/learner_bench.json
 
-Each step is what the learner does per sampled batch: one no-grad pass for the proximal
-log-probs, then forward and backward per micro-batch (packed by trainer.micro_batch_tokens),
-gradient clipping and the optimizer step. Model FLOPs of one forward pass per token
-(learner/flops.py, which the learner's own learner/mfu metric uses too): 2 x the matmul weights (embedding lookup excluded), 2 x 2 x layers x
+Each step is what the learner does per sampled batch: forward and backward per micro-batch
+(packed by trainer.micro_batch_tokens), gradient clipping and the optimizer step; with one update
+a batch (the default, trainer.minibatches x epochs = 1) the training forward gives the proximal
+log-probs, otherwise a no-grad pass comes first. Model FLOPs of one forward pass per token
+(learner/flops.py): 2 x the matmul weights (embedding lookup excluded), 2 x 2 x layers x
 attention width x context / 2 for causal scores and values, and 2 x hidden x vocabulary for the
 projection, counted only at the positions the learner computes (it skips the prompt's). A step
-is 4 such passes (proximal forward, forward, backward as two). MFU = FLOPs / (seconds x the
-device's dense bf16 peak); recomputation under activation checkpointing is not counted (work,
-not model FLOPs). The last line is one JSON object.
+is 3 such passes (forward, backward as two), 4 with the proximal forward; the bench takes the
+step's FLOPs from the learner's own count (learner/tflops x learner/train_s; the passes it
+implies are forward_passes in the results). MFU = FLOPs / (seconds x the device's dense bf16
+peak); recomputation under activation checkpointing is not counted (work, not model FLOPs).
+The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -118,8 +121,11 @@ def bench_one(shape: str, backend: str, args, peak: float) -> dict:
             step_s = sorted(times[args.warmup:])[len(times[args.warmup:]) // 2]
             tokens = args.rows * args.seq
             trained = args.rows * (args.seq - args.prompt)        # positions with a vocabulary projection
-            per_pass = flops.forward(cfg, [args.seq] * args.rows, trained)
-            step_flops = 4 * per_pass                              # proximal forward + forward + backward (2x)
+            # the learner's own count of the step's model FLOPs (learner/tflops x its train_s): a
+            # proximal forward only where it makes one (more than one update a batch), then
+            # forward and backward (2x)
+            step_flops = metrics["learner/tflops"] * 1e12 * metrics["learner/train_s"]
+            passes = round(step_flops / flops.forward(cfg, [args.seq] * args.rows, trained))
             t = time.monotonic()
             learner.publish()                                      # gather the full weights to CPU, send
             publish_s = time.monotonic() - t
@@ -127,6 +133,7 @@ def bench_one(shape: str, backend: str, args, peak: float) -> dict:
                 "step_s": round(step_s, 3), "tokens_per_s": round(tokens / step_s), "mfu": round(step_flops / step_s / peak, 4),
                 "tflops": round(step_flops / step_s / 1e12, 1), "backend": backend, "rows": args.rows, "seq": args.seq,
                 "micro_batch_tokens": args.micro_tokens, "activation_checkpointing": bool(ac), "variant": variant,
+                "forward_passes": passes,
                 "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1), "load_s": round(load_s, 1),
                 "publish_s": round(publish_s, 3), "loss": metrics["loss/policy"], "steps_s": [round(x, 3) for x in times]}
         except torch.OutOfMemoryError as e:

@@ -7,7 +7,7 @@ wrote under its $OUT with `bash bench/gpu_session.sh push actor job2` on a kind 
                           the same bytes between the same processes
   actor_bench_1.5b.json   bench/actor_bench.py --transport nccl: a vLLM actor group on GPU 1 fed
                           by the learner on GPU 0, generating, and vLLM's own NCCL update path
-  job2.txt, runs2/        bench/async_vs_sync.py on both GPUs: its last line (a JSON object) and
+  job2.txt, runs2.tgz     bench/async_vs_sync.py on both GPUs: its last line (a JSON object) and
                           the async run's metrics.jsonl
 
 Figures (None where its part did not run; `missing` names those parts):
@@ -31,6 +31,7 @@ import argparse
 import datetime
 import json
 import os
+import tarfile
 
 
 def figures(push: dict | None, actor: dict | None, job: dict | None, async_metrics: list | None) -> dict:
@@ -88,11 +89,22 @@ def _last_json_line(path: str):
     return json.loads(lines[-1]) if lines else None
 
 
-def _metrics(path: str):
-    if not os.path.exists(path):
+def _async_metrics(folder: str):
+    """The async run's metrics rows from folder/runs2/, or from folder/runs2.tgz (gpu_session.sh
+    bundles a job's runs: a call brings back at most 8 files)."""
+    member = "runs2/async_grpo/metrics.jsonl"
+    if os.path.exists(os.path.join(folder, member)):
+        with open(os.path.join(folder, member)) as f:
+            lines = f.read().splitlines()
+    elif os.path.exists(os.path.join(folder, "runs2.tgz")):
+        with tarfile.open(os.path.join(folder, "runs2.tgz")) as tar:
+            try:
+                lines = tar.extractfile(member).read().decode().splitlines()
+            except KeyError:
+                return None
+    else:
         return None
-    with open(path) as f:
-        return [row for row in map(json.loads, f) if "buffer/inserts" in row] or None
+    return [row for row in map(json.loads, lines) if "buffer/inserts" in row] or None
 
 
 def main() -> None:
@@ -104,7 +116,7 @@ def main() -> None:
     def part(read, *path):
         return next((got for d in args.dirs if (got := read(os.path.join(d, *path))) is not None), None)
     result = figures(part(_json, "weight_push.json"), part(_json, "actor_bench_1.5b.json"),
-                     part(_last_json_line, "job2.txt"), part(_metrics, "runs2", "async_grpo", "metrics.jsonl"))
+                     part(_last_json_line, "job2.txt"), part(_async_metrics))
     with open(args.out, "w") as f:
         json.dump(result, f)
     print(json.dumps(result))

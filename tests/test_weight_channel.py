@@ -238,3 +238,23 @@ def test_the_two_gpu_figures_take_the_highest_target_both_runs_reach_and_name_mi
     assert out["missing"] == [] and out["device"] == "2 GPUs"
     nothing = figures(None, actor, None, None)
     assert nothing["async_over_sync"] is None and nothing["missing"] == ["push", "job", "async metrics"]
+
+
+def test_the_two_gpu_merge_reads_the_async_metrics_from_the_bundle_a_device_call_brings_back(tmp_path):
+    """gpu_session.sh brings a job's run folders back as runs2.tgz (a call returns at most 8
+    files); the merge reads the async run's metrics rows out of it, or out of a plain folder."""
+    import json
+    import tarfile
+
+    from bench.two_gpu import _async_metrics
+    rows = [{"step": 1}, {"buffer/inserts": 4, "buffer/dropped_stale": 1}]
+    run = tmp_path / "made" / "runs2" / "async_grpo"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    call = tmp_path / "call"
+    call.mkdir()
+    with tarfile.open(call / "runs2.tgz", "w:gz") as tar:
+        tar.add(tmp_path / "made" / "runs2", arcname="runs2")
+    assert _async_metrics(str(call)) == rows[1:]
+    assert _async_metrics(str(tmp_path / "made")) == rows[1:]
+    assert _async_metrics(str(tmp_path)) is None
