@@ -15,7 +15,9 @@ and loss as the FSDP2 backend.
 - Log-probs as the FSDP2 backend's chunked head (learner/logprob_head.py): the decoder's output
   goes to `ChosenLogprobs` through GPTModel's `output_processor` hook (megatron-core 0.19; an
   older one, or trainer.logprob_chunk=0, gives the full logits as before), so the
-  [rows, positions, vocabulary] logits are never whole.
+  [rows, positions, vocabulary] logits are never whole. Where GPTModel's logits path does more
+  than the projection (MuP's logit scale; a vocabulary split over tensor-parallel ranks), the
+  full logits serve, chosen when the model is built.
 - Precision as the FSDP2 backend: weights and optimizer state in trainer.master_dtype,
   forward and backward under autocast in model.dtype.
 - Parallelism: `trainer.tensor_parallel` ranks per model replica through parallel_state; the
@@ -160,9 +162,7 @@ class ChosenLogprobs(ChosenRequest):
     never whole, as with the Hugging Face model's LogprobHead (learner/logprob_head.py). Not a
     module: the output weight stays the model's (the embedding's, when tied)."""
 
-    def __call__(self, hidden_states, output_layer, output_weight=None, config=None, **_) -> torch.Tensor:
-        if getattr(config, "use_mup", False):   # its logit scale is applied on the logits path only
-            raise NotImplementedError("the chunked log-prob head does not apply MuP's logit scale")
+    def __call__(self, hidden_states, output_layer, output_weight=None, **_) -> torch.Tensor:
         weight = output_weight if output_weight is not None else output_layer.weight
         hidden = hidden_states[-self.kept:].transpose(0, 1)      # [s, b, h] -> [b, kept, h]
         return self.scored(hidden, weight, getattr(output_layer, "bias", None))   # GPTModel's: no bias
@@ -260,7 +260,10 @@ def build(model_path: str, master_dtype: torch.dtype, device: torch.device, tens
     gpt = GPTModel(config, spec, vocab_size=hf.vocab_size, max_sequence_length=hf.max_position_embeddings,
                    parallel_output=False, share_embeddings_and_output_weights=s["tied"],
                    position_embedding_type="rope", rotary_base=int(_rope_theta(hf)))
-    chunk = logprob_chunk if logprob_chunk > 0 and tensor_parallel == 1 and takes_output_processor() else 0
+    # the head replaces the logits path, so where that path does more (MuP's logit scale, the
+    # vocabulary split over tensor-parallel ranks) the full logits serve instead
+    chunked = tensor_parallel == 1 and not getattr(config, "use_mup", False) and takes_output_processor()
+    chunk = logprob_chunk if logprob_chunk > 0 and chunked else 0
     model = MegatronCausalLM(gpt, hf, chunk).to(device)
     if activation_checkpointing:   # not Megatron's own recompute: it runs only in train mode and drops autocast
         from learner import fsdp
