@@ -36,9 +36,11 @@ export PATH=/tmp/site/bin:$PATH
 bundle() {  # bundle DIR: $OUT/DIR as one $OUT/DIR.tgz (at most 8 files come back from a call, 2 folders down)
   tar czf "$OUT/$1.tgz" -C "$OUT" "$1" && rm -rf "${OUT:?}/$1"
 }
-# the vLLM actor issue's proof in one call on a fresh machine (engine starts of 110-130 s each
-# with vLLM's compile; 15 s windows left vLLM's own path out of a 545 s budget on 2026-12-07)
-ONE_CALL="--models 0.5b,1.5b --rounds 0 --prompts 512 --pairs 2 --continuous-s 12 --warm-s 4 --stop-share 0.004 --engine-process --budget-s 575"
+# the vLLM actor issue's proof in one call on a fresh machine (engine starts of 80-130 s each
+# with vLLM's compile; 15 s windows left vLLM's own path out of a 545 s budget on 2026-12-07;
+# 2 pairs of 12 s took 447 s on an H200 (run T), and their windows swung by up to 40 %, so
+# now 4 pairs of 8 s, about 50 s more)
+ONE_CALL="--models 0.5b,1.5b --rounds 0 --prompts 512 --pairs 4 --continuous-s 8 --warm-s 3 --stop-share 0.004 --engine-process --budget-s 575"
 for part in "$@"; do
   start=$(date +%s)
   case $part in
