@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 from pathlib import Path
 
@@ -17,7 +18,13 @@ MODES = ("offline", "online", "disabled")
 class WandbRun:
     """A started wandb run; `log(row)` for each metrics row, `finish(images)` once at the end
     (it stops wandb's service for this process: one run per process, as a job is). A
-    failure to log is logged, never raised: it must not stop the training it records."""
+    failure to log is logged, never raised: it must not stop the training it records.
+
+    wandb's `log` talks to its service process and has no deadline, so rows go through a
+    queue of QUEUE_ROWS to a thread of their own: a service that stops answering never holds
+    the launcher's loop (which keeps every other deadline of the job); once the queue is full,
+    rows are dropped for wandb with an error logged (metrics.jsonl still has them)."""
+    QUEUE_ROWS = 1000
 
     def __init__(self, mode: str, run_dir: Path, config, project: str, name: str, tags: list,
                  timeout_s: float):
@@ -30,12 +37,27 @@ class WandbRun:
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")   # every chart against the learner step
         self.folder = Path(self.run.dir).parent   # <run.dir>/wandb/<offline-run-...>
+        self.dropped = 0
+        self._rows: queue.Queue = queue.Queue(self.QUEUE_ROWS)
+        self._logger = threading.Thread(target=self._log_rows, name="wandb-log", daemon=True)
+        self._logger.start()
 
     def log(self, row: dict) -> None:
+        """Queue the row's numbers for wandb; never waits."""
         try:
-            self.run.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        except Exception as e:
-            log.error("asyncrl: wandb could not log a row: %s: %s", type(e).__name__, e)
+            self._rows.put_nowait({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped % self.QUEUE_ROWS == 1:
+                log.error("asyncrl: wandb has not taken the last %d rows (its service is not answering); "
+                          "%d row(s) dropped for wandb so far, metrics.jsonl keeps them", self.QUEUE_ROWS, self.dropped)
+
+    def _log_rows(self) -> None:
+        while (row := self._rows.get()) is not None:
+            try:
+                self.run.log(row)
+            except Exception as e:
+                log.error("asyncrl: wandb could not log a row: %s: %s", type(e).__name__, e)
 
     def finish(self, images: list = (), timeout_s: float = 60.0) -> bool:
         """Log the images, finish the run and wait for wandb's service to write it all, for at
@@ -46,6 +68,8 @@ class WandbRun:
 
         def finish():
             try:
+                self._rows.put(None)   # the rows queued before it are logged first
+                self._logger.join()
                 if images:
                     self.run.log({f"report/{Path(p).stem}": self._wandb.Image(str(p)) for p in images})
                 self.run.finish()

@@ -87,7 +87,11 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_outp
                     code_ = process.wait(timeout_s + 1.0)
                 except subprocess.TimeoutExpired:
                     process.kill()
-                    process.wait()
+                    try:
+                        process.wait(5.0)
+                    except subprocess.TimeoutExpired:   # stuck in the kernel: say so, do not wait on it
+                        return (f"error: the code ran past its {timeout_s:g} s limit; its process "
+                                f"{process.pid} did not exit within 5 s of SIGKILL")
                     return f"error: the code ran past its {timeout_s:g} s limit and was stopped"
                 out.seek(0)
                 data = out.read(max_output + 1).decode("utf-8", "replace")

@@ -197,7 +197,7 @@ class Learner:
         self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
         self.peak_flops = flops.peak(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
         if self.megatron:
-            megatron.initialize(trainer.tensor_parallel, seed)
+            megatron.initialize(trainer.tensor_parallel, seed, trainer.dist_timeout_s)
             model = self._build_megatron(model_path, master)
             self.model_config = model.hf_config
             self.param_names = list(model.hugging_face_state_dict())  # what actors load; tied weights once

@@ -27,6 +27,8 @@ and loss as the FSDP2 backend.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -220,14 +222,16 @@ def layers(model: "MegatronCausalLM") -> list:
     return list(model.gpt.decoder.layers)
 
 
-def initialize(tensor_parallel: int, seed: int) -> None:
-    """parallel_state on the default process group (already initialised), and on GPU the
-    model-parallel RNG that Megatron's layers draw from."""
+def initialize(tensor_parallel: int, seed: int, timeout_s: float) -> None:
+    """parallel_state on the default process group (already initialised), its groups under the
+    learner's collective deadline (trainer.dist_timeout_s; Megatron's own default is 30 min),
+    and on GPU the model-parallel RNG that Megatron's layers draw from."""
     from megatron.core import parallel_state, tensor_parallel as tp
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
-                                                 pipeline_model_parallel_size=1)
+                                                 pipeline_model_parallel_size=1,
+                                                 distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)))
     if torch.cuda.is_available():
         tp.model_parallel_cuda_manual_seed(seed)
 

@@ -40,6 +40,10 @@ assert service, "no wandb service process found"
 for p in service:
     os.kill(p.pid, signal.SIGSTOP)   # a service that no longer answers
 t = time.monotonic()
+for step in range(2, 2 + 10 * run.QUEUE_ROWS):   # more than the queue and any socket buffer hold
+    run.log({"step": step, "reward/mean": 0.5})
+print("logged", 10 * run.QUEUE_ROWS, "in", round(time.monotonic() - t, 2), "dropped", run.dropped, flush=True)
+t = time.monotonic()
 finished = run.finish([], timeout_s=3.0)
 print("finished", finished, "after", round(time.monotonic() - t, 1), flush=True)
 for p in service:
@@ -48,13 +52,17 @@ os._exit(0)
 """
 
 
-def test_finishing_waits_no_longer_than_its_deadline_when_wandbs_service_is_stuck(tmp_path):
+def test_a_stuck_wandb_service_holds_neither_logging_nor_finishing_past_its_deadline(tmp_path):
     # in a process of its own: wandb's service address stays in the environment of the process
     # that started it, and its children would find it dead
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}
     result = subprocess.run([sys.executable, "-c", STUCK_SERVICE, str(tmp_path)], capture_output=True, text=True,
                             timeout=120, env=env, cwd=Path(__file__).resolve().parent.parent)
     assert result.returncode == 0, result.stderr[-2000:]
-    words = result.stdout.split()
+    logged, finished = result.stdout.splitlines()[-2:]
+    words = logged.split()   # logged 10000 in S dropped D: the launcher's loop is never held
+    assert float(words[3]) < 5 and int(words[5]) >= 1, result.stdout
+    assert "wandb has not taken the last 1000 rows" in result.stderr
+    words = finished.split()
     assert words[:2] == ["finished", "False"] and float(words[3]) < 10, result.stdout
     assert "wandb did not finish within 3s" in result.stderr
