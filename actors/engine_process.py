@@ -191,20 +191,27 @@ class EngineProcess(Engine):
         poller = zmq.Poller()
         poller.register(self._socket, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
-        next_check = 0.0
+        next_check, unsent = 0.0, False
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(200))
+                events = dict(poller.poll(20 if unsent else 200))
                 if self._wake_in in events:
                     while True:
                         try:
                             self._wake_in.recv(zmq.NOBLOCK)
                         except zmq.Again:
                             break
+                if self._wake_in in events or unsent:
                     with self._outbox_lock:
                         outbox, self._outbox = self._outbox, []
                     if outbox:   # one message of every entry waiting
-                        self._socket.send(msgpack.packb(outbox, use_bin_type=True))
+                        try:   # never blocks: an engine process not reading must not stop the death check below
+                            self._socket.send(msgpack.packb(outbox, use_bin_type=True), zmq.NOBLOCK)
+                            unsent = False
+                        except zmq.Again:   # its queue is full: these go first at the next turn
+                            with self._outbox_lock:
+                                self._outbox[:0] = outbox
+                            unsent = True
                 if self._socket in events:
                     while True:
                         try:
