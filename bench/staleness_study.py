@@ -44,6 +44,7 @@ from common.metrics import read_metrics  # noqa: E402
 CORRECTIONS = {
     "none": ["loss.is_correction=none"],
     "truncate": ["loss.is_correction=truncate"],            # token-level truncated IS, cap loss.is_cap
+    "truncate_cap8": ["loss.is_correction=truncate", "loss.is_cap=8"],   # the same, weights up to 8
     "mask": ["loss.is_correction=mask"],                    # token-level masked IS
     "sequence": ["loss.is_correction=sequence"],            # one weight per row: geometric mean, truncated
     "decoupled": ["loss.is_correction=truncate", "trainer.minibatches=4"],   # trust region acts from mini-batch 2
