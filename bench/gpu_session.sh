@@ -89,7 +89,7 @@ for part in "$@"; do
       elif [[ -n ${STUDY_FROM:-} ]]; then cp -r "$STUDY_FROM"/. "$OUT/study/"; fi
       timeout ${STUDY_TIMEOUT:-540} python -m bench.staleness_study --config gpu --runs-dir "$OUT/study" \
         --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 200 )) \
-        ${STUDY_ARGS:---lags 0 4 8 --corrections none truncate truncate_cap8 decoupled --seeds 0 1 --steps 40 --parallel 3} \
+        ${STUDY_ARGS:---lags 0 8 --corrections none truncate truncate_cap8 decoupled decoupled_cap8 --seeds 0 1 --steps 40 --parallel 3} \
         actors.gpu_memory_utilization=0.15 actors.enforce_eager=true trainer.export_final=false \
         model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/study.txt" 2>&1
       find "$OUT/study" -name '*.safetensors' -delete; rm -rf "$OUT"/study/*/checkpoints

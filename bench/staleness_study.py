@@ -48,6 +48,7 @@ CORRECTIONS = {
     "mask": ["loss.is_correction=mask"],                    # token-level masked IS
     "sequence": ["loss.is_correction=sequence"],            # one weight per row: geometric mean, truncated
     "decoupled": ["loss.is_correction=truncate", "trainer.minibatches=4"],   # trust region acts from mini-batch 2
+    "decoupled_cap8": ["loss.is_correction=truncate", "loss.is_cap=8", "trainer.minibatches=4"],
     "behaviour_ppo": ["loss.objective=behaviour", "trainer.minibatches=4"],  # clip pi_theta/mu directly
 }
 STABILITY = ("loss/kl_behaviour", "learner/grad_norm", "loss/entropy_proxy", "loss/is_truncated_frac",
