@@ -51,7 +51,7 @@ for part in "$@"; do
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
       done
-      bundle runs ;   tail -25 "$OUT/job.txt" ;;
+      bundle runs; tail -25 "$OUT/job.txt" ;;
     job2)
       timeout 560 python bench/async_vs_sync.py --config gpu --actors 1 --metric eval/reward --window 1 \
         --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs2" --timeout-s 270 \
@@ -60,7 +60,7 @@ for part in "$@"; do
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs2/$r/final" "$OUT/runs2/$r/checkpoints"
       done
-      bundle runs2 ;   tail -25 "$OUT/job2.txt" ;;
+      bundle runs2; tail -25 "$OUT/job2.txt" ;;
     learner)
       watcher=$(stacks_before $(( ${LEARNER_TIMEOUT:-330} - 30 )) learner)
       timeout ${LEARNER_TIMEOUT:-330} python -m bench.learner_bench --out "$OUT/learner_bench.json" ${LEARNER_ARGS:-} \
