@@ -13,8 +13,9 @@
 #            (the two-GPU issue: push, actor with ACTOR_ARGS="--models 1.5b --transport nccl", job2; then,
 #            here, python -m bench.two_gpu <each call's files_at> writes bench/results/two_gpu.json)
 #   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study, back as
-#            study.tgz; cells carried back in (STUDY_FROM, a study.tgz or a folder of finished
-#            cells) are read, not run again
+#            study.tgz; the finished cells of bench/results/staleness_study_gpu.json (the grid so
+#            far, kept in the repo: copy the call's staleness_study_gpu.json there) and any carried
+#            back in (STUDY_FROM, a study.tgz or a folder of finished cells) are read, not run again
 # job, job2 and study bring their run folders back as one .tgz each (a call returns at most 8 files)
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
 # machine written to $OUT/stacks-<part>.txt (py-spy, when staged): a hang names where it waits.
@@ -87,8 +88,12 @@ for part in "$@"; do
       mkdir -p "$OUT/study"
       if [[ ${STUDY_FROM:-} == *.tgz ]]; then tar xzf "$STUDY_FROM" -C "$OUT"
       elif [[ -n ${STUDY_FROM:-} ]]; then cp -r "$STUDY_FROM"/. "$OUT/study/"; fi
+      resume=(); [[ -f bench/results/staleness_study_gpu.json ]] && resume=(--resume-from bench/results/staleness_study_gpu.json)
+      # cells take 150-200 s with 3 at once on an H100 (2026-12-07); 2 of 3 engines started at the
+      # same moment failed to start there, so starts are 20 s apart
       timeout ${STUDY_TIMEOUT:-540} python -m bench.staleness_study --config gpu --runs-dir "$OUT/study" \
-        --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 200 )) \
+        --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 220 )) \
+        "${resume[@]}" --stagger-s 20 \
         ${STUDY_ARGS:---lags 0 8 --corrections none truncate truncate_cap8 decoupled decoupled_cap8 --seeds 0 1 --steps 40 --parallel 3} \
         actors.gpu_memory_utilization=0.15 actors.enforce_eager=true trainer.export_final=false \
         model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/study.txt" 2>&1

@@ -20,9 +20,13 @@ as too old: throughput against accuracy for each bound.
 
 Runs already finished under --runs-dir are read, not run again, so a grid can be continued
 (past --budget-s no new cell starts: a grid too large for one sitting, or one device call,
-goes on in the next). --parallel N runs N cells at once (on one GPU, give each its share:
-actors.gpu_memory_utilization=0.15, say). Prints a markdown table (mean and min-max over seeds
-per cell), then one JSON line.
+goes on in the next). --resume-from takes the finished cells of an earlier --out JSON instead
+(same setting; run folders not needed), so a grid goes on in another session or on another
+machine from a file kept in bench/results/. --parallel N runs N cells at once (on one GPU,
+give each its share: actors.gpu_memory_utilization=0.15, say), their starts --stagger-s apart
+(two vLLM engines profiling one GPU's memory at once can fail to start). A failed cell's
+whole stderr is kept in its folder (study-stderr.log). Prints a markdown table (mean and
+min-max over seeds per cell), then one JSON line.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,11 +64,30 @@ def cell_name(lag: int, correction: str, lr: float | None, seed: int, free_runni
     return f"{'bound' if free_running else 'lag'}{lag}-{correction}" + (f"-lr{lr:g}" if lr else "") + f"-seed{seed}"
 
 
-def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadline: float = float("inf")) -> dict:
-    """Run (or read) one cell; returns its scores, or why it has none."""
+class Stagger:
+    """Starts at least `gap_s` apart, in the order asked, across the pool's threads."""
+
+    def __init__(self, gap_s: float):
+        self.gap_s, self.lock, self.last = gap_s, threading.Lock(), None
+
+    def wait(self) -> None:
+        with self.lock:
+            if self.last is not None:
+                time.sleep(max(0.0, self.last + self.gap_s - time.monotonic()))
+            self.last = time.monotonic()
+
+
+def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadline: float = float("inf"),
+             finished: dict | None = None, stagger: Stagger | None = None) -> dict:
+    """Run (or read) one cell; returns its scores, or why it has none. `finished`: cells
+    read from --resume-from, by name."""
     run_dir = Path(args.runs_dir) / cell_name(lag, correction, lr, seed, args.free_running)
+    if finished and run_dir.name in finished:
+        return finished[run_dir.name]
     done = run_dir / "study.done"
     if not done.exists():
+        if stagger is not None:
+            stagger.wait()
         if time.monotonic() >= deadline:
             return {"cell": run_dir.name, "skipped": f"not started: --budget-s {args.budget_s:g} was spent"}
         overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"trainer.publish_lag={0 if args.free_running else lag}",
@@ -80,7 +104,9 @@ def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadl
             tail = (e.stderr or b"")[-1500:]
             return {"cell": run_dir.name, "error": f"timed out after {args.timeout_s:g}s (--timeout-s); stderr ends:\n"
                                                    f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}"}
-        if result.returncode != 0:
+        if result.returncode != 0:   # the root cause is often far above the tail (an engine's start)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "study-stderr.log").write_text(result.stderr)
             return {"cell": run_dir.name, "error": result.stderr[-1500:]}
         done.write_text(json.dumps({"wall_s": time.monotonic() - t, "setting": setting(args)}))
     return score(run_dir, json.loads(done.read_text())["wall_s"]) | {
@@ -92,6 +118,27 @@ def setting(args) -> dict:
     back only under the same setting."""
     return {"config": args.config, "actors": args.actors, "steps": args.steps, "eval_tasks": args.eval_tasks,
             "overrides": list(args.overrides), "free_running": args.free_running}
+
+
+def resumed_cells(args, paths: list) -> dict:
+    """The finished cells (no error) of earlier --out files, by name, where those files ran
+    under this command's setting (the keys a file records; files before the setting was
+    recorded have config, steps, overrides and free_running). Another setting is an error."""
+    now, finished = setting(args), {}
+    for path in paths:
+        try:
+            earlier = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--resume-from {path}: cannot read it as a study's --out JSON ({e})")
+        were = earlier.get("setting") or {k: earlier[k] for k in ("config", "steps", "overrides", "free_running")
+                                          if k in earlier}
+        if any(now[k] != v for k, v in were.items() if k in now):
+            raise SystemExit(f"--resume-from {path} ran with another setting ({were}; now {now}): "
+                             "its cells are not this grid's")
+        for row in earlier.get("runs", []):
+            if "error" not in row and "skipped" not in row and row.get("held_out") is not None:
+                finished[row["cell"]] = row
+    return finished
 
 
 def stale_cells(args, cells: list) -> list:
@@ -208,6 +255,9 @@ def main(argv=None) -> dict:
     p.add_argument("--runs-dir", default="runs/staleness")
     p.add_argument("--timeout-s", type=float, default=1800, help="per run")
     p.add_argument("--parallel", type=int, default=1, help="cells run at once")
+    p.add_argument("--stagger-s", type=float, default=0.0, help="at least this long between two cells' starts")
+    p.add_argument("--resume-from", nargs="+", default=[], metavar="JSON",
+                   help="earlier --out files: their finished cells (same setting) are taken, not run again")
     p.add_argument("--budget-s", type=float, default=float("inf"),
                    help="no cell starts after this many seconds (those skipped run when the grid is continued)")
     p.add_argument("--out", help="write every run's scores and the summary here (JSON)")
@@ -226,8 +276,11 @@ def main(argv=None) -> dict:
         name, were = other[0]
         p.error(f"{len(other)} finished cell(s) under --runs-dir {args.runs_dir} ran with another setting "
                 f"(first: {name}, {were}; now {setting(args)}): give this grid a --runs-dir of its own")
+    finished = resumed_cells(args, args.resume_from)
+    stagger = Stagger(args.stagger_s) if args.stagger_s > 0 else None
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        rows = list(pool.map(lambda cell: run_cell(args, *cell, deadline=deadline), cells))
+        rows = list(pool.map(lambda cell: run_cell(args, *cell, deadline=deadline, finished=finished,
+                                                   stagger=stagger), cells))
     skipped = [r["cell"] for r in rows if "skipped" in r]
     rows = [r for r in rows if "skipped" not in r]
     summary = summarise(rows)
@@ -236,6 +289,7 @@ def main(argv=None) -> dict:
         if "error" in r:
             print(f"[study] {r['cell']} failed:\n{r['error']}", file=sys.stderr)
     out = {"config": args.config, "free_running": args.free_running, "steps": args.steps, "lags": args.lags,
+           "setting": setting(args), "resumed_from": args.resume_from,
            "corrections": args.corrections,
            "seeds": args.seeds, "lrs": args.lrs, "overrides": args.overrides, "date": time.strftime("%Y-%m-%d"),
            "runs": rows, "summary": summary, "errors": [r["cell"] for r in rows if "error" in r], "skipped": skipped}

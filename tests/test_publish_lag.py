@@ -69,6 +69,19 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
                  "--parallel", "2", "--budget-s", "0"])
     assert out["skipped"] == ["lag4-truncate-seed0"] and out["errors"] == []
     assert [r["held_out"] for r in out["runs"]] == [scores["held_out"]] and not (cells / "lag4-truncate-seed0").exists()
+    # ... and in another session, from that grid's --out file alone (no run folders): its finished
+    # cell is taken as it was, the rest goes on; the new file holds both, so it chains
+    first = tmp_path / "grid.json"
+    study(["--runs-dir", str(cells), "--lags", "2", "4", "--corrections", "truncate", "--seeds", "0",
+           "--budget-s", "0", "--out", str(first)])
+    elsewhere = tmp_path / "elsewhere"
+    out = study(["--runs-dir", str(elsewhere), "--lags", "2", "4", "--corrections", "truncate", "--seeds", "0",
+                 "--budget-s", "0", "--resume-from", str(first), "--stagger-s", "0.01"])
+    assert out["skipped"] == ["lag4-truncate-seed0"] and [r["cell"] for r in out["runs"]] == ["lag2-truncate-seed0"]
+    assert out["runs"][0] == json.loads(first.read_text())["runs"][0] and not elsewhere.exists()
+    with pytest.raises(SystemExit, match="another setting"):   # a grid of more steps is not this one
+        study(["--runs-dir", str(elsewhere), "--lags", "2", "--corrections", "truncate", "--seeds", "0",
+               "--steps", "40", "--resume-from", str(first)])
     # a cell finished under another setting (here four mini-batches for all) is not read back as this grid's
     other = {"config": "tiny", "actors": 0, "steps": 30, "eval_tasks": 32, "overrides": ["trainer.minibatches=4"]}
     (tmp_path / "study.done").write_text(json.dumps({"wall_s": 1.0, "setting": other}))
@@ -95,3 +108,15 @@ def test_a_synchronous_run_refuses_a_lag_before_it_starts_anything():
     with pytest.raises(ConfigError, match="asynchronous") as info:
         sync_grpo.main(config)   # raises before Ray, the buffer or any part starts
     assert info.value.key == "trainer.publish_lag"
+
+
+def test_staggered_cells_start_at_least_the_gap_apart_from_any_thread():
+    import concurrent.futures
+    import time
+    from bench.staleness_study import Stagger
+
+    stagger, starts = Stagger(0.05), []
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda _: (stagger.wait(), starts.append(time.monotonic())), range(3)))
+    starts.sort()
+    assert all(b - a >= 0.049 for a, b in zip(starts, starts[1:]))
