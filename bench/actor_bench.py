@@ -43,6 +43,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -794,7 +795,8 @@ def summary(out: dict) -> dict:
             "logprob_gap_mean": a.get("logprob_gap_mean"), "logprob_gap_max": a.get("logprob_gap_max"),
             "greedy_equal": a.get("greedy_equal"), **_small(out.get("135m", {})),
             "vocab": {shape: out[shape]["vocab"] for shape in MODELS if shape in out}, "device": out.get("device"),
-            "date": datetime.date.today().isoformat(), "errors": sorted(out.get("errors", {}))}
+            "date": out.get("date") or datetime.date.today().isoformat(), "errors": sorted(out.get("errors", {})),
+            "phases": list(out.get("phase_s", {})), **({"stopped": out["stopped"]} if out.get("stopped") else {})}
 
 
 def _small(c: dict) -> dict:
@@ -806,7 +808,11 @@ def _small(c: dict) -> dict:
             "bare_tokens_per_s_135m": _mean(c.get("bare_continuous"), "engine_tokens_per_s"),
             "asyncrl_tokens_per_s_135m": _mean(c.get("asyncrl_continuous"), "engine_tokens_per_s"),
             "update_ms_135m": c.get("update_ms_median"), "floor_ms_135m": c.get("floor_ms"),
-            "stall_ms_135m": c.get("stall_gpu_ms_median")}
+            "stall_ms_135m": c.get("stall_gpu_ms_median"), "greedy_equal_135m": c.get("greedy_equal"),
+            "greedy_tokens_135m": f"{c['greedy_tokens_equal']}/{c['greedy_tokens_total']}"
+            if "greedy_tokens_total" in c else None,
+            "logprob_gap_mean_135m": c.get("logprob_gap_mean"), "logprob_gap_max_135m": c.get("logprob_gap_max"),
+            "versions_swapped_135m": f"{c['versions_swapped']}/{c['versions_sent']}" if "versions_sent" in c else None}
 
 
 def _mean(rows, key):
@@ -846,7 +852,13 @@ def main() -> None:
                         "(needs 2 GPUs; the floor then comes from bench/weight_push_bench.py)")
     p.add_argument("--checks-all", action="store_true", help="greedy and log-prob checks for every model")
     p.add_argument("--budget-s", type=float, default=540, help="optional phases are skipped past this")
+    p.add_argument("--summary-of", metavar="JSON",
+                   help="print the summary of an earlier run's actor_bench_<models>.json (one cut short too) and exit")
     args = p.parse_args()
+    if args.summary_of:
+        with open(args.summary_of) as f:
+            finish(json.load(f))
+        return
     if args.quick:
         args.prompts, args.rounds = 256, 1
     if args.transport == "nccl":
@@ -859,16 +871,36 @@ def main() -> None:
     if unknown := [m for m in models if m not in MODELS]:
         p.error(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
     path = os.path.join(out_dir, f"actor_bench_{'_'.join(models)}.json")
-    out = {"args": vars(args)}
-    for shape in models:
-        bench_model(shape, args, out, path, deadline)
+    out = {"args": vars(args), "date": datetime.date.today().isoformat()}
+    # a deadline's SIGTERM (timeout(1), the device call's limit) still gets the summary of what ran
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        for shape in models:
+            bench_model(shape, args, out, path, deadline)
+    except Stopped:
+        out["stopped"] = "SIGTERM: the phases after the last one in phase_s did not run"
+    finish(out, path)
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: the bench stops where it is and writes what it has."""
+
+
+def _terminated(signum, frame):
+    raise Stopped()
+
+
+def finish(out: dict, path: str | None = None) -> dict:
+    """The summary of a run (finished or not): into `out` (and its file), a table, then one JSON line."""
     out["summary"] = summary(out)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1, default=str)
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1, default=str)
     print(f"\n{'figure':28s} value")
     for k, v in out["summary"].items():
         print(f"{k:28s} {v:.4g}" if isinstance(v, float) else f"{k:28s} {v}")
     print(json.dumps(out["summary"], default=str), flush=True)
+    return out["summary"]
 
 
 def _reap() -> None:

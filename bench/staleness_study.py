@@ -45,14 +45,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.metrics import read_metrics  # noqa: E402
 
 # name -> config overrides. "none" is plain policy gradient on the stale tokens (one
-# mini-batch: pi_theta = pi_prox, so the clip never acts, and w = 1).
+# mini-batch: pi_theta = pi_prox, so the clip never acts, and w = 1). Every cap is named, not
+# taken from the config, so a cell means the same whatever a config sets (configs/gpu.yaml: 8).
 CORRECTIONS = {
     "none": ["loss.is_correction=none"],
-    "truncate": ["loss.is_correction=truncate"],            # token-level truncated IS, cap loss.is_cap
+    "truncate": ["loss.is_correction=truncate", "loss.is_cap=2"],   # token-level truncated IS, weights up to 2
     "truncate_cap8": ["loss.is_correction=truncate", "loss.is_cap=8"],   # the same, weights up to 8
-    "mask": ["loss.is_correction=mask"],                    # token-level masked IS
-    "sequence": ["loss.is_correction=sequence"],            # one weight per row: geometric mean, truncated
-    "decoupled": ["loss.is_correction=truncate", "trainer.minibatches=4"],   # trust region acts from mini-batch 2
+    "mask": ["loss.is_correction=mask", "loss.is_cap=2"],    # token-level masked IS
+    "sequence": ["loss.is_correction=sequence", "loss.is_cap=2"],   # one weight per row: geometric mean, truncated
+    "decoupled": ["loss.is_correction=truncate", "loss.is_cap=2", "trainer.minibatches=4"],   # trust region from mini-batch 2
     "decoupled_cap8": ["loss.is_correction=truncate", "loss.is_cap=8", "trainer.minibatches=4"],
     "behaviour_ppo": ["loss.objective=behaviour", "trainer.minibatches=4"],  # clip pi_theta/mu directly
 }

@@ -1,5 +1,6 @@
 """bench/actor_bench.py's model shapes, against what they stand for (the bench itself needs a GPU)."""
 import importlib.util
+import json
 import pathlib
 
 import pytest
@@ -40,3 +41,21 @@ def test_an_unknown_model_is_refused_naming_the_known_ones(capsys, monkeypatch):
         actor_bench.main()
     err = capsys.readouterr().err
     assert "--models: unknown ['7b']" in err and "135m, 0.5b, 1.5b" in err
+
+
+def test_a_run_cut_short_still_summarises_what_it_measured(tmp_path, capsys, monkeypatch):
+    # as a run killed by its deadline leaves its file: the 135M shape done, the 0.5B one partway
+    out = {"args": {"weight_staging": "full"}, "date": "2026-12-07", "device": "NVIDIA H100 80GB HBM3",
+           "phase_s": {"135m/start": 90.0, "135m/checks": 3.5, "0.5b/start": 95.0},
+           "135m": {"vocab": 49152, "ratio_tokens": 0.97, "greedy_equal": True, "greedy_tokens_equal": 384,
+                    "greedy_tokens_total": 384, "versions_sent": 82, "versions_swapped": 82},
+           "0.5b": {"vocab": 151936}, "stopped": "SIGTERM"}
+    path = tmp_path / "actor_bench_135m_0.5b.json"
+    path.write_text(json.dumps(out))
+    monkeypatch.setattr("sys.argv", ["actor_bench", "--summary-of", str(path)])
+    actor_bench.main()
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["ratio_tokens_135m"] == 0.97 and line["greedy_tokens_135m"] == "384/384"
+    assert line["versions_swapped_135m"] == "82/82" and line["ratio_tokens_0p5b"] is None
+    assert line["phases"] == ["135m/start", "135m/checks", "0.5b/start"] and line["stopped"] == "SIGTERM"
+    assert line["date"] == "2026-12-07" and line["device"] == "NVIDIA H100 80GB HBM3"
