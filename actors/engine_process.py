@@ -18,11 +18,15 @@ of the engine there, for benches and tests). Nothing waits forever: the engine p
 say it is ready within startup_timeout_s, every call has call_timeout_s, a generate waits as
 long as its caller (the rollout loop's own deadline cancels it), and the client's I/O thread
 watches the process: if it dies, every pending request fails at once, naming its pid and exit
-code. The engine process watches its parent and exits with it.
+code. The engine process watches its parent and exits with it. Its stderr (and that of what
+it starts, such as vLLM's engine core) passes through this process's stderr, and its last
+lines are kept: a failed start or a death quotes them, since the root cause is often only
+there ("Engine core initialization failed. See root cause above.").
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import itertools
 import os
@@ -39,6 +43,7 @@ from common.dotted import load
 
 CALLS = ("version", "check", "stats", "start_weight_updates", "close", "run")
 CHECK_EVERY_S = 0.5
+STDERR_LINES = 30   # of the engine process's stderr, quoted when it fails
 
 
 class EngineProcessError(RuntimeError):
@@ -79,9 +84,13 @@ class EngineProcess(Engine):
         self._wake_out.connect(self._wake_address)
         self._outbox: list = []
         self.proc = subprocess.Popen([sys.executable, "-m", "actors.engine_process"], stdin=subprocess.PIPE,
+                                     stderr=subprocess.PIPE,
                                      env={**os.environ, "ASYNCRL_ENGINE_PARENT": str(os.getpid()),
                                           # what this process imports, the engine process imports too
                                           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+        self._stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES)
+        self._stderr_thread = threading.Thread(target=self._pass_stderr, name=f"{name}-stderr", daemon=True)
+        self._stderr_thread.start()
         self.proc.stdin.write(pickle.dumps({"build": build, "kwargs": kwargs, "address": self.address}))
         self.proc.stdin.close()
         self._socket = ctx.socket(zmq.DEALER)
@@ -92,6 +101,9 @@ class EngineProcess(Engine):
         self._thread.start()
         try:
             self._call("version", timeout_s=startup_timeout_s, what="starting")   # answered once it is built
+        except Exception as e:
+            self.close()
+            raise _with_text(e, self.stderr_tail()) from e
         except BaseException:
             self.close()
             raise
@@ -153,6 +165,28 @@ class EngineProcess(Engine):
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10.0)
+
+    def stderr_tail(self) -> str:
+        """The engine process's last lines of stderr, quoted for an error ('' if none yet)."""
+        if self._stderr_thread.is_alive() and self.proc.poll() is not None:
+            self._stderr_thread.join(2.0)   # a process that died: its last lines are still in the pipe
+        lines = list(self._stderr_tail)
+        return f"\nthe last {len(lines)} lines of its stderr:\n" + "".join(lines) if lines else ""
+
+    def _pass_stderr(self) -> None:
+        """The engine process's stderr, line by line, to this process's own, its tail kept."""
+        out = getattr(sys.stderr, "buffer", None)
+        for raw in iter(self.proc.stderr.readline, b""):
+            self._stderr_tail.append(raw.decode(errors="replace"))
+            try:
+                if out is not None:
+                    out.write(raw)
+                    out.flush()
+                else:
+                    sys.stderr.write(raw.decode(errors="replace"))
+            except (OSError, ValueError):
+                pass   # this process's stderr is gone: the tail is still kept
+        self.proc.stderr.close()
 
     # -- plumbing -----------------------------------------------------------------------------
     def _submit(self, op: str, payload, loop, future) -> int:
@@ -224,7 +258,8 @@ class EngineProcess(Engine):
                     next_check = time.monotonic() + 0.5
                     code = self.proc.poll()
                     if code is not None:
-                        self._fail_all(f"the {self.name} process (pid {self.proc.pid}) exited with code {code}")
+                        self._fail_all(f"the {self.name} process (pid {self.proc.pid}) exited with code {code}"
+                                       + self.stderr_tail())
                         return
         except Exception as e:   # the client can no longer reach the engine: say so to every waiter
             self._fail_all(f"the {self.name} process's client failed: {type(e).__name__}: {e}")
@@ -254,6 +289,16 @@ class EngineProcess(Engine):
                 future.set_exception(EngineProcessError(reason))
             else:
                 settle_from_thread(loop, future, error=EngineProcessError(reason))
+
+
+def _with_text(error: Exception, text: str) -> Exception:
+    """The same error with `text` added to its message, where its type allows; else itself."""
+    if not text:
+        return error
+    try:
+        return type(error)(f"{error}{text}")
+    except Exception:
+        return error
 
 
 # -- the engine process ---------------------------------------------------------------------

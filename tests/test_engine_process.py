@@ -3,6 +3,8 @@ every way it can fail ends the waits on it in time, naming it."""
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -103,6 +105,22 @@ def test_a_killed_engine_process_fails_every_wait_on_it_in_time_naming_it(tiny_m
 def test_an_engine_that_cannot_be_built_fails_the_start_with_the_cause(tmp_path):
     with pytest.raises(EngineProcessError, match="in the engine process"):
         EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(str(tmp_path / "no-model")), startup_timeout_s=120)
+
+
+def engine_whose_helper_fails(**_):
+    """As vLLM's engine start fails: a helper process it started prints the cause to stderr and
+    dies, and the error raised here only says to look above."""
+    subprocess.run([sys.executable, "-c", "import sys; sys.stderr.write('helper: CUDA out of memory, "
+                    "tried to allocate 12.0 GiB\\n'); sys.exit(3)"])
+    raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+
+def test_a_failed_start_quotes_the_root_cause_that_only_its_stderr_has(capfd):
+    with pytest.raises(EngineProcessError) as info:
+        EngineProcess("tests.test_engine_process:engine_whose_helper_fails", {}, startup_timeout_s=60)
+    text = str(info.value)
+    assert "See root cause above" in text and "helper: CUDA out of memory, tried to allocate 12.0 GiB" in text
+    assert "helper: CUDA out of memory" in capfd.readouterr().err   # and it still reached this process's stderr
 
 
 def test_weights_reach_an_engine_process_over_the_broadcast_channel(tiny_model_path):
