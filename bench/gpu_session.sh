@@ -7,7 +7,9 @@
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
 #   actor    bench/actor_bench.py (ACTOR_ARGS, default: the issue's one call, both shapes; on a 2-GPU kind add
-#            --transport nccl for the learner on GPU 0 and vLLM on GPU 1)
+#            --transport nccl for the learner on GPU 0 and vLLM on GPU 1); its deadline is ACTOR_TIMEOUT
+#            (595 s): in a call that also installs, pass ACTOR_TIMEOUT=540 (install + 595 s passed the
+#            call's 600 s on 2026-12-07; the bench then prints what it measured, on SIGTERM)
 #   push     bench/weight_push_bench.py --backend nccl (2 GPUs): the broadcast channel against a
 #            plain NCCL broadcast of the same bytes, 0.5B and 1.5B shapes
 #            (the two-GPU issue: push, actor with ACTOR_ARGS="--models 1.5b --transport nccl", job2; then,
