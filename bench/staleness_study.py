@@ -46,7 +46,7 @@ from common.metrics import read_metrics  # noqa: E402
 
 # name -> config overrides. "none" is plain policy gradient on the stale tokens (one
 # mini-batch: pi_theta = pi_prox, so the clip never acts, and w = 1). Every cap is named, not
-# taken from the config, so a cell means the same whatever a config sets (configs/gpu.yaml: 8).
+# taken from the config, so a cell means the same whatever the default (2 until 2026-12-07, now 8).
 CORRECTIONS = {
     "none": ["loss.is_correction=none"],
     "truncate": ["loss.is_correction=truncate", "loss.is_cap=2"],   # token-level truncated IS, weights up to 2

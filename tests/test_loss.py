@@ -57,9 +57,9 @@ def test_masking_drops_tokens_with_extreme_weights_either_way():
 
 def test_behaviour_objective_clips_against_the_actor_policy():
     # ratio pi/mu = e^1 = 2.72 with A > 0: clipped at 1.28, no gradient; no extra weight.
-    loss, grad, m = one_token(-1.0, -1.0, -2.0, advantage=1.0, objective="behaviour")
+    loss, grad, m = one_token(-1.0, -1.0, -2.0, advantage=1.0, objective="behaviour", is_cap=2.0)
     assert loss == pytest.approx(-1.28) and grad == 0.0
-    # the staleness signals still say how far the data is off policy: log pi_prox/mu = 1
+    # the staleness signals still say how far the data is off policy: log pi_prox/mu = 1, w above the cap
     assert m["loss/kl_behaviour"] == pytest.approx(math.e - 2) and m["loss/is_truncated_frac"] == 1.0
     assert m["loss/is_weight_mean"] == 1.0   # and nothing was reweighted
 
