@@ -878,12 +878,13 @@ def main() -> None:
         for shape in models:
             bench_model(shape, args, out, path, deadline)
     except Stopped:
-        out["stopped"] = "SIGTERM: the phases after the last one in phase_s did not run"
+        out["stopped"] = "SIGTERM: the phase after the last one in phase_s was cut short, and later ones did not run"
     finish(out, path)
 
 
-class Stopped(Exception):
-    """SIGTERM arrived: the bench stops where it is and writes what it has."""
+class Stopped(BaseException):
+    """SIGTERM arrived: the bench stops where it is and writes what it has (a BaseException,
+    so that no phase's handler takes it for that phase's failure and goes on)."""
 
 
 def _terminated(signum, frame):
