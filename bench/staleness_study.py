@@ -87,8 +87,8 @@ def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadl
         return finished[run_dir.name]
     done = run_dir / "study.done"
     if not done.exists():
-        if stagger is not None:
-            stagger.wait()
+        if time.monotonic() < deadline and stagger is not None:
+            stagger.wait()   # (a cell past the budget waits for no gap)
         if time.monotonic() >= deadline:
             return {"cell": run_dir.name, "skipped": f"not started: --budget-s {args.budget_s:g} was spent"}
         overrides = [f"run.dir={run_dir}", f"run.seed={seed}", f"trainer.publish_lag={0 if args.free_running else lag}",

@@ -1,6 +1,7 @@
 """trainer.publish_lag = k: the actors get version v - k when the learner makes v, so every
 group the learner trains on is exactly k versions old (the off-policy study's variable)."""
 import json
+import time
 
 import pytest
 import torch
@@ -75,9 +76,12 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
     study(["--runs-dir", str(cells), "--lags", "2", "4", "--corrections", "truncate", "--seeds", "0",
            "--budget-s", "0", "--out", str(first)])
     elsewhere = tmp_path / "elsewhere"
-    out = study(["--runs-dir", str(elsewhere), "--lags", "2", "4", "--corrections", "truncate", "--seeds", "0",
-                 "--budget-s", "0", "--resume-from", str(first), "--stagger-s", "0.01"])
-    assert out["skipped"] == ["lag4-truncate-seed0"] and [r["cell"] for r in out["runs"]] == ["lag2-truncate-seed0"]
+    t = time.monotonic()   # cells past the budget do not wait out the gap between starts
+    out = study(["--runs-dir", str(elsewhere), "--lags", "2", "4", "8", "--corrections", "truncate", "--seeds", "0",
+                 "--budget-s", "0", "--resume-from", str(first), "--stagger-s", "600"])
+    assert time.monotonic() - t < 60
+    assert out["skipped"] == ["lag4-truncate-seed0", "lag8-truncate-seed0"]
+    assert [r["cell"] for r in out["runs"]] == ["lag2-truncate-seed0"]
     assert out["runs"][0] == json.loads(first.read_text())["runs"][0] and not elsewhere.exists()
     with pytest.raises(SystemExit, match="another setting"):   # a grid of more steps is not this one
         study(["--runs-dir", str(elsewhere), "--lags", "2", "--corrections", "truncate", "--seeds", "0",
