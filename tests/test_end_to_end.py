@@ -55,12 +55,18 @@ def test_every_step_logs_the_required_metrics_and_a_progress_line(async_run):
 
 def test_every_step_says_where_the_actors_and_the_learners_time_went(async_run):
     run_dir, _, _ = async_run
-    for m in read_metrics(run_dir)[1:]:
+    steps = read_metrics(run_dir)[1:]
+    for m in steps:
         shares = [m[f"actor/time/{kind}"] for kind in ("generation", "environment", "buffer", "waiting", "idle")]
         assert abs(sum(shares) - 1) < 1e-6 and all(s >= 0 for s in shares), m
         assert len(m["actor/time/generation_by_actor"]) == 2
-        assert m["actor/time/generation"] > 0   # the CPU engine is what the actors wait on
         assert abs(m["weights/gather_s"] + m["weights/send_s"] - m["weights/sync_s"]) < 1e-6
+    # the CPU engine is what the actors spend most on, and each actor generates; not in every
+    # step: a step of 30 ms can fall wholly while both actors are held by the buffer's back-pressure
+    generation = [m["actor/time/generation"] for m in steps]
+    assert sum(g > 0 for g in generation) >= 0.8 * len(steps) and sum(generation) / len(steps) > 0.2, generation
+    for actor in range(2):
+        assert sum(m["actor/time/generation_by_actor"][actor] for m in steps) > 0
     assert (run_dir / "actor_time.png").stat().st_size > 5000
 
 
