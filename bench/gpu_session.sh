@@ -3,7 +3,8 @@
 # $OUT (GPU machine; vLLM, Ray and the project's packages staged into /tmp/site beforehand,
 # ../shared/gpu/README.md).  Usage: bash bench/gpu_session.sh job | learner | tests ...
 #   job      the GPU job (configs/gpu.yaml): sync_grpo then async_grpo, wall-clock to held-out accuracy
-#            (RECIPES: which of them; JOB_OVERRIDES: key=value for both, e.g. "loss.is_cap=2 run.seed=1")
+#            (RECIPES: which of them; JOB_OVERRIDES: key=value for both, e.g. "loss.is_cap=2 run.seed=1";
+#            JOB_TIMEOUT, 560 s: in a call that also installs, 500, so the runs come back bundled)
 #   job2     the same on a 2-GPU kind, actor group and learner on a GPU each (weights over NCCL)
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
@@ -49,7 +50,7 @@ for part in "$@"; do
   start=$(date +%s)
   case $part in
     job)
-      timeout 560 python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
+      timeout ${JOB_TIMEOUT:-560} python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
         --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs" --timeout-s 270 \
         model.cache_dir=/tmp/asyncrl-models run.wandb=disabled ${JOB_OVERRIDES:-} --recipes ${RECIPES:-sync_grpo async_grpo} > "$OUT/job.txt" 2>&1
       for r in sync_grpo async_grpo; do
