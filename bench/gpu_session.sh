@@ -4,7 +4,9 @@
 # ../shared/gpu/README.md).  Usage: bash bench/gpu_session.sh job | learner | tests ...
 #   job      the GPU job (configs/gpu.yaml): sync_grpo then async_grpo, wall-clock to held-out accuracy
 #            (RECIPES: which of them; JOB_OVERRIDES: key=value for both, e.g. "loss.is_cap=2 run.seed=1";
-#            JOB_TIMEOUT, 560 s: in a call that also installs, 500, so the runs come back bundled)
+#            JOB_TIMEOUT, 560 s; each run has 330 s: the first pays the model's conversion and vLLM's first
+#            compile, 205 s of start-up on 2026-12-07, and at 270 s sync was cut at step 64 of 100; so run
+#            the job in a call of its own, not in the one that installs)
 #   job2     the same on a 2-GPU kind, actor group and learner on a GPU each (weights over NCCL)
 #   learner  bench/learner_bench.py: learner tokens/s and MFU, 0.5B and 1.5B shapes
 #   tests    the GPU tests (tests/test_vllm_engine.py, tests/test_gpu.py)
@@ -16,10 +18,15 @@
 #            plain NCCL broadcast of the same bytes, 0.5B and 1.5B shapes
 #            (the two-GPU issue: push, actor with ACTOR_ARGS="--models 1.5b --transport nccl", job2; then,
 #            here, python -m bench.two_gpu <each call's files_at> writes bench/results/two_gpu.json)
-#   study    bench/staleness_study.py on the GPU job (STUDY_ARGS); cells under $OUT/study, back as
-#            study.tgz; the finished cells of bench/results/staleness_study_gpu.json (the grid so
-#            far, kept in the repo: copy the call's staleness_study_gpu.json there) and any carried
-#            back in (STUDY_FROM, a study.tgz or a folder of finished cells) are read, not run again
+#   study    bench/staleness_study.py on the GPU job (STUDY_ARGS, STUDY_OVERRIDES: key=value for every
+#            cell); cells under $OUT/study, back as study.tgz; the finished cells of
+#            bench/results/$STUDY_NAME.json (default staleness_study_gpu: the grid so far, kept in the
+#            repo: copy the call's $STUDY_NAME.json there) and any carried back in (STUDY_FROM, a
+#            study.tgz or a folder of finished cells) are read, not run again. A learner at the GPU
+#            config's micro-batch of 32,768 tokens holds about 17 GiB: three lag-8 cells beside their
+#            engines ran out of the H100's memory on 2026-12-07. STUDY_OVERRIDES=trainer.micro_batch_tokens=8192
+#            (the same gradients, in more passes) lets four run at once; a grid with other overrides is
+#            another setting, so give it a STUDY_NAME of its own.
 # job, job2 and study bring their run folders back as one .tgz each (a call returns at most 8 files)
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
 # machine written to $OUT/stacks-<part>.txt (py-spy, when staged): a hang names where it waits.
@@ -51,7 +58,7 @@ for part in "$@"; do
   case $part in
     job)
       timeout ${JOB_TIMEOUT:-560} python bench/async_vs_sync.py --config gpu --metric eval/reward --window 1 \
-        --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs" --timeout-s 270 \
+        --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs" --timeout-s 330 \
         model.cache_dir=/tmp/asyncrl-models run.wandb=disabled ${JOB_OVERRIDES:-} --recipes ${RECIPES:-sync_grpo async_grpo} > "$OUT/job.txt" 2>&1
       for r in sync_grpo async_grpo; do
         rm -rf "$OUT/runs/$r/final" "$OUT/runs/$r/checkpoints"   # weights do not travel back
@@ -59,7 +66,7 @@ for part in "$@"; do
       bundle runs; tail -25 "$OUT/job.txt" ;;
     job2)
       timeout 560 python bench/async_vs_sync.py --config gpu --actors 1 --metric eval/reward --window 1 \
-        --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs2" --timeout-s 270 \
+        --targets 0.5 0.6 0.7 0.8 0.85 --runs-dir "$OUT/runs2" --timeout-s 330 \
         run.colocate=false trainer.gpus=1 actors.gpus_per_group=1 actors.gpu_memory_utilization=0.8 \
         model.cache_dir=/tmp/asyncrl-models run.wandb=disabled --recipes ${RECIPES:-sync_grpo async_grpo} > "$OUT/job2.txt" 2>&1
       for r in sync_grpo async_grpo; do
@@ -92,15 +99,16 @@ for part in "$@"; do
       mkdir -p "$OUT/study"
       if [[ ${STUDY_FROM:-} == *.tgz ]]; then tar xzf "$STUDY_FROM" -C "$OUT"
       elif [[ -n ${STUDY_FROM:-} ]]; then cp -r "$STUDY_FROM"/. "$OUT/study/"; fi
-      resume=(); [[ -f bench/results/staleness_study_gpu.json ]] && resume=(--resume-from bench/results/staleness_study_gpu.json)
+      name=${STUDY_NAME:-staleness_study_gpu}
+      resume=(); [[ -f bench/results/$name.json ]] && resume=(--resume-from "bench/results/$name.json")
       # cells take 150-200 s with 3 at once on an H100 (2026-12-07); 2 of 3 engines started at the
       # same moment failed to start there, so starts are 20 s apart
       timeout ${STUDY_TIMEOUT:-540} python -m bench.staleness_study --config gpu --runs-dir "$OUT/study" \
-        --out "$OUT/staleness_study_gpu.json" --plot "$OUT/off-policy-gpu.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 220 )) \
+        --out "$OUT/$name.json" --plot "$OUT/$name.png" --budget-s $(( ${STUDY_TIMEOUT:-540} - 220 )) \
         "${resume[@]}" --stagger-s 20 \
         ${STUDY_ARGS:---lags 0 8 --corrections none truncate truncate_cap8 decoupled decoupled_cap8 --seeds 0 1 --steps 40 --parallel 3} \
         actors.gpu_memory_utilization=0.15 actors.enforce_eager=true trainer.export_final=false \
-        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled > "$OUT/study.txt" 2>&1
+        model.cache_dir=/tmp/asyncrl-models run.wandb=disabled ${STUDY_OVERRIDES:-} > "$OUT/study.txt" 2>&1
       find "$OUT/study" -name '*.safetensors' -delete; rm -rf "$OUT"/study/*/checkpoints
       bundle study
       tail -25 "$OUT/study.txt" | cut -c1-400 ;;
