@@ -145,6 +145,12 @@ def actor_time(actor_stats: list, before: dict) -> dict:
     swap_s = [s.get("weight_swap_s", 0.0) - before.get(s["actor_id"], {}).get("weight_swap_s", 0.0)
               for s in actor_stats]
     metrics["actor/weight_swap_s"] = sum(swap_s) / len(swap_s)
+    # the share of prompt tokens vLLM's prefix cache served (engines that count them); the
+    # cache is salted by weight version, so a swap starts it afresh
+    prompt, cached = ([s[key] - before.get(s["actor_id"], {}).get(key, 0) for s in actor_stats if key in s]
+                      for key in ("prompt_tokens", "prompt_tokens_cached"))
+    if sum(prompt) > 0:
+        metrics["actor/prefix_cache_hit"] = sum(cached) / sum(prompt)
     return metrics
 
 

@@ -35,3 +35,13 @@ def test_a_kind_that_fails_inside_doing_still_ends():
     before = activity.seconds()["buffer"]
     time.sleep(0.05)
     assert activity.seconds()["buffer"] == before   # no longer counted as buffer time
+
+
+def test_a_steps_prefix_cache_share_is_of_the_prompt_tokens_since_the_last_step():
+    from launch.async_grpo import actor_time
+    before = {0: {"activity_s": {}, "prompt_tokens": 100, "prompt_tokens_cached": 40}}
+    now = [{"actor_id": 0, "activity_s": {}, "prompt_tokens": 300, "prompt_tokens_cached": 190},
+           {"actor_id": 1, "activity_s": {}, "prompt_tokens": 200, "prompt_tokens_cached": 50}]
+    assert actor_time(now, before)["actor/prefix_cache_hit"] == (150 + 50) / (200 + 200)
+    no_counts = [{"actor_id": 0, "activity_s": {}}]   # engines that do not count them (HF) add no key
+    assert "actor/prefix_cache_hit" not in actor_time(no_counts, {})

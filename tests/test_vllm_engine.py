@@ -239,12 +239,41 @@ def test_a_version_swapped_in_mid_request_shows_in_its_per_token_versions(engine
     engine.check()
 
 
+LONG_PROMPT = list(range(100, 164))   # four of vLLM's KV blocks of 16 tokens: its prefix cache keeps three
+
+
+def served(engine, version: int, within_s: float = 30.0) -> None:
+    """Wait until the engine serves `version` (its log has the swap)."""
+    deadline = time.monotonic() + within_s
+    while engine.version < version:
+        assert time.monotonic() < deadline, f"the engine still serves {engine.version}, not {version}, after {within_s}s"
+        time.sleep(0.01)
+
+
+@gpu
+def test_a_request_after_a_swap_reuses_no_prompt_kv_of_the_older_weights(engine_and_learner):
+    engine, learner = engine_and_learner
+
+    def cached_tokens_of_one_request() -> int:
+        before = engine.stats()["prompt_tokens_cached"]
+        run(engine.generate(LONG_PROMPT, 4, 0.0))
+        return engine.stats()["prompt_tokens_cached"] - before
+    cached_tokens_of_one_request()
+    assert 48 <= cached_tokens_of_one_request() < len(LONG_PROMPT)   # one version: the prompt's blocks are shared
+    version = learner.ask("publish_once")["version"]
+    served(engine, version)
+    assert cached_tokens_of_one_request() == 0   # the blocks the older weights computed are not reused
+    assert cached_tokens_of_one_request() >= 48  # and the new version's are
+
+
 @gpu
 def test_greedy_output_after_a_swap_equals_a_cold_started_engine(engine_and_learner, tmp_path):
     from actors.engines.vllm import VLLMEngine
     engine, learner = engine_and_learner
+    prompts = [[11, 12, 13], [40, 41], [7] * 9, LONG_PROMPT]
+    run(engine.generate(LONG_PROMPT, 24, 0.0))   # its prompt's KV, computed by the weights before the swap
     version = learner.ask("publish_once")["version"]
-    prompts = [[11, 12, 13], [40, 41], [7] * 9]
+    served(engine, version)
 
     async def sequential(e):
         return [await e.generate(p, 24, 0.0) for p in prompts]

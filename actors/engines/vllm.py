@@ -140,6 +140,7 @@ class VLLMEngine(Engine):
         self._sampling: dict = {}   # (max_new_tokens, temperature) -> SamplingParams
         self._closed = False
         self._updates_started = False
+        self.prompt_tokens = self.prompt_tokens_cached = 0   # of the requests returned so far
         self.args = {**dict(model=model_path, tensor_parallel_size=tensor_parallel_size,
                             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                             enforce_eager=enforce_eager, dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -217,11 +218,17 @@ class VLLMEngine(Engine):
         self.log.open(req_id)
         final = None
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt),
+            # salted by the version served now: a new request never reuses prompt KV that older
+            # weights computed (vLLM's prefix cache is keyed by tokens alone), while the requests
+            # of one version, a group's above all, still share theirs
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt,
+                                                            cache_salt=f"asyncrl-v{self.log.version}"),
                                                self.sampling_params(max_new_tokens, temperature), req_id):
                 final = out
         finally:
             records = self.log.close(req_id)
+        self.prompt_tokens += len(prompt)
+        self.prompt_tokens_cached += final.num_cached_tokens or 0
         completion = final.outputs[0]
         tokens = list(completion.token_ids)
         flat = completion.logprobs
@@ -274,7 +281,8 @@ class VLLMEngine(Engine):
     def stats(self) -> dict:
         self.log.drain()
         return {"weight_swaps": len(self.log.swaps), "staging_bytes": sum(self.log.staging_bytes.values()),
-                "weight_swap_s": sum(s["host_ms"] for s in self.log.swaps) / 1e3}
+                "weight_swap_s": sum(s["host_ms"] for s in self.log.swaps) / 1e3,
+                "prompt_tokens": self.prompt_tokens, "prompt_tokens_cached": self.prompt_tokens_cached}
 
     def _stop_loop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
