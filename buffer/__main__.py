@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     seed = int(os.environ.get("ASYNCRL_BUFFER_SEED", "0"))
     try:
         config = load_config(BufferConfig, [], args)
-        server = BufferServer(config, seed=seed, version_token=os.environ.get("ASYNCRL_BUFFER_TOKEN", ""))
+        server = BufferServer(config, seed=seed, version_token=os.environ.get("ASYNCRL_BUFFER_TOKEN", ""),
+                              owns_process=True)
     except ConfigError as e:
         print(f"python -m buffer: {e}", file=sys.stderr)
         key = e.key if e.key.startswith("buffer.") else f"buffer.{e.key}"

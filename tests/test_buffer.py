@@ -620,3 +620,28 @@ def test_the_learners_requests_are_served_before_inserts_that_arrived_first():
 def test_a_control_port_that_is_the_main_port_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="control_port"):
         validate(BufferConfig(port=5555, control_port=5555))
+
+
+def test_a_server_owning_its_process_keeps_what_it_stores_out_of_the_collector_and_frees_cycles_when_idle():
+    import gc
+    import weakref
+
+    from buffer.server import StoredOutOfCollector
+
+    class Node:
+        pass
+    collector = StoredOutOfCollector(full_every_s=0.0)
+    try:
+        node = Node()
+        node.itself = node               # a cycle: only the cyclic collector frees it
+        cycle = weakref.ref(node)
+        del node
+        collector.after_pass(inserts=1, idle=False)   # a pass that stored groups: all alive is frozen
+        assert gc.get_freeze_count() > 0
+        gc.collect()
+        assert cycle() is not None       # frozen: out of every collection
+        collector.after_pass(inserts=1, idle=True)    # an idle pass, the period over: a full collection
+        assert cycle() is None and collector.full_collections == 1
+        assert gc.get_freeze_count() > 0  # and what is alive frozen again
+    finally:
+        gc.unfreeze()
