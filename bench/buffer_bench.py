@@ -125,7 +125,8 @@ def _asyncrl_reader(address, batch, start, seconds, out):
     out.put(("reader", n, np.asarray(latencies, dtype=np.float32)))
 
 
-def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str, window: int = 16) -> dict:
+def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str, window: int = 16,
+                prefill: float = 0.0) -> dict:
     from buffer.process import BufferProcess
     from buffer.server import BufferConfig
     from buffer.table import TableConfig
@@ -140,6 +141,14 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
         for i in range(batch):
             group.id = f"seed-{i}"
             seed.insert(group)
+        # a long run's steady state: the table full, so that every insert evicts one
+        filler, fill = BufferClient(server.address, timeout_s=60, window=16), [make_group(tokens) for _ in range(16)]
+        for start in range(0, int(prefill * table.max_size), len(fill)):
+            for i, g in enumerate(fill):
+                g.id = f"fill-{start + i}"
+            filler.put(*fill)
+        filler.flush()
+        filler.close()
         result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
                       writers, seconds)
         # the server's own part of a sample's time (reading the request to sending the reply, its
@@ -327,6 +336,9 @@ def main():
     parser.add_argument("--batch", type=int, default=16, help="groups per sample")
     parser.add_argument("--window", type=int, default=16,
                         help="asyncrl: inserts in flight per writer (1: each waits for its acknowledgement)")
+    parser.add_argument("--prefill", type=float, default=0.0, metavar="SHARE",
+                        help="asyncrl: fill its table to this share of max_size before the clock starts "
+                             "(1: a long run's steady state, every insert evicting one)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--out", help="also write every row and the summary here (JSON)")
     parser.add_argument("--reverb-python", help="the python of a venv with dm-reverb: run Reverb on the same work")
@@ -353,7 +365,7 @@ def main():
                 if system == "reverb":
                     r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, args.reverb_flush_every)
                 else:
-                    extra = {"window": args.window} if system == "asyncrl" else {}
+                    extra = {"window": args.window, "prefill": args.prefill} if system == "asyncrl" else {}
                     r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
                 r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
                 rows.append(r)
@@ -385,7 +397,7 @@ def main():
         "asyncrl_mb_per_s_1m": round(get("asyncrl", "1m")["mb_per_s"], 1) if get("asyncrl", "1m") else None,
         "bytes_4k": encoded_size(groups["4k"]), "bytes_1m": encoded_size(groups["1m"]),
         "machine": f"{platform.node()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
-        "window": args.window, **({"reverb_flush_every": args.reverb_flush_every} if args.reverb_python else {}),
+        "window": args.window, "prefill": args.prefill, **({"reverb_flush_every": args.reverb_flush_every} if args.reverb_python else {}),
         "command": "python -m bench.buffer_bench " + " ".join(sys.argv[1:]),
     }
     if args.out:

@@ -104,7 +104,13 @@ class Table:
         self.learner_version = 0
         self.stats = TableStats()
         self._items: OrderedDict[str, _Entry] = OrderedDict()  # insertion order
-        self._keys: list | None = None   # list(self._items), kept while nothing leaves (uniform draws from it)
+        # the held ids in slots, each id's slot by id: uniform draws slots, and a group that
+        # leaves gives its slot to the last one, so no step costs O(table) (rebuilding a list of
+        # 133k ids after each eviction cost a sample 16 ms)
+        self._slots: list[str] = []
+        self._slot_of: dict[str, int] = {}
+        # the held ids by group version: a new learner version drops whole buckets, not a scan
+        self._by_version: dict[int, dict[str, None]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()      # recent ids, for idempotent inserts
         self._remember_ids = remember_ids
         self._rng = random.Random(seed)
@@ -126,8 +132,7 @@ class Table:
             self.stats.dropped_staleness[self.staleness(group)] += 1
             return True
         self._items[group.id] = _Entry(group, priority=float(priority), order=self.stats.inserts)
-        if self._keys is not None:
-            self._keys.append(group.id)
+        self._hold(group)
         while len(self._items) > self.config.max_size:
             self._remove_unsampled(next(iter(self._items)))
             self.stats.evicted += 1
@@ -137,11 +142,29 @@ class Table:
         """Remove a group that leaves without (all its) hand-outs; the ratio limiter counts
         what it will never hand out as handed out."""
         entry = self._items.pop(key)
-        self._keys = None
+        self._forget(entry.group)
         if self.config.max_times_sampled:
             self.stats.unsampled_credit += self.config.max_times_sampled - entry.times_sampled
         elif entry.times_sampled == 0:
             self.stats.unsampled_credit += 1
+
+    def _hold(self, group: RolloutGroup) -> None:
+        """Give a group just put in _items its slot and its version bucket."""
+        self._slot_of[group.id] = len(self._slots)
+        self._slots.append(group.id)
+        self._by_version.setdefault(group.version, {})[group.id] = None
+
+    def _forget(self, group: RolloutGroup) -> None:
+        """Take a group just removed from _items out of the slots and its version bucket."""
+        key = group.id
+        slot, last = self._slot_of.pop(key), self._slots.pop()
+        if last != key:
+            self._slots[slot] = last
+            self._slot_of[last] = slot
+        bucket = self._by_version[group.version]
+        del bucket[key]
+        if not bucket:
+            del self._by_version[group.version]
 
     # -- the rate limiter -------------------------------------------------------------------
     def _balance(self) -> float:
@@ -189,7 +212,8 @@ class Table:
         return self.learner_version - group.version
 
     def drop_stale(self) -> int:
-        stale = [k for k, e in self._items.items() if self.staleness(e.group) > self.config.max_staleness]
+        oldest_fresh = self.learner_version - self.config.max_staleness   # staleness > max_staleness below it
+        stale = [k for v in sorted(self._by_version) if v < oldest_fresh for k in self._by_version[v]]
         for k in stale:
             self.stats.dropped_staleness[self.staleness(self._items[k].group)] += 1
             self._remove_unsampled(k)
@@ -220,16 +244,14 @@ class Table:
         if not self.can_sample(n):
             return None
         selector = self.config.selector
-        # fifo and lifo read the ends, and uniform a kept key list: a sample costs O(n), not
-        # O(table) (listing an OrderedDict of 10k groups took 0.5 ms a sample)
+        # fifo and lifo read the ends, and uniform draws slots: a sample costs O(n), not
+        # O(table) (listing an OrderedDict of 133k groups took 16 ms)
         if selector == "fifo":
             chosen = list(islice(self._items, n))
         elif selector == "lifo":
             chosen = list(islice(reversed(self._items), n))
         elif selector == "uniform":
-            if self._keys is None:
-                self._keys = list(self._items)
-            chosen = self._rng.sample(self._keys, n)
+            chosen = [self._slots[i] for i in self._rng.sample(range(len(self._slots)), n)]
         elif selector in ("max_heap", "min_heap"):
             sign = -1.0 if selector == "max_heap" else 1.0
             chosen = sorted(self._items, key=lambda k: (sign * self._items[k].priority, self._items[k].order))[:n]
@@ -256,7 +278,7 @@ class Table:
             entry.times_sampled += 1
             if self.config.max_times_sampled and entry.times_sampled >= self.config.max_times_sampled:
                 del self._items[group.id]
-                self._keys = None
+                self._forget(group)
                 self.stats.consumed += 1
             self.stats.staleness[self.staleness(group)] += 1
         self.stats.samples += len(groups)
@@ -264,11 +286,13 @@ class Table:
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict:
         """Everything a restored table needs to continue as this one: the groups in insertion
-        order with their sample counts, the recent ids (so re-sent inserts stay idempotent
-        across a restart), the learner version, the counters and the RNG."""
+        order with their sample counts, their slots (what uniform draws), the recent ids (so
+        re-sent inserts stay idempotent across a restart), the learner version, the counters
+        and the RNG."""
         s = self.stats
         return {"learner_version": self.learner_version,
                 "items": [[e.group.to_wire(), e.times_sampled, e.priority, e.order] for e in self._items.values()],
+                "slots": list(self._slots),
                 "seen": list(self._seen),
                 "stats": {"inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
                           "consumed": s.consumed, "dropped_stale": s.dropped_stale, "evicted": s.evicted,
@@ -279,10 +303,16 @@ class Table:
 
     def restore(self, state: dict) -> None:
         """Become the table `state()` described (its groups validated again)."""
-        self._items, self._keys = OrderedDict(), None
+        self._items = OrderedDict()
         for data, times_sampled, priority, order in state["items"]:
             group = RolloutGroup.from_wire(data)
             self._items[group.id] = _Entry(group, int(times_sampled), float(priority), int(order))
+        slots = [str(k) for k in state.get("slots", [])]   # (checkpoints before slots: insertion order)
+        self._slots = slots if sorted(slots) == sorted(self._items) else list(self._items)
+        self._slot_of = {key: i for i, key in enumerate(self._slots)}
+        self._by_version = {}
+        for key, entry in self._items.items():
+            self._by_version.setdefault(entry.group.version, {})[key] = None
         self._seen = OrderedDict((str(k), None) for k in state["seen"])
         self.learner_version = int(state["learner_version"])
         st = dict(state["stats"])

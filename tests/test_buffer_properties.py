@@ -72,10 +72,11 @@ class Reference:
         sign = -1 if s == "max_heap" else 1
         return sorted(self.items, key=lambda i: (sign * i["priority"], i["order"]))[:n]
 
-    def sample(self, n):
+    def sample(self, n, taken=None):
+        """`taken`: the ids a random selector (uniform) drew, to be checked by the caller."""
         if not self.can_sample(n):
             return None
-        chosen = self.select(n)
+        chosen = self.select(n) if taken is None else [next(i for i in self.items if i["id"] == t) for t in taken]
         for item in chosen:
             item["times"] += 1
             if self.c.max_times_sampled and item["times"] >= self.c.max_times_sampled:
@@ -87,7 +88,7 @@ class Reference:
 
 configs = st.one_of(
     st.builds(TableConfig, max_size=st.integers(1, 12), max_staleness=st.integers(0, 3),
-              selector=st.sampled_from(["fifo", "lifo", "max_heap", "min_heap"]),
+              selector=st.sampled_from(["fifo", "lifo", "max_heap", "min_heap", "uniform"]),
               max_times_sampled=st.integers(0, 3), min_size_to_sample=st.just(1),
               rate_limiter=st.just("min_size")),
     st.builds(TableConfig, max_size=st.integers(4, 12), max_staleness=st.integers(0, 3),
@@ -129,7 +130,12 @@ def test_the_table_does_what_the_reference_model_does(config, ops):
                 assert table.insert(group, op[2]) == ref.insert(group.id, version, op[2])
         elif op[0] == "sample":
             got = table.sample(op[1])
-            want = ref.sample(op[1])
+            if config.selector == "uniform" and got is not None:   # a random draw: distinct groups held
+                ids = [g.id for g in got]
+                assert len(set(ids)) == len(ids) == op[1] and set(ids) <= {i["id"] for i in ref.items}
+                want = ref.sample(op[1], taken=ids)
+            else:
+                want = ref.sample(op[1])
             assert (got is None) == (want is None)
             if got is not None:
                 assert [g.id for g in got] == want
@@ -140,6 +146,11 @@ def test_the_table_does_what_the_reference_model_does(config, ops):
             item = ref.items[op[1] % len(ref.items)]
             item["priority"] = op[2]
             assert table.update_priorities({item["id"]: op[2]}) == 1
+        # the indexes beside the groups: every held id in one slot, and in the bucket of its version
+        assert sorted(table._slots) == sorted(i["id"] for i in ref.items)
+        assert all(table._slots[slot] == key for key, slot in table._slot_of.items())
+        assert {k: v for v, bucket in table._by_version.items() for k in bucket} == \
+            {i["id"]: i["version"] for i in ref.items} and all(table._by_version.values())
         s = table.summary()
         assert (s["size"], s["inserts"], s["samples"], s["consumed"], s["dropped_stale"], s["evicted"]) == \
             (len(ref.items), ref.inserts, ref.samples, ref.consumed, ref.dropped, ref.evicted)
