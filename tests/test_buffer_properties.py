@@ -151,6 +151,9 @@ def test_the_table_does_what_the_reference_model_does(config, ops):
         assert all(table._slots[slot] == key for key, slot in table._slot_of.items())
         assert {k: v for v, bucket in table._by_version.items() for k in bucket} == \
             {i["id"]: i["version"] for i in ref.items} and all(table._by_version.values())
+        held = {i["id"]: i for i in ref.items}   # and each slot's priority and insertion number
+        assert all((table._priority[slot], table._order[slot]) == (held[key]["priority"], held[key]["order"])
+                   for key, slot in table._slot_of.items())
         s = table.summary()
         assert (s["size"], s["inserts"], s["samples"], s["consumed"], s["dropped_stale"], s["evicted"]) == \
             (len(ref.items), ref.inserts, ref.samples, ref.consumed, ref.dropped, ref.evicted)
