@@ -141,14 +141,14 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
         for i in range(batch):
             group.id = f"seed-{i}"
             seed.insert(group)
-        # a long run's steady state: the table full, so that every insert evicts one
-        filler, fill = BufferClient(server.address, timeout_s=60, window=16), [make_group(tokens) for _ in range(16)]
-        for start in range(0, int(prefill * table.max_size), len(fill)):
-            for i, g in enumerate(fill):
-                g.id = f"fill-{start + i}"
-            filler.put(*fill)
-        filler.flush()
-        filler.close()
+        if prefill:   # a long run's steady state: the table full, so that every insert evicts one
+            filler, fill = BufferClient(server.address, timeout_s=60, window=16), [make_group(tokens) for _ in range(16)]
+            for start in range(0, int(prefill * table.max_size), len(fill)):
+                for i, g in enumerate(fill):
+                    g.id = f"fill-{start + i}"
+                filler.put(*fill)
+            filler.flush()
+            filler.close()
         result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
                       writers, seconds)
         # the server's own part of a sample's time (reading the request to sending the reply, its
