@@ -99,6 +99,58 @@ class TableStats:
     dropped_staleness: Counter = field(default_factory=Counter)  # staleness when dropped -> groups
 
 
+class SumTree:
+    """Weights by slot and their sums in a binary tree over a list of a power-of-two length
+    (leaves at capacity + slot, each node the sum of its two children): setting a weight and
+    finding where a running sum crosses a value cost O(log slots). The prioritized selector
+    summed the whole table for each draw before: 7.5 ms a sample of 16 at 133k groups.
+    A node is always recomputed from its children, never adjusted by a difference, so sums
+    do not drift and a subtree of zero weights sums to exactly 0."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._tree = [0.0] * (2 * capacity)
+
+    @property
+    def total(self) -> float:
+        return self._tree[1]
+
+    def get(self, slot: int) -> float:
+        return self._tree[self.capacity + slot] if slot < self.capacity else 0.0
+
+    def set(self, slot: int, weight: float) -> None:
+        if slot >= self.capacity:
+            self._grow(slot)
+        tree, i = self._tree, self.capacity + slot
+        tree[i] = weight
+        i >>= 1
+        while i:
+            tree[i] = tree[2 * i] + tree[2 * i + 1]
+            i >>= 1
+
+    def _grow(self, slot: int) -> None:
+        capacity = self.capacity
+        while capacity <= slot:
+            capacity *= 2
+        tree = [0.0] * capacity + self._tree[self.capacity:] + [0.0] * (capacity - self.capacity)
+        for i in range(capacity - 1, 0, -1):
+            tree[i] = tree[2 * i] + tree[2 * i + 1]
+        self._tree, self.capacity = tree, capacity
+
+    def find(self, value: float) -> int:
+        """The slot where the running sum of weights first exceeds `value` (0 <= value <
+        total, total > 0); never a slot of weight 0, even where rounding would lead there."""
+        tree, i = self._tree, 1
+        while i < self.capacity:
+            left = tree[2 * i]
+            if value < left or tree[2 * i + 1] <= 0.0:
+                i = 2 * i
+            else:
+                value -= left
+                i = 2 * i + 1
+        return i - self.capacity
+
+
 class Table:
     def __init__(self, config: TableConfig, seed: int = 0, remember_ids: int = 100_000):
         self.config = config
@@ -112,10 +164,11 @@ class Table:
         self._slot_of: dict[str, int] = {}
         # the held ids by group version: a new learner version drops whole buckets, not a scan
         self._by_version: dict[int, dict[str, None]] = {}
-        # by slot: each group's priority, priority ** priority_exponent and insertion number, so
-        # the heap and prioritized selectors work on arrays (a sample of a full table of 133k
-        # sorted or summed it in Python: 0.1-1 s)
-        self._priority, self._weight, self._order = np.zeros(64), np.zeros(64), np.zeros(64, np.int64)
+        # by slot: each group's priority and insertion number, so the heap selectors work on
+        # arrays (a sample of a full table of 133k sorted it in Python: 0.1-1 s), and for the
+        # prioritized selector priority ** priority_exponent in a sum tree
+        self._priority, self._order = np.zeros(64), np.zeros(64, np.int64)
+        self._weights = SumTree() if config.selector == "prioritized" else None
         self._seen: OrderedDict[str, None] = OrderedDict()      # recent ids, for idempotent inserts
         self._remember_ids = remember_ids
         self._rng = random.Random(seed)
@@ -160,14 +213,14 @@ class Table:
         self._slots.append(group.id)
         self._by_version.setdefault(group.version, {})[group.id] = None
         if slot == len(self._order):   # the slot arrays double when full
-            self._priority, self._weight, self._order = (np.concatenate([a, np.zeros_like(a)])
-                                                         for a in (self._priority, self._weight, self._order))
+            self._priority, self._order = (np.concatenate([a, np.zeros_like(a)]) for a in (self._priority, self._order))
         self._order[slot] = entry.order
         self._set_priority(slot, entry.priority)
 
     def _set_priority(self, slot: int, priority: float) -> None:
         self._priority[slot] = priority
-        self._weight[slot] = priority ** self.config.priority_exponent
+        if self._weights is not None:
+            self._weights.set(slot, priority ** self.config.priority_exponent)
 
     def _forget(self, group: RolloutGroup) -> None:
         """Take a group just removed from _items out of the slots and its version bucket."""
@@ -177,8 +230,12 @@ class Table:
             self._slots[slot] = last
             self._slot_of[last] = slot
             end = len(self._slots)   # the last one's slot, now free
-            for a in (self._priority, self._weight, self._order):
+            for a in (self._priority, self._order):
                 a[slot] = a[end]
+            if self._weights is not None:
+                self._weights.set(slot, self._weights.get(end))
+        if self._weights is not None:
+            self._weights.set(len(self._slots), 0.0)   # the freed slot draws nothing
         bucket = self._by_version[group.version]
         del bucket[key]
         if not bucket:
@@ -291,21 +348,21 @@ class Table:
 
     def _drawn_by_weight(self, n: int) -> list:
         """n distinct slots, each draw with probability proportional to its weight among those
-        not drawn yet (uniformly among them if all their weights are 0)."""
-        weights = self._weight[:len(self._slots)].copy()
-        drawn = []
+        not drawn yet (uniformly among them if all their weights are 0). O(n log table)."""
+        weights, drawn, taken = self._weights, [], []
         for _ in range(n):
-            cumulative = np.cumsum(weights)
-            total = cumulative[-1]
-            if total > 0:   # the first slot whose running sum exceeds the draw: never a weight of 0
-                i = int(np.searchsorted(cumulative, self._rng.random() * total, side="right"))
-                if i == len(weights):   # the draw rounded up to the total (tiny weights): the last positive one
-                    i = int(np.searchsorted(cumulative, total, side="left"))
+            total = weights.total
+            if total > 0:   # the slot whose running sum first exceeds the draw: never a weight of 0
+                i = weights.find(self._rng.random() * total)
             else:
-                left = [s for s in range(len(weights)) if s not in drawn]
+                chosen = set(drawn)
+                left = [s for s in range(len(self._slots)) if s not in chosen]
                 i = left[self._rng.randrange(len(left))]
             drawn.append(i)
-            weights[i] = 0.0
+            taken.append(weights.get(i))
+            weights.set(i, 0.0)   # drawn once: not again in this sample
+        for i, weight in zip(drawn, taken):
+            weights.set(i, weight)
         return drawn
 
     def mark_sampled(self, groups: list[RolloutGroup]) -> None:

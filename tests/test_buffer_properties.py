@@ -2,11 +2,12 @@
 reference model: random sequences of inserts, samples, version moves and priority updates."""
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, example
 from hypothesis import strategies as st
 
-from buffer.table import Table, TableConfig
+from buffer.table import SumTree, Table, TableConfig
 from tests.conftest import make_group
 
 
@@ -73,7 +74,7 @@ class Reference:
         return sorted(self.items, key=lambda i: (sign * i["priority"], i["order"]))[:n]
 
     def sample(self, n, taken=None):
-        """`taken`: the ids a random selector (uniform) drew, to be checked by the caller."""
+        """`taken`: the ids a random selector (uniform, prioritized) drew, to be checked by the caller."""
         if not self.can_sample(n):
             return None
         chosen = self.select(n) if taken is None else [next(i for i in self.items if i["id"] == t) for t in taken]
@@ -88,7 +89,8 @@ class Reference:
 
 configs = st.one_of(
     st.builds(TableConfig, max_size=st.integers(1, 12), max_staleness=st.integers(0, 3),
-              selector=st.sampled_from(["fifo", "lifo", "max_heap", "min_heap", "uniform"]),
+              selector=st.sampled_from(["fifo", "lifo", "max_heap", "min_heap", "uniform", "prioritized"]),
+              priority_exponent=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
               max_times_sampled=st.integers(0, 3), min_size_to_sample=st.just(1),
               rate_limiter=st.just("min_size")),
     st.builds(TableConfig, max_size=st.integers(4, 12), max_staleness=st.integers(0, 3),
@@ -130,7 +132,7 @@ def test_the_table_does_what_the_reference_model_does(config, ops):
                 assert table.insert(group, op[2]) == ref.insert(group.id, version, op[2])
         elif op[0] == "sample":
             got = table.sample(op[1])
-            if config.selector == "uniform" and got is not None:   # a random draw: distinct groups held
+            if config.selector in ("uniform", "prioritized") and got is not None:   # a random draw: distinct groups held
                 ids = [g.id for g in got]
                 assert len(set(ids)) == len(ids) == op[1] and set(ids) <= {i["id"] for i in ref.items}
                 want = ref.sample(op[1], taken=ids)
@@ -154,6 +156,12 @@ def test_the_table_does_what_the_reference_model_does(config, ops):
         held = {i["id"]: i for i in ref.items}   # and each slot's priority and insertion number
         assert all((table._priority[slot], table._order[slot]) == (held[key]["priority"], held[key]["order"])
                    for key, slot in table._slot_of.items())
+        if table._weights is not None:   # the sum tree: held slots weigh priority ** exponent, the rest 0
+            tree, cap = table._weights._tree, table._weights.capacity
+            assert all(tree[cap + slot] == held[key]["priority"] ** config.priority_exponent
+                       for key, slot in table._slot_of.items())
+            assert not any(tree[cap + len(table._slots):])
+            assert all(tree[i] == tree[2 * i] + tree[2 * i + 1] for i in range(1, cap))
         s = table.summary()
         assert (s["size"], s["inserts"], s["samples"], s["consumed"], s["dropped_stale"], s["evicted"]) == \
             (len(ref.items), ref.inserts, ref.samples, ref.consumed, ref.dropped, ref.evicted)
@@ -181,6 +189,28 @@ def test_prioritized_sampling_takes_distinct_held_groups_and_never_a_zero_priori
         assert len(set(chosen)) == n and set(chosen) <= {g.id for g in groups}
         if n <= len(positive):
             assert set(chosen) <= set(positive)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.sampled_from([0.0, 5e-324, 0.5, 1.0, 3.0, 1e6])), min_size=1,
+                max_size=60), st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=10))
+def test_the_sum_tree_finds_what_a_running_sum_finds(sets, draws):
+    # the oracle: numpy's cumulative sum and search over the same weights
+    tree, weights = SumTree(capacity=4), np.zeros(512)
+    for slot, weight in sets:
+        tree.set(slot, weight)
+        weights[slot] = weight
+    assert tree.capacity > max(s for s, _ in sets) and all(tree.get(s) == weights[s] for s in range(512))
+    assert math.isclose(tree.total, weights.sum(), rel_tol=1e-12)
+    if tree.total > 0:
+        cumulative = np.cumsum(weights)
+        for u in draws:
+            value = u * tree.total
+            slot = tree.find(value)
+            assert weights[slot] > 0
+            expected = int(np.searchsorted(cumulative, value, side="right"))
+            if weights[min(expected, 511)] > 0 and not math.isclose(value, cumulative[expected - 1] if expected else 0):
+                assert slot == expected   # off a boundary between two slots, rounding cannot tell them apart
 
 
 def test_prioritized_sampling_follows_the_priorities():
