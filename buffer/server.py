@@ -45,7 +45,9 @@ a map with `op`. Ops:
                                     every table's, by name
   info        {}                 -> {tables: {name: {config, size}}, learner_version}
   ping        {}                 -> {} (every reply says which incarnation answered)
-  checkpoint  {}                 -> {path}: every table written to checkpoint_dir now
+  checkpoint  {}                 -> {path}: answered once a checkpoint in checkpoint_dir holds
+                                    every table as it was at the request (written by a forked
+                                    child where the server owns its process: buffer.checkpoint_in_child)
 Every reply also carries the server's `incarnation` (new at each start) and `checkpoint_seq`
 (the tables' insert count, all together, that its newest checkpoint holds; an insert reply's
 `seq` is covered once checkpoint_seq reaches it): clients keep acknowledged groups until a checkpoint covers
@@ -112,6 +114,12 @@ class BufferConfig:
     checkpoint_every_s: float = 60.0
     """Write a checkpoint this often (and when the server stops); 0: only when stopping or
     asked (op checkpoint)."""
+    checkpoint_in_child: bool = True
+    """A server that owns its process (python -m buffer, as the launcher starts it) on Linux
+    writes its checkpoints from a forked child, serving on meanwhile (buffer/checkpoint.py,
+    ForkedWrite); false, or a server on a thread of another program: the serving loop writes
+    them itself and serves nothing meanwhile (4 s for a table of 537 MB). The last one, when
+    the server stops, is always the loop's own."""
     keep_checkpoints: int = 2
     restore: bool = True
     """Start from the newest checkpoint in checkpoint_dir, if there is one."""
@@ -310,6 +318,14 @@ class BufferServer:
         self.incarnation = uuid.uuid4().hex  # new at every start: clients see a restart by it
         self.checkpoint_seq = 0              # table inserts the newest checkpoint holds
         self.restored_from: Path | None = None
+        # checkpoints written by a forked child (buffer/checkpoint.py), one at a time; a
+        # checkpoint op that comes while one is written waits for the next, which holds its groups
+        self._fork_checkpoints = owns_process and config.checkpoint_in_child and checkpoint.can_fork()
+        self._writing: checkpoint.ForkedWrite | None = None
+        self._checkpoint_asked: list = []     # (socket, identity, rid) of checkpoint ops for the next one
+        self.checkpoint_stats = {"written": 0, "failed": 0, "last_s": None, "last_held_loop_ms": None}
+        if config.checkpoint_dir:
+            checkpoint.remove_partials(config.checkpoint_dir)   # left by writers killed while saving
         if config.checkpoint_dir and config.restore:
             newest = checkpoint.latest(config.checkpoint_dir)
             if newest is not None:
@@ -410,16 +426,70 @@ class BufferServer:
             self._failure = e
             log.error("buffer server at %s stopped serving", self.address, exc_info=True)
 
+    def _state(self) -> dict:
+        return {"tables": {name: t.state() for name, t in self.tables.items()}}
+
     def checkpoint(self) -> Path | None:
-        """Write the table to checkpoint_dir now (from the serving loop, or while it is not
-        running); its path, or None without a checkpoint_dir."""
+        """Write every table to checkpoint_dir now, from this thread (the serving loop's, or
+        any while it is not running), after the forked write in progress, if any; its path,
+        or None without a checkpoint_dir."""
         if not self.config.checkpoint_dir:
             return None
-        state = {"tables": {name: t.state() for name, t in self.tables.items()}}
-        path = checkpoint.write(self.config.checkpoint_dir, state, keep=self.config.keep_checkpoints)
+        if self._writing is not None:
+            self._checkpoint_written(self._writing.wait(self.config.timeout_s * 5))
+        started = time.monotonic()
+        path = checkpoint.write(self.config.checkpoint_dir, self._state(), keep=self.config.keep_checkpoints)
         self.checkpoint_seq = self.inserts
         self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
+        took = time.monotonic() - started
+        self.checkpoint_stats.update(written=self.checkpoint_stats["written"] + 1, last_s=round(took, 4),
+                                     last_held_loop_ms=round(took * 1000, 2))
         return path
+
+    def _checkpoint_now(self, asked: list = ()) -> None:
+        """Start a checkpoint of the tables as they are now: forked (answering `asked`, the
+        checkpoint ops waiting for it, once written), or written here and answered at once."""
+        if not self._fork_checkpoints:
+            try:
+                reply = {"path": str(self.checkpoint())}
+            except OSError as e:   # a full disk: the server serves on; clients keep what no checkpoint holds
+                self.checkpoint_stats["failed"] += 1
+                self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
+                log.error("buffer: checkpoint into %s failed: %s", self.config.checkpoint_dir, e)
+                reply = {"ok": False, "error": f"checkpoint into {self.config.checkpoint_dir} failed: {e}"}
+            for socket, identity, rid in asked:
+                self._reply(socket, identity, rid, dict(reply))
+            return
+        self._writing = checkpoint.ForkedWrite(self.config.checkpoint_dir, self._state,
+                                               keep=self.config.keep_checkpoints, seq=self.inserts)
+        self._writing.waiters = list(asked)
+        self.checkpoint_stats["last_held_loop_ms"] = round(self._writing.fork_s * 1000, 2)
+        self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
+
+    def _checkpoint_written(self, result) -> None:
+        """A forked write ended (result: its path or its CheckpointError): what it covers now
+        counts as saved and those who asked for it are answered; the ops that came meanwhile
+        get the next one."""
+        done, self._writing = self._writing, None
+        if isinstance(result, Path):
+            self.checkpoint_seq = max(self.checkpoint_seq, done.seq)
+            self.checkpoint_stats.update(written=self.checkpoint_stats["written"] + 1,
+                                         last_s=round(time.monotonic() - done.started, 4))
+            reply = {"path": str(result)}
+        else:
+            self.checkpoint_stats["failed"] += 1
+            log.error("buffer: %s; the next is due in %.0f s", result,
+                      max(0.0, self._next_checkpoint - time.monotonic()))
+            reply = {"ok": False, "error": str(result)}
+        for socket, identity, rid in done.waiters:
+            self._reply(socket, identity, rid, dict(reply))
+
+    def _checkpoints_in_loop(self) -> None:
+        if self._writing is not None and (result := self._writing.poll()) is not None:
+            self._checkpoint_written(result)
+        if self._writing is None and (self._checkpoint_asked or time.monotonic() >= self._next_checkpoint):
+            asked, self._checkpoint_asked = self._checkpoint_asked, []
+            self._checkpoint_now(asked)
 
     def _serve(self) -> None:
         try:
@@ -427,15 +497,17 @@ class BufferServer:
         finally:  # stopping, or failing: what is held is saved either way
             if self.config.checkpoint_dir:
                 self.checkpoint()
+                for socket, identity, rid in self._checkpoint_asked:
+                    self._reply(socket, identity, rid, {"path": str(checkpoint.latest(self.config.checkpoint_dir))})
 
     def _serve_requests(self) -> None:
         poller = zmq.Poller()
         poller.register(self._control, zmq.POLLIN)
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
-            if time.monotonic() >= self._next_checkpoint:
-                self.checkpoint()
-            wait_ms = 100
+            if self.config.checkpoint_dir:
+                self._checkpoints_in_loop()
+            wait_ms = 100 if self._writing is None else 10   # a forked write's end is looked for
             if self._pending or self._pending_inserts:
                 soonest = min(p.deadline for p in self._pending + self._pending_inserts)
                 wait_ms = max(0, min(wait_ms, int((soonest - time.monotonic()) * 1000) + 1))
@@ -650,6 +722,8 @@ class BufferServer:
                 "held_inserts": sum(p.table == name and not p.room_wait for p in self._pending_inserts),
                 "room_waits": sum(p.table == name and p.room_wait for p in self._pending_inserts),
                 "waiting_samples": sum(p.table == name for p in self._pending),
+                "checkpoint_writes": {**self.checkpoint_stats, "writing": self._writing is not None,
+                                "in_child": self._fork_checkpoints},
                 "tables": {n: t.summary() for n, t in self.tables.items()}}
 
     def _op_ping(self, socket, identity, rid, request):
@@ -660,9 +734,12 @@ class BufferServer:
                 "learner_version": self.table.learner_version}
 
     def _op_checkpoint(self, socket, identity, rid, request):
+        """Answered once a checkpoint holding every group stored before this request is on
+        disk (by the loop's next pass)."""
         if not self.config.checkpoint_dir:
             raise RequestError("this server has no checkpoint_dir")
-        return {"path": str(self.checkpoint())}
+        self._checkpoint_asked.append((socket, identity, rid))
+        return None
 
     def _serve_pending(self) -> None:
         """Answer, first come first served, the samples that can be met and those past their

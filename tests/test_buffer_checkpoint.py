@@ -360,3 +360,93 @@ def test_a_resend_the_restored_queue_holds_is_owed_until_the_learner_makes_room_
         actor.close()
         learner.close()
         process.stop()
+
+
+def test_a_forked_writer_saves_the_table_as_it_was_at_the_fork(tmp_path):
+    table = filled_table()
+    saved = table.state()
+    write = checkpoint.ForkedWrite(tmp_path, table.state, keep=2, seq=7)
+    for i in range(20):   # the parent goes on changing the table while the child writes
+        table.insert(make_group(version=5, seed=100 + i, prompt_id=f"after{i}"))
+    path = write.wait(60)
+    assert isinstance(path, Path) and path == checkpoint.latest(tmp_path) and write.seq == 7
+    restored, expected = Table(table.config, seed=0), Table(table.config, seed=0)
+    restored.restore(checkpoint.read(path))
+    expected.restore(saved)
+    assert restored.summary() == expected.summary() and restored.summary()["inserts"] < table.summary()["inserts"]
+    assert [g.id for g in restored.sample(5)] == [g.id for g in expected.sample(5)]
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_forked_writer_that_fails_says_why_and_the_caller_goes_on(tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the checkpoint folder should be")
+    result = checkpoint.ForkedWrite(blocked, filled_table().state, keep=2).wait(60)
+    assert isinstance(result, checkpoint.CheckpointError)
+    assert "failed: FileExistsError" in str(result) and str(blocked) in str(result)
+
+
+def test_a_forked_writer_dies_with_its_server_and_publishes_nothing(tmp_path):
+    # the server is killed while its child writes: the child must not rename an old snapshot
+    # over what a restarted server writes meanwhile
+    folder = tmp_path / "ckpt"
+    server = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from buffer import checkpoint\n"
+        f"w = checkpoint.ForkedWrite({str(folder)!r}, lambda: (time.sleep(30), {{'tables': {{}}}})[1], keep=2)\n"
+        "print(w.pid, flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, cwd=str(Path(__file__).parent.parent))
+    try:
+        writer = int(server.stdout.readline())
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(writer) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(writer), "the checkpoint writer outlived its server"
+        assert checkpoint.latest(folder) is None
+    finally:
+        server.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:   # a zombie (killed, not yet reaped by whoever adopted it) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("in_child", [True, False], ids=["forked", "in-loop"])
+def test_a_checkpoint_written_by_a_child_leaves_the_server_answering_meanwhile(tmp_path, in_child):
+    # the in-loop writer is the contrast: it answers nothing until its checkpoint is on disk
+    config = BufferConfig(timeout_s=30.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
+                          checkpoint_in_child=in_child, table=TableConfig(max_size=4096, max_staleness=100))
+    process = BufferProcess(config, tmp_path / "buffer.log").start()
+    writer, asker = BufferClient(process.address, timeout_s=30.0), BufferClient(process.address, timeout_s=30.0)
+    try:
+        for i in range(64):   # about 130 MB to write
+            writer.insert(make_group(seed=i, prompt_id=f"g{i}", group_size=2, length=65536))
+        answered, done = [], threading.Event()
+
+        def ask():
+            while not done.is_set():
+                answered.append(asker.stats()["checkpoint_writes"]["writing"])
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(0.2)
+        before = len(answered)
+        path = writer.checkpoint()["path"]
+        during = len(answered) - before
+        done.set()
+        thread.join(30)
+        stats = asker.stats()["checkpoint_writes"]
+        assert stats["written"] == 1 and stats["in_child"] is in_child and not stats["writing"]
+        assert writer.unsaved == 0 and len(checkpoint.read(path)["tables"]["rollouts"]["items"]) == 64
+        if in_child:
+            assert during > 0 and any(answered), "the server answered nothing while its child wrote"
+        else:
+            assert not any(answered)
+    finally:
+        writer.close()
+        asker.close()
+        process.stop()
