@@ -24,8 +24,9 @@
 #            repo: copy the call's $STUDY_NAME.json there) and any carried back in (STUDY_FROM, a
 #            study.tgz or a folder of finished cells) are read, not run again. A learner at the GPU
 #            config's micro-batch of 32,768 tokens holds about 17 GiB: three lag-8 cells beside their
-#            engines ran out of the H100's memory on 2026-12-07. STUDY_OVERRIDES=trainer.micro_batch_tokens=8192
-#            (the same gradients, in more passes) lets four run at once; a grid with other overrides is
+#            engines ran out of the H100's memory on 2026-12-07. With STUDY_OVERRIDES=trainer.micro_batch_tokens=8192
+#            (the same gradients, in more passes) three of four cells at once ran and the fourth's
+#            engine failed to start (2026-12-07): run three at once. A grid with other overrides is
 #            another setting, so give it a STUDY_NAME of its own.
 # job, job2 and study bring their run folders back as one .tgz each (a call returns at most 8 files)
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
