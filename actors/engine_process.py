@@ -21,7 +21,12 @@ watches the process: if it dies, every pending request fails at once, naming its
 code. The engine process watches its parent and exits with it. Its stderr (and that of what
 it starts, such as vLLM's engine core) passes through this process's stderr, and its last
 lines are kept: a failed start or a death quotes them, since the root cause is often only
-there ("Engine core initialization failed. See root cause above.").
+there ("Engine core initialization failed. See root cause above."). vLLM logs to stdout
+unless VLLM_LOGGING_STREAM says otherwise, so the engine process gets it set to stderr (where
+the user has not set it): a worker's "WorkerProc failed to start" and its cause then pass
+here too. The root cause comes first and the tracebacks of every process it failed through
+after it, more lines than a tail holds, so the first lines that name an exception are kept
+apart and quoted as well.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import concurrent.futures
 import itertools
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +50,8 @@ from common.dotted import load
 CALLS = ("version", "check", "stats", "start_weight_updates", "close", "run")
 CHECK_EVERY_S = 0.5
 STDERR_LINES = 30   # of the engine process's stderr, quoted when it fails
+STDERR_EXCEPTIONS = 6   # the first lines of it that name an exception ("ValueError: ..."), quoted too
+_EXCEPTION_LINE = re.compile(r"(?:^|[\s)\]])(?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*)?(?:Error|Exception)(?::\s.*)?$")
 
 
 class EngineProcessError(RuntimeError):
@@ -85,10 +93,12 @@ class EngineProcess(Engine):
         self._outbox: list = []
         self.proc = subprocess.Popen([sys.executable, "-m", "actors.engine_process"], stdin=subprocess.PIPE,
                                      stderr=subprocess.PIPE,
-                                     env={**os.environ, "ASYNCRL_ENGINE_PARENT": str(os.getpid()),
+                                     env={"VLLM_LOGGING_STREAM": "ext://sys.stderr",   # see the docstring
+                                          **os.environ, "ASYNCRL_ENGINE_PARENT": str(os.getpid()),
                                           # what this process imports, the engine process imports too
                                           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
         self._stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES)
+        self._stderr_exceptions: list = []
         self._stderr_thread = threading.Thread(target=self._pass_stderr, name=f"{name}-stderr", daemon=True)
         self._stderr_thread.start()
         self.proc.stdin.write(pickle.dumps({"build": build, "kwargs": kwargs, "address": self.address}))
@@ -170,14 +180,19 @@ class EngineProcess(Engine):
         """The engine process's last lines of stderr, quoted for an error ('' if none yet)."""
         if self._stderr_thread.is_alive() and self.proc.poll() is not None:
             self._stderr_thread.join(2.0)   # a process that died: its last lines are still in the pipe
-        lines = list(self._stderr_tail)
-        return f"\nthe last {len(lines)} lines of its stderr:\n" + "".join(lines) if lines else ""
+        lines, named = list(self._stderr_tail), [e for e in self._stderr_exceptions if e not in self._stderr_tail]
+        first = (f"\nthe first exceptions its stderr named:\n" + "".join(named)) if named else ""
+        return first + (f"\nthe last {len(lines)} lines of its stderr:\n" + "".join(lines) if lines else "")
 
     def _pass_stderr(self) -> None:
         """The engine process's stderr, line by line, to this process's own, its tail kept."""
         out = getattr(sys.stderr, "buffer", None)
         for raw in iter(self.proc.stderr.readline, b""):
-            self._stderr_tail.append(raw.decode(errors="replace"))
+            line = raw.decode(errors="replace")
+            self._stderr_tail.append(line)
+            if len(self._stderr_exceptions) < STDERR_EXCEPTIONS and _EXCEPTION_LINE.search(line.rstrip()) \
+                    and line not in self._stderr_exceptions:
+                self._stderr_exceptions.append(line)
             try:
                 if out is not None:
                     out.write(raw)

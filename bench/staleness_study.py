@@ -25,7 +25,7 @@ goes on in the next). --resume-from takes the finished cells of an earlier --out
 machine from a file kept in bench/results/. --parallel N runs N cells at once (on one GPU,
 give each its share: actors.gpu_memory_utilization=0.15, say), their starts --stagger-s apart
 (two vLLM engines profiling one GPU's memory at once can fail to start). A failed cell's
-whole stderr is kept in its folder (study-stderr.log). Prints a markdown table (mean and
+whole stderr and stdout are kept in its folder (study-stderr.log, study-stdout.log). Prints a markdown table (mean and
 min-max over seeds per cell), then one JSON line.
 """
 from __future__ import annotations
@@ -108,6 +108,7 @@ def run_cell(args, lag: int, correction: str, lr: float | None, seed: int, deadl
         if result.returncode != 0:   # the root cause is often far above the tail (an engine's start)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "study-stderr.log").write_text(result.stderr)
+            (run_dir / "study-stdout.log").write_text(result.stdout)
             return {"cell": run_dir.name, "error": result.stderr[-1500:]}
         done.write_text(json.dumps({"wall_s": time.monotonic() - t, "setting": setting(args)}))
     return score(run_dir, json.loads(done.read_text())["wall_s"]) | {

@@ -123,6 +123,37 @@ def test_a_failed_start_quotes_the_root_cause_that_only_its_stderr_has(capfd):
     assert "helper: CUDA out of memory" in capfd.readouterr().err   # and it still reached this process's stderr
 
 
+def engine_whose_worker_logs_its_cause_and_fails_through_two_processes(**_):
+    """vLLM's shape of a failed start: a worker logs its exception where VLLM_LOGGING_STREAM
+    says (vLLM's default: stdout), then the processes it failed through print tracebacks longer
+    than the kept tail, and the error raised here says only to look above."""
+    stream = {"ext://sys.stdout": sys.stdout, "ext://sys.stderr": sys.stderr}[os.environ.get("VLLM_LOGGING_STREAM",
+                                                                                             "ext://sys.stdout")]
+    print("(Worker pid=7) ERROR WorkerProc failed to start.\n(Worker pid=7) Traceback (most recent call last):\n"
+          "(Worker pid=7)   File \"worker.py\", line 1, in init\n(Worker pid=7) ValueError: Free memory on device "
+          "(10.2/79.1 GiB) on startup is less than desired GPU memory utilization (0.15, 11.9 GiB)",
+          file=stream, flush=True)
+    for _ in range(2):
+        print("(EngineCore pid=8) Traceback (most recent call last):", file=sys.stderr)
+        for i in range(25):
+            print(f"(EngineCore pid=8)   File \"core.py\", line {i}, in __init__", file=sys.stderr)
+        print("(EngineCore pid=8) Exception: WorkerProc initialization failed due to an exception in a background "
+              "process. See stack trace for root cause.", file=sys.stderr, flush=True)
+    raise RuntimeError("Engine core initialization failed. See root cause above.")
+
+
+def test_a_failed_start_quotes_the_first_exception_however_long_the_tracebacks_after_it():
+    with pytest.raises(EngineProcessError) as info:
+        EngineProcess("tests.test_engine_process:engine_whose_worker_logs_its_cause_and_fails_through_two_processes",
+                      {}, startup_timeout_s=60)
+    text = str(info.value)
+    named = text[text.index("the first exceptions its stderr named"):text.index("the last")]
+    assert "ValueError: Free memory on device (10.2/79.1 GiB)" in named.splitlines()[1]
+    assert "WorkerProc initialization failed" not in named   # the tail quotes it: not twice
+    assert "Exception: WorkerProc initialization failed" in text[text.index("the last"):]
+    assert "RuntimeError: Engine core initialization failed" in text
+
+
 def test_weights_reach_an_engine_process_over_the_broadcast_channel(tiny_model_path):
     port = free_port()
     spec = BroadcastChannelSpec("127.0.0.1", port, receivers=1, timeout_s=60.0)
