@@ -134,7 +134,10 @@ class ForkedWrite:
         """The written checkpoint's path, the CheckpointError that ended it, or None while
         the child still writes."""
         if self.result is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:   # reaped by the system already (SIGCHLD ignored): its word says how it went
+                pid, status = self.pid, None
             if pid:
                 self._finish(status)
         return self.result
@@ -160,7 +163,7 @@ class ForkedWrite:
             chunks.append(chunk)
         os.close(self._pipe)
         said = b"".join(chunks).decode(errors="replace")
-        code = os.waitstatus_to_exitcode(status)
+        code = os.waitstatus_to_exitcode(status) if status is not None else (0 if said.startswith("ok ") else 1)
         if code == 0 and said.startswith("ok "):
             self.result = Path(said[3:])
         elif said.startswith("error "):

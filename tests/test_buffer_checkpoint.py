@@ -378,6 +378,17 @@ def test_a_forked_writer_saves_the_table_as_it_was_at_the_fork(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_forked_writer_is_followed_where_the_system_reaps_children_itself(tmp_path):
+    before = signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # as a host process may have set it
+    try:
+        path = checkpoint.ForkedWrite(tmp_path, filled_table().state, keep=2).wait(60)
+        failed = checkpoint.ForkedWrite(tmp_path / "ckpt" / "x", lambda: 1 / 0, keep=2).wait(60)
+    finally:
+        signal.signal(signal.SIGCHLD, before)
+    assert path == checkpoint.latest(tmp_path)
+    assert isinstance(failed, checkpoint.CheckpointError) and "ZeroDivisionError" in str(failed)
+
+
 def test_a_forked_writer_that_fails_says_why_and_the_caller_goes_on(tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the checkpoint folder should be")
