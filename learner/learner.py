@@ -311,17 +311,21 @@ class Learner:
         passes = c.epochs * len(minibatches)
         rewards = np.concatenate([g.rewards for g in groups])
         errors = sum(bool(e) for g in groups for e in g.errors)
+        # groups whose completions all scored alike: their advantages are 0, so they teach nothing
+        # (a run whose batches are all flat, every answer wrong say, cannot learn its way out)
+        flat = sum(bool(np.ptp(g.rewards) == 0) for g in groups)
         keys = sorted(sums)
         totals = self._all_reduce([float(rewards.sum()), len(rewards), float(sum(staleness)), len(staleness),
-                                   errors, loss] + [sums[k] for k in keys] + clip_fracs + [step_flops])
+                                   errors, loss] + [sums[k] for k in keys] + clip_fracs + [flat, step_flops])
         step_flops = totals.pop()   # every rank's
+        flat = totals.pop()
         max_keys = sorted(maxes)
         top = self._all_reduce([float(max(staleness))] + [maxes[k] for k in max_keys], op=dist.ReduceOp.MAX)
         reward_sum, rows, stale_sum, n_groups, errors, loss = totals[:6]
         global_tokens = sum(tokens)
         train_s = time.monotonic() - t0
         metrics = {
-            "step": self.step_count, "reward/mean": reward_sum / rows,
+            "step": self.step_count, "reward/mean": reward_sum / rows, "reward/flat_groups": flat / n_groups,
             "staleness/mean": stale_sum / n_groups, "staleness/max": top[0],
             "learner/train_s": train_s, "learner/tokens": global_tokens,
             "learner/tokens_per_s": global_tokens / train_s, "learner/tflops": step_flops / train_s / 1e12,

@@ -170,3 +170,13 @@ def test_an_update_with_a_non_finite_gradient_is_skipped_and_too_many_in_a_row_f
     metrics = one.train_on(groups(), [0] * 4)   # finite again: it trains, and the count in a row restarts
     assert metrics["learner/skipped_updates"] == 2 and one.nonfinite_in_a_row == 0
     assert not torch.equal(embedding.detach(), finite)
+
+
+def test_the_share_of_flat_groups_is_of_those_whose_completions_all_scored_alike(tiny_model_path):
+    # a flat group's advantages are all 0: it moves nothing, and a batch of them trains nothing
+    one = learner(tiny_model_path, LossConfig())
+    batch = [make_group(group_size=4, length=6, seed=i, rewards=r)
+             for i, r in enumerate([[0, 0, 0, 0], [1, 1, 1, 1], [0, 1, 0, 0], [0.5, 0.5, 0.5, 0.25]])]
+    assert one.train_on(batch, [0] * 4)["reward/flat_groups"] == 0.5
+    metrics = one.train_on(batch[:2], [0] * 2)
+    assert metrics["reward/flat_groups"] == 1.0 and metrics["learner/grad_norm"] == 0.0
