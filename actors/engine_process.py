@@ -25,8 +25,8 @@ there ("Engine core initialization failed. See root cause above."). vLLM logs to
 unless VLLM_LOGGING_STREAM says otherwise, so the engine process gets it set to stderr (where
 the user has not set it): a worker's "WorkerProc failed to start" and its cause then pass
 here too. The root cause comes first and the tracebacks of every process it failed through
-after it, more lines than a tail holds, so the first lines that name an exception are kept
-apart and quoted as well.
+after it, more lines than a tail holds, so the exceptions the first tracebacks end in are
+kept apart and quoted as well.
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ from common.dotted import load
 CALLS = ("version", "check", "stats", "start_weight_updates", "close", "run")
 CHECK_EVERY_S = 0.5
 STDERR_LINES = 30   # of the engine process's stderr, quoted when it fails
-STDERR_EXCEPTIONS = 6   # the first lines of it that name an exception ("ValueError: ..."), quoted too
-_EXCEPTION_LINE = re.compile(r"(?:^|[\s)\]])(?:[A-Za-z_]\w*\.)*(?:[A-Z]\w*)?(?:Error|Exception)(?::\s.*)?$")
+STDERR_EXCEPTIONS = 6   # the first exceptions its tracebacks end in ("ValueError: ..."), quoted too
+# what leads a line from another process or rank: colour codes, "(EngineCore pid=8) ", "[rank0]: "
+_LINE_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m\s?|\([^()]*pid=\d+[^()]*\)\s?|\[rank\d+\]:\s?)*")
 
 
 class EngineProcessError(RuntimeError):
@@ -99,6 +100,7 @@ class EngineProcess(Engine):
                                           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
         self._stderr_tail: collections.deque = collections.deque(maxlen=STDERR_LINES)
         self._stderr_exceptions: list = []
+        self._in_traceback: set = set()      # the prefixes (processes) whose traceback is being printed
         self._stderr_thread = threading.Thread(target=self._pass_stderr, name=f"{name}-stderr", daemon=True)
         self._stderr_thread.start()
         self.proc.stdin.write(pickle.dumps({"build": build, "kwargs": kwargs, "address": self.address}))
@@ -190,9 +192,7 @@ class EngineProcess(Engine):
         for raw in iter(self.proc.stderr.readline, b""):
             line = raw.decode(errors="replace")
             self._stderr_tail.append(line)
-            if len(self._stderr_exceptions) < STDERR_EXCEPTIONS and _EXCEPTION_LINE.search(line.rstrip()) \
-                    and line not in self._stderr_exceptions:
-                self._stderr_exceptions.append(line)
+            self._note_exception(line)
             try:
                 if out is not None:
                     out.write(raw)
@@ -202,6 +202,19 @@ class EngineProcess(Engine):
             except (OSError, ValueError):
                 pass   # this process's stderr is gone: the tail is still kept
         self.proc.stderr.close()
+
+    def _note_exception(self, line: str) -> None:
+        """Keep the line a traceback ends in (its exception), the first STDERR_EXCEPTIONS of
+        them: the first unindented line after "Traceback (most recent call last):" from the
+        same process (the same prefix), whatever the exception's name; log lines are not kept."""
+        prefix = _LINE_PREFIX.match(line).group()
+        body = line[len(prefix):].rstrip()
+        if body.startswith("Traceback (most recent call last)"):
+            self._in_traceback.add(prefix)
+        elif prefix in self._in_traceback and body and not body[0].isspace():
+            self._in_traceback.discard(prefix)
+            if len(self._stderr_exceptions) < STDERR_EXCEPTIONS and line not in self._stderr_exceptions:
+                self._stderr_exceptions.append(line)
 
     # -- plumbing -----------------------------------------------------------------------------
     def _submit(self, op: str, payload, loop, future) -> int:

@@ -7,7 +7,8 @@ each way of writing, one client asks for a checkpoint while another asks for the
 stats back to back on the control socket, as the learner's requests come: reported are the
 checkpoint's wall time (until its reply), the longest and the p99 wait of those stats requests
 while it was written, the loop's own hold (`last_held_loop_ms`: the fork, or the whole
-write), the checkpoint's size, and the peak memory of the server and of its writer child.
+write), the checkpoint's size, and the peak memory of the server and of its writer child (its
+RSS, which counts the pages it shares with the server, and its private memory alone).
 
     python -m bench.buffer_checkpoint_bench [--mb 512] [--size 4096] [--out FILE]
 """
@@ -41,6 +42,16 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _private_mb(pid: int) -> float:
+    """The memory only this process holds (smaps_rollup's Private_*): a forked child's own,
+    without the pages it still shares with its parent."""
+    try:
+        lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+    except OSError:
+        return 0.0
+    return sum(int(line.split()[1]) for line in lines if line.startswith(("Private_Clean:", "Private_Dirty:"))) / 1024
+
+
 def _children(pid: int) -> list:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -67,7 +78,7 @@ def run(in_child: bool, groups: int, nbytes: int, work: str) -> dict:
                 g.id = f"fill-{start + i}"
             filler.put(*fill)
         filler.flush()
-        waits, done, peak = [], threading.Event(), {"server": _rss_mb(pid), "child": 0.0}
+        waits, done, peak = [], threading.Event(), {"server": _rss_mb(pid), "child": 0.0, "child_private": 0.0}
 
         def ask():
             while not done.is_set():
@@ -80,6 +91,7 @@ def run(in_child: bool, groups: int, nbytes: int, work: str) -> dict:
                 peak["server"] = max(peak["server"], _rss_mb(pid))
                 for child in _children(pid):
                     peak["child"] = max(peak["child"], _rss_mb(child))
+                    peak["child_private"] = max(peak["child_private"], _private_mb(child))
                 time.sleep(0.02)
         before_mb = _rss_mb(pid)
         threads = [threading.Thread(target=ask), threading.Thread(target=watch)]
@@ -103,7 +115,8 @@ def run(in_child: bool, groups: int, nbytes: int, work: str) -> dict:
                 "longest_wait_ms": round(max(during, default=wall) * 1000, 2),
                 "p99_wait_ms": round(float(np.percentile(during, 99)) * 1000, 2) if during else None,
                 "loop_held_ms": stats["last_held_loop_ms"], "server_rss_mb": round(before_mb),
-                "server_peak_rss_mb": round(peak["server"]), "writer_peak_rss_mb": round(peak["child"])}
+                "server_peak_rss_mb": round(peak["server"]), "writer_peak_rss_mb": round(peak["child"]),
+                "writer_peak_private_mb": round(peak["child_private"])}
     finally:
         server.stop()
 

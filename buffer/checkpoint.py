@@ -100,35 +100,49 @@ def remove_partials(folder) -> int:
 
 def can_fork() -> bool:
     """Whether ForkedWrite works here: Linux (fork, and a child that dies with its parent)."""
-    return sys.platform.startswith("linux") and hasattr(os, "fork")
+    return _prctl is not None and hasattr(os, "fork")
+
+
+PR_SET_PDEATHSIG = 1
+try:   # looked up here, not in the child: dlopen in a child forked from threads can deadlock on the loader's lock
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+except (OSError, AttributeError):
+    _prctl = None
 
 
 class ForkedWrite:
     """One checkpoint written by a child forked from the calling process: `state()` runs in the
     child, on the memory as it was at the fork, and the caller goes on at once (the fork
     itself copies page tables: milliseconds). `seq` and `waiters` are the caller's to keep
-    with it (what the checkpoint covers, who asked for it).
+    with it (what the checkpoint covers, who asked for it). OSError if it cannot fork.
 
-    The child touches nothing but the state and the folder: no sockets, no logging (a lock
-    another thread held at the fork stays held in the child). It dies with its parent
-    (PR_SET_PDEATHSIG) and publishes its file only while the parent lives, so a server
-    killed mid-save cannot have an old snapshot renamed over what a restarted one wrote.
-    Its memory: pages it writes are copied, which the reference counts of the groups it
-    encodes do (about the table's Python objects, not its arrays)."""
+    The child first closes every descriptor it inherited but its pipe (the server's bound
+    ports above all: a restarted server must be able to bind them while a killed one's child
+    is still in an fsync), then touches nothing but the state and the folder: no sockets, no
+    logging (a lock another thread held at the fork stays held in the child). It dies with
+    its parent (PR_SET_PDEATHSIG) and publishes its file only while the parent lives, so a
+    server killed mid-save cannot have an old snapshot renamed over what a restarted one
+    wrote. Its memory: the pages it writes are copied (the reference counts of the groups it
+    encodes), and encoding copies small arrays into new buffers (common/wire.py), so a
+    child may need about the table's size again."""
 
-    def __init__(self, folder, state: Callable[[], dict], keep: int, seq: int = 0):
-        self.folder, self.seq, self.waiters = Path(folder), seq, []
+    def __init__(self, folder, state: Callable[[], dict], keep: int, seq: int = 0, waiters: list = ()):
+        self.folder, self.seq, self.waiters = Path(folder), seq, list(waiters)
         self.started = time.monotonic()
+        self.result: Path | CheckpointError | None = None
         parent = os.getpid()
         read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the child: never returns
+        try:
+            pid = os.fork()
+        except OSError:
             os.close(read_end)
+            os.close(write_end)
+            raise
+        if pid == 0:   # the child: never returns
             _write_and_exit(self.folder, state, keep, write_end, parent)
         os.close(write_end)
         self.pid, self._pipe = pid, read_end
         self.fork_s = time.monotonic() - self.started   # what the caller was held
-        self.result: Path | CheckpointError | None = None
 
     def poll(self) -> Path | CheckpointError | None:
         """The written checkpoint's path, the CheckpointError that ended it, or None while
@@ -142,22 +156,30 @@ class ForkedWrite:
                 self._finish(status)
         return self.result
 
+    def kill(self, why: str) -> CheckpointError:
+        """Stop the child now (a no-op if it ended); the result is then a CheckpointError
+        saying `why`, unless it had finished."""
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            os.close(self._pipe)
+            self.result = CheckpointError(f"the checkpoint writer (pid {self.pid}) into {self.folder} {why}; killed")
+        return self.result
+
     def wait(self, timeout_s: float) -> Path | CheckpointError:
         """Block until the child ends, at most `timeout_s`; past it the child is killed and
         the result is a CheckpointError saying so."""
         deadline = time.monotonic() + timeout_s
         while self.poll() is None:
             if time.monotonic() >= deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-                os.close(self._pipe)
-                self.result = CheckpointError(f"the checkpoint writer (pid {self.pid}) into {self.folder} did not "
-                                              f"finish within {timeout_s:.0f}s; killed")
-                break
+                return self.kill(f"did not finish within {timeout_s:.0f}s")
             time.sleep(0.01)
         return self.result
 
-    def _finish(self, status: int) -> None:
+    def _finish(self, status: int | None) -> None:
         chunks = []
         while chunk := os.read(self._pipe, 65536):
             chunks.append(chunk)
@@ -177,11 +199,12 @@ class ForkedWrite:
 def _write_and_exit(folder: Path, state: Callable[[], dict], keep: int, pipe: int, parent: int) -> None:
     code, said = 1, "error the writer ended without a word"
     try:
+        os.closerange(3, pipe)   # every inherited descriptor but stdio and the pipe (the class says why)
+        os.closerange(pipe + 1, os.sysconf("SC_OPEN_MAX"))
         for sig in (signal.SIGTERM, signal.SIGINT):   # the server's handlers only set its stop flag
             signal.signal(sig, signal.SIG_DFL)
         gc.disable()   # the snapshot makes no garbage worth a pass over every group
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        _prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
         if os.getppid() != parent:
             raise CheckpointError("the server died before the writer started")
 

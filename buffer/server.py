@@ -114,6 +114,9 @@ class BufferConfig:
     checkpoint_every_s: float = 60.0
     """Write a checkpoint this often (and when the server stops); 0: only when stopping or
     asked (op checkpoint)."""
+    checkpoint_timeout_s: float = 600.0
+    """A checkpoint written by a forked child (checkpoint_in_child) that is still running after
+    this long is killed and counted failed; the next is tried at the next period."""
     checkpoint_in_child: bool = True
     """A server that owns its process (python -m buffer, as the launcher starts it) on Linux
     writes its checkpoints from a forked child, serving on meanwhile (buffer/checkpoint.py,
@@ -144,6 +147,7 @@ class BufferConfig:
         check(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         check(self.max_message_mb > 0, "max_message_mb", "must be > 0")
         check(self.checkpoint_every_s >= 0, "checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
+        check(self.checkpoint_timeout_s > 0, "checkpoint_timeout_s", f"must be > 0, got {self.checkpoint_timeout_s}")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
         check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
         for name in self.tables:
@@ -188,9 +192,13 @@ class StoredOutOfCollector:
             self.frozen_at = inserts
 
 
-def _priority(value) -> float:
+def _priority(value, table: Table) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise RequestError(f"a priority must be a finite number >= 0, got {value!r}")
+    try:
+        table.weight_of(float(value))
+    except ValueError as e:
+        raise RequestError(str(e)) from None
     return float(value)
 
 
@@ -332,7 +340,7 @@ class BufferServer:
                 self._restore(checkpoint.read(newest))
                 self.checkpoint_seq, self.restored_from = self.inserts, newest
                 log.info("buffer: restored %d groups from %s", self.size, newest)
-        self._next_checkpoint = time.monotonic() + (config.checkpoint_every_s or math.inf)
+        self._schedule_checkpoint()
         self._pending: list[_PendingSample] = []
         # per table, of the last SAMPLE_TIMES samples answered: from reading the request to sending the reply
         self._sample_s = {name: collections.deque(maxlen=SAMPLE_TIMES) for name in self.tables}
@@ -429,67 +437,87 @@ class BufferServer:
     def _state(self) -> dict:
         return {"tables": {name: t.state() for name, t in self.tables.items()}}
 
+    def _schedule_checkpoint(self) -> None:
+        self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
+
     def checkpoint(self) -> Path | None:
         """Write every table to checkpoint_dir now, from this thread (the serving loop's, or
-        any while it is not running), after the forked write in progress, if any; its path,
-        or None without a checkpoint_dir."""
+        any while it is not running): the last one, when stopping. A forked write in progress
+        is stopped first (this one holds all it would) and those who asked for it, or for
+        the next, are answered by this one. Its path, or None without a checkpoint_dir;
+        raises what writing raised."""
         if not self.config.checkpoint_dir:
             return None
+        asked, self._checkpoint_asked = self._checkpoint_asked, []
         if self._writing is not None:
-            self._checkpoint_written(self._writing.wait(self.config.timeout_s * 5))
-        started = time.monotonic()
-        path = checkpoint.write(self.config.checkpoint_dir, self._state(), keep=self.config.keep_checkpoints)
-        self.checkpoint_seq = self.inserts
-        self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
-        took = time.monotonic() - started
-        self.checkpoint_stats.update(written=self.checkpoint_stats["written"] + 1, last_s=round(took, 4),
-                                     last_held_loop_ms=round(took * 1000, 2))
+            self._writing.kill("was overtaken by a checkpoint written in the serving loop")
+            asked, self._writing = self._writing.waiters + asked, None
+        seq, started = self.inserts, time.monotonic()
+        try:
+            path = self._write_in_loop()
+        except Exception as e:
+            self._checkpoint_done(checkpoint.CheckpointError(f"checkpoint into {self.config.checkpoint_dir} "
+                                                             f"failed: {type(e).__name__}: {e}"), seq, started, asked)
+            raise
+        self._checkpoint_done(path, seq, started, asked)
         return path
 
-    def _checkpoint_now(self, asked: list = ()) -> None:
-        """Start a checkpoint of the tables as they are now: forked (answering `asked`, the
-        checkpoint ops waiting for it, once written), or written here and answered at once."""
-        if not self._fork_checkpoints:
-            try:
-                reply = {"path": str(self.checkpoint())}
-            except OSError as e:   # a full disk: the server serves on; clients keep what no checkpoint holds
-                self.checkpoint_stats["failed"] += 1
-                self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
-                log.error("buffer: checkpoint into %s failed: %s", self.config.checkpoint_dir, e)
-                reply = {"ok": False, "error": f"checkpoint into {self.config.checkpoint_dir} failed: {e}"}
-            for socket, identity, rid in asked:
-                self._reply(socket, identity, rid, dict(reply))
-            return
-        self._writing = checkpoint.ForkedWrite(self.config.checkpoint_dir, self._state,
-                                               keep=self.config.keep_checkpoints, seq=self.inserts)
-        self._writing.waiters = list(asked)
-        self.checkpoint_stats["last_held_loop_ms"] = round(self._writing.fork_s * 1000, 2)
-        self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
+    def _write_in_loop(self) -> Path:
+        started = time.monotonic()
+        path = checkpoint.write(self.config.checkpoint_dir, self._state(), keep=self.config.keep_checkpoints)
+        self.checkpoint_stats["last_held_loop_ms"] = round((time.monotonic() - started) * 1000, 2)
+        return path
 
-    def _checkpoint_written(self, result) -> None:
-        """A forked write ended (result: its path or its CheckpointError): what it covers now
-        counts as saved and those who asked for it are answered; the ops that came meanwhile
-        get the next one."""
-        done, self._writing = self._writing, None
+    def _start_checkpoint(self, asked: list) -> None:
+        """A checkpoint of the tables as they are now, for `asked` (the checkpoint ops waiting
+        for it): by a forked child where the server may fork (answered when it ends), else,
+        or if the fork fails, written here and answered at once. A failure is counted, logged
+        and answered; the server serves on and tries again at the next period."""
+        self._schedule_checkpoint()
+        seq, started = self.inserts, time.monotonic()
+        if self._fork_checkpoints:
+            try:
+                self._writing = checkpoint.ForkedWrite(self.config.checkpoint_dir, self._state,
+                                                       keep=self.config.keep_checkpoints, seq=seq, waiters=asked)
+                self.checkpoint_stats["last_held_loop_ms"] = round(self._writing.fork_s * 1000, 2)
+                return
+            except OSError as e:   # no memory or process left for a child: this one is written here
+                log.warning("buffer: could not fork a checkpoint writer (%s); writing it in the serving loop", e)
+        try:
+            result = self._write_in_loop()
+        except Exception as e:   # a full disk, say
+            result = checkpoint.CheckpointError(f"checkpoint into {self.config.checkpoint_dir} failed: "
+                                                f"{type(e).__name__}: {e}")
+        self._checkpoint_done(result, seq, started, asked)
+
+    def _checkpoint_done(self, result, seq: int, started: float, asked: list) -> None:
+        """A checkpoint ended (result: its path, or the CheckpointError that ended it): what it
+        holds (the first `seq` inserts) counts as saved, and those who asked for it are answered."""
         if isinstance(result, Path):
-            self.checkpoint_seq = max(self.checkpoint_seq, done.seq)
+            self.checkpoint_seq = max(self.checkpoint_seq, seq)
             self.checkpoint_stats.update(written=self.checkpoint_stats["written"] + 1,
-                                         last_s=round(time.monotonic() - done.started, 4))
+                                         last_s=round(time.monotonic() - started, 4))
             reply = {"path": str(result)}
         else:
             self.checkpoint_stats["failed"] += 1
-            log.error("buffer: %s; the next is due in %.0f s", result,
-                      max(0.0, self._next_checkpoint - time.monotonic()))
+            log.error("buffer: %s; the next is due in %.0f s", result, max(0.0, self._next_checkpoint - time.monotonic()))
             reply = {"ok": False, "error": str(result)}
-        for socket, identity, rid in done.waiters:
+        for socket, identity, rid in asked:
             self._reply(socket, identity, rid, dict(reply))
 
     def _checkpoints_in_loop(self) -> None:
-        if self._writing is not None and (result := self._writing.poll()) is not None:
-            self._checkpoint_written(result)
+        writing = self._writing
+        if writing is not None:
+            result = writing.poll()
+            if result is None and time.monotonic() - writing.started > self.config.checkpoint_timeout_s:
+                result = writing.kill(f"did not finish within buffer.checkpoint_timeout_s "
+                                      f"({self.config.checkpoint_timeout_s:g}s)")
+            if result is not None:
+                self._writing = None
+                self._checkpoint_done(result, writing.seq, writing.started, writing.waiters)
         if self._writing is None and (self._checkpoint_asked or time.monotonic() >= self._next_checkpoint):
             asked, self._checkpoint_asked = self._checkpoint_asked, []
-            self._checkpoint_now(asked)
+            self._start_checkpoint(asked)
 
     def _serve(self) -> None:
         try:
@@ -497,8 +525,6 @@ class BufferServer:
         finally:  # stopping, or failing: what is held is saved either way
             if self.config.checkpoint_dir:
                 self.checkpoint()
-                for socket, identity, rid in self._checkpoint_asked:
-                    self._reply(socket, identity, rid, {"path": str(checkpoint.latest(self.config.checkpoint_dir))})
 
     def _serve_requests(self) -> None:
         poller = zmq.Poller()
@@ -621,7 +647,7 @@ class BufferServer:
                     part = self._part(raw, start, start + size, between=self._serve_control)
                 else:
                     part = _unique(every[start:start + size], start)
-                kept += [_priority(p) for p in priorities[start:start + size]]
+                kept += [_priority(p, table) for p in priorities[start:start + size]]
                 groups += part
             except (SchemaError, RequestError) as e:
                 if parts is None:
@@ -685,8 +711,9 @@ class BufferServer:
         ids, priorities = request.get("ids"), request.get("priorities")
         if not (isinstance(ids, list) and isinstance(priorities, list) and len(ids) == len(priorities)):
             raise RequestError("update_priorities needs 'ids' and 'priorities', lists of one length")
-        values = {str(i): _priority(p) for i, p in zip(ids, priorities)}
-        return {"updated": self._table(request)[1].update_priorities(values)}
+        table = self._table(request)[1]
+        values = {str(i): _priority(p, table) for i, p in zip(ids, priorities)}
+        return {"updated": table.update_priorities(values)}
 
     def _op_sample(self, socket, identity, rid, request):
         n = _number(request, "n", int)

@@ -99,6 +99,9 @@ class TableStats:
     dropped_staleness: Counter = field(default_factory=Counter)  # staleness when dropped -> groups
 
 
+MAX_WEIGHT = 1e290   # a prioritized group's weight at most: sums of a million stay finite
+
+
 class SumTree:
     """Weights by slot and their sums in a binary tree over a list of a power-of-two length
     (leaves at capacity + slot, each node the sum of its two children): setting a weight and
@@ -220,7 +223,23 @@ class Table:
     def _set_priority(self, slot: int, priority: float) -> None:
         self._priority[slot] = priority
         if self._weights is not None:
-            self._weights.set(slot, priority ** self.config.priority_exponent)
+            self._weights.set(slot, self.weight_of(priority))
+
+    def weight_of(self, priority: float) -> float:
+        """priority ** priority_exponent, what a prioritized draw weighs a group by; ValueError
+        if so large that the sum tree's sums could overflow (a draw from an infinite total
+        would take the first slot every time). Other selectors draw by no weight: any finite
+        priority will do."""
+        if self._weights is None:
+            return priority
+        try:
+            weight = priority ** self.config.priority_exponent
+        except OverflowError:
+            weight = math.inf
+        if not weight <= MAX_WEIGHT:
+            raise ValueError(f"priority {priority!r} ** priority_exponent {self.config.priority_exponent} is too large "
+                             f"for the prioritized selector's sums (at most {MAX_WEIGHT:g})")
+        return weight
 
     def _forget(self, group: RolloutGroup) -> None:
         """Take a group just removed from _items out of the slots and its version bucket."""
@@ -398,6 +417,8 @@ class Table:
     def restore(self, state: dict) -> None:
         """Become the table `state()` described (its groups validated again)."""
         self._items = OrderedDict()
+        self._priority, self._order = np.zeros(64), np.zeros(64, np.int64)   # what was held weighs nothing now
+        self._weights = SumTree() if self.config.selector == "prioritized" else None
         for data, times_sampled, priority, order in state["items"]:
             group = RolloutGroup.from_wire(data)
             self._items[group.id] = _Entry(group, int(times_sampled), float(priority), int(order))

@@ -437,27 +437,141 @@ def test_a_checkpoint_written_by_a_child_leaves_the_server_answering_meanwhile(t
     try:
         for i in range(64):   # about 130 MB to write
             writer.insert(make_group(seed=i, prompt_id=f"g{i}", group_size=2, length=65536))
-        answered, done = [], threading.Event()
+        answered, done = [], threading.Event()   # when each stats reply came
 
         def ask():
             while not done.is_set():
-                answered.append(asker.stats()["checkpoint_writes"]["writing"])
+                asker.stats()
+                answered.append(time.monotonic())
         thread = threading.Thread(target=ask)
         thread.start()
         time.sleep(0.2)
-        before = len(answered)
+        asked = time.monotonic()
         path = writer.checkpoint()["path"]
-        during = len(answered) - before
+        replied = time.monotonic()
         done.set()
         thread.join(30)
+        during = [t for t in answered if asked + 0.02 < t < replied - 0.02]   # replies while it was written
         stats = asker.stats()["checkpoint_writes"]
         assert stats["written"] == 1 and stats["in_child"] is in_child and not stats["writing"]
         assert writer.unsaved == 0 and len(checkpoint.read(path)["tables"]["rollouts"]["items"]) == 64
+        assert replied - asked > 0.1   # long enough to tell the two apart
         if in_child:
-            assert during > 0 and any(answered), "the server answered nothing while its child wrote"
+            assert len(during) > 10, "the server answered (almost) nothing while its child wrote"
         else:
-            assert not any(answered)
+            assert during == []
     finally:
         writer.close()
         asker.close()
         process.stop()
+
+
+@pytest.fixture
+def owned_server(tmp_path):
+    """A server on a thread here that forks its checkpoints, as `python -m buffer` does (it
+    freezes the garbage collector's view of this process meanwhile: unfrozen after)."""
+    import gc
+    servers = []
+
+    def make(**config):
+        config = BufferConfig(timeout_s=10.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
+                              table=TableConfig(max_size=64, max_staleness=100), **config)
+        servers.append(BufferServer(config, owns_process=True).start())
+        return servers[-1]
+    yield make
+    for server in servers:
+        server.stop(30)
+    gc.unfreeze()
+
+
+def _slow_state(server: BufferServer, seconds: float):
+    """The server's state, taken `seconds` late: a slow disk's checkpoint, as the child sees it."""
+    state = server._state
+
+    def slow():
+        time.sleep(seconds)
+        return state()
+    return slow
+
+
+def test_a_forked_writer_holds_none_of_the_servers_sockets(owned_server):
+    # a server killed mid-save must leave its ports free for the restarted one at once
+    server = owned_server()
+    server._state = _slow_state(server, 30)
+    client = BufferClient(server.address, timeout_s=10.0)
+    try:
+        client.insert(make_group(seed=1))
+        threading.Thread(target=lambda: BufferClient(server.address, timeout_s=10.0).checkpoint(), daemon=True).start()
+        deadline = time.monotonic() + 10
+        while server._writing is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child = server._writing.pid
+        time.sleep(0.3)   # past its first act
+        held = [os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd")]
+        assert not [h for h in held if h.startswith(("socket:", "anon_inode:"))], held
+    finally:
+        del server._state   # the last, in-loop write at stop is quick again
+        client.close()
+
+
+def test_a_fork_that_fails_is_written_in_the_loop_and_the_server_serves_on(owned_server, monkeypatch):
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(os, "fork", no_fork)   # a fault injected: a full machine refuses the child
+    open_before = len(os.listdir("/proc/self/fd"))
+    server = owned_server()
+    client = BufferClient(server.address, timeout_s=10.0)
+    try:
+        client.insert(make_group(seed=1))
+        path = client.checkpoint()["path"]
+        assert len(checkpoint.read(path)["tables"]["rollouts"]["items"]) == 1 and client.unsaved == 0
+        stats = client.stats()["checkpoint_writes"]
+        assert stats["written"] == 1 and stats["failed"] == 0 and stats["in_child"]
+        client.checkpoint()
+        assert client.stats()["size"] == 1
+    finally:
+        client.close()
+    server.stop(30)
+    assert len(os.listdir("/proc/self/fd")) <= open_before   # the failed forks' pipes were closed
+
+
+def test_a_forked_write_past_its_deadline_is_killed_counted_and_tried_again(owned_server):
+    server = owned_server(checkpoint_timeout_s=1.0)
+    server._state = _slow_state(server, 60)
+    client = BufferClient(server.address, timeout_s=10.0)
+    try:
+        client.insert(make_group(seed=1))
+        with pytest.raises(BufferError, match="did not finish within buffer.checkpoint_timeout_s"):
+            client.checkpoint()
+        stats = client.stats()["checkpoint_writes"]
+        assert stats["failed"] == 1 and not stats["writing"] and client.unsaved == 1   # not saved: still kept
+        del server._state
+        assert Path(client.checkpoint()["path"]).exists() and client.unsaved == 0
+    finally:
+        client.close()
+
+
+def test_stopping_during_a_forked_write_writes_once_and_answers_who_asked(owned_server, tmp_path):
+    server = owned_server()
+    server._state = _slow_state(server, 60)   # the child would take a minute
+    client = BufferClient(server.address, timeout_s=20.0)
+    replies = []
+    try:
+        client.insert(make_group(seed=1), make_group(seed=2))
+        asker = threading.Thread(target=lambda: replies.append(BufferClient(server.address, timeout_s=20.0).checkpoint()))
+        asker.start()
+        deadline = time.monotonic() + 10
+        while server._writing is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child = server._writing.pid
+        del server._state   # the last, in-loop write is quick
+        t = time.monotonic()
+        server.stop(30)
+        assert time.monotonic() - t < 10
+        asker.join(20)
+    finally:
+        client.close()
+    assert not _alive(child)
+    assert replies and Path(replies[0]["path"]) == checkpoint.latest(tmp_path / "ckpt")
+    assert len(checkpoint.read(replies[0]["path"])["tables"]["rollouts"]["items"]) == 2
+    assert len(checkpoint.checkpoints(tmp_path / "ckpt")) == 1   # written once, by the loop

@@ -213,6 +213,28 @@ def test_the_sum_tree_finds_what_a_running_sum_finds(sets, draws):
                 assert slot == expected   # off a boundary between two slots, rounding cannot tell them apart
 
 
+def test_a_restored_prioritized_table_draws_only_what_it_restored():
+    # restoring into a table that held more groups: their weights must not stay in the tree
+    small = Table(TableConfig(selector="prioritized", max_times_sampled=0), seed=1)
+    for i in range(3):
+        small.insert(make_group(prompt_id=f"s{i}", group_size=2, length=4), 1.0)
+    big = Table(small.config, seed=2)
+    for i in range(10):
+        big.insert(make_group(prompt_id=f"b{i}", group_size=2, length=4), 1.0 + i)
+    big.restore(small.state())
+    held = {g.id for g in small.sample(3)}
+    for _ in range(50):
+        assert {g.id for g in big.sample(2)} <= held
+
+
+def test_a_priority_whose_weight_would_overflow_the_sums_is_refused_naming_it():
+    table = Table(TableConfig(selector="prioritized", priority_exponent=2.0, max_times_sampled=0))
+    with pytest.raises(ValueError, match="priority 1e\\+200 \\*\\* priority_exponent 2.0 is too large"):
+        table.weight_of(1e200)
+    assert table.weight_of(1e100) == 1e200
+    assert Table(TableConfig(selector="fifo")).weight_of(1e300) == 1e300   # no draw by weight: any finite one
+
+
 def test_prioritized_sampling_follows_the_priorities():
     table = Table(TableConfig(selector="prioritized", priority_exponent=1.0, max_times_sampled=0), seed=1)
     for i, p in enumerate([1.0, 3.0]):

@@ -129,6 +129,7 @@ def engine_whose_worker_logs_its_cause_and_fails_through_two_processes(**_):
     than the kept tail, and the error raised here says only to look above."""
     stream = {"ext://sys.stdout": sys.stdout, "ext://sys.stderr": sys.stderr}[os.environ.get("VLLM_LOGGING_STREAM",
                                                                                              "ext://sys.stdout")]
+    print("(Worker pid=7) WARNING retrying the download after ConnectionError: timed out", file=stream)   # no cause
     print("(Worker pid=7) ERROR WorkerProc failed to start.\n(Worker pid=7) Traceback (most recent call last):\n"
           "(Worker pid=7)   File \"worker.py\", line 1, in init\n(Worker pid=7) ValueError: Free memory on device "
           "(10.2/79.1 GiB) on startup is less than desired GPU memory utilization (0.15, 11.9 GiB)",
@@ -149,6 +150,7 @@ def test_a_failed_start_quotes_the_first_exception_however_long_the_tracebacks_a
     text = str(info.value)
     named = text[text.index("the first exceptions its stderr named"):text.index("the last")]
     assert "ValueError: Free memory on device (10.2/79.1 GiB)" in named.splitlines()[1]
+    assert "ConnectionError" not in text   # a log line naming an exception is not one a traceback ended in
     assert "WorkerProc initialization failed" not in named   # the tail quotes it: not twice
     assert "Exception: WorkerProc initialization failed" in text[text.index("the last"):]
     assert "RuntimeError: Engine core initialization failed" in text
