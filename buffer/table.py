@@ -180,7 +180,9 @@ class Table:
         return len(self._items)
 
     def insert(self, group: RolloutGroup, priority: float = 1.0) -> bool:
-        """Store the group; False if its id was stored before (a re-sent insert)."""
+        """Store the group; False if its id was stored before (a re-sent insert). ValueError,
+        with nothing changed, if a prioritized table cannot weigh its priority (weight_of)."""
+        self.weight_of(float(priority))
         if group.id in self._seen:
             self.stats.duplicates += 1
             return False
@@ -289,7 +291,10 @@ class Table:
         return None
 
     def update_priorities(self, priorities: dict) -> int:
-        """Set the priority of each id held; returns how many were held (others are gone)."""
+        """Set the priority of each id held; returns how many were held (others are gone).
+        ValueError, with nothing changed, if a prioritized table cannot weigh one (weight_of)."""
+        for value in priorities.values():
+            self.weight_of(float(value))
         held = 0
         for key, value in priorities.items():
             entry = self._items.get(key)

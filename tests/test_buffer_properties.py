@@ -232,6 +232,12 @@ def test_a_priority_whose_weight_would_overflow_the_sums_is_refused_naming_it():
     with pytest.raises(ValueError, match="priority 1e\\+200 \\*\\* priority_exponent 2.0 is too large"):
         table.weight_of(1e200)
     assert table.weight_of(1e100) == 1e200
+    table.insert(make_group(prompt_id="kept", group_size=2, length=4), 1.0)
+    with pytest.raises(ValueError, match="too large"):
+        table.insert(make_group(prompt_id="heavy", group_size=2, length=4), 1e200)
+    with pytest.raises(ValueError, match="too large"):
+        table.update_priorities({table.sample(1)[0].id: 1e200})
+    assert len(table) == 1 and table.summary()["inserts"] == 1 and table._weights.total == 1.0   # nothing changed
     assert Table(TableConfig(selector="fifo")).weight_of(1e300) == 1e300   # no draw by weight: any finite one
 
 
