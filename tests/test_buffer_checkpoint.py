@@ -427,45 +427,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.parametrize("in_child", [True, False], ids=["forked", "in-loop"])
-def test_a_checkpoint_written_by_a_child_leaves_the_server_answering_meanwhile(tmp_path, in_child):
-    # the in-loop writer is the contrast: it answers nothing until its checkpoint is on disk
-    config = BufferConfig(timeout_s=30.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
-                          checkpoint_in_child=in_child, table=TableConfig(max_size=4096, max_staleness=100))
-    process = BufferProcess(config, tmp_path / "buffer.log").start()
-    writer, asker = BufferClient(process.address, timeout_s=30.0), BufferClient(process.address, timeout_s=30.0)
-    try:
-        for i in range(64):   # about 130 MB to write
-            writer.insert(make_group(seed=i, prompt_id=f"g{i}", group_size=2, length=65536))
-        answered, done = [], threading.Event()   # when each stats reply came
-
-        def ask():
-            while not done.is_set():
-                asker.stats()
-                answered.append(time.monotonic())
-        thread = threading.Thread(target=ask)
-        thread.start()
-        time.sleep(0.2)
-        asked = time.monotonic()
-        path = writer.checkpoint()["path"]
-        replied = time.monotonic()
-        done.set()
-        thread.join(30)
-        during = [t for t in answered if asked + 0.02 < t < replied - 0.02]   # replies while it was written
-        stats = asker.stats()["checkpoint_writes"]
-        assert stats["written"] == 1 and stats["in_child"] is in_child and not stats["writing"]
-        assert writer.unsaved == 0 and len(checkpoint.read(path)["tables"]["rollouts"]["items"]) == 64
-        assert replied - asked > 0.1   # long enough to tell the two apart
-        if in_child:
-            assert len(during) > 10, "the server answered (almost) nothing while its child wrote"
-        else:
-            assert during == []
-    finally:
-        writer.close()
-        asker.close()
-        process.stop()
-
-
 @pytest.fixture
 def owned_server(tmp_path):
     """A server on a thread here that forks its checkpoints, as `python -m buffer` does (it
@@ -492,6 +453,44 @@ def _slow_state(server: BufferServer, seconds: float):
         time.sleep(seconds)
         return state()
     return slow
+
+
+@pytest.mark.parametrize("in_child", [True, False], ids=["forked", "in-loop"])
+def test_a_checkpoint_written_by_a_child_leaves_the_server_answering_meanwhile(owned_server, in_child):
+    # the in-loop writer is the contrast: it answers nothing until its checkpoint is on disk;
+    # a second's delay in taking the state stands for a large table's write
+    server = owned_server(checkpoint_in_child=in_child)
+    server._state = _slow_state(server, 1.0)
+    writer, asker = BufferClient(server.address, timeout_s=30.0), BufferClient(server.address, timeout_s=30.0)
+    try:
+        writer.insert(*[make_group(seed=i, prompt_id=f"g{i}") for i in range(8)])
+        answered, done = [], threading.Event()   # when each stats reply came
+
+        def ask():
+            while not done.is_set():
+                asker.stats()
+                answered.append(time.monotonic())
+        thread = threading.Thread(target=ask)
+        thread.start()
+        time.sleep(0.2)
+        asked = time.monotonic()
+        path = writer.checkpoint()["path"]
+        replied = time.monotonic()
+        done.set()
+        thread.join(30)
+        during = [t for t in answered if asked + 0.1 < t < replied - 0.1]   # replies while it was written
+        stats = asker.stats()["checkpoint_writes"]
+        assert stats["written"] == 1 and stats["in_child"] is in_child and not stats["writing"]
+        assert writer.unsaved == 0 and len(checkpoint.read(path)["tables"]["rollouts"]["items"]) == 8
+        assert replied - asked >= 1.0
+        if in_child:
+            assert len(during) > 10, "the server answered (almost) nothing while its child wrote"
+        else:
+            assert during == []
+    finally:
+        del server._state
+        writer.close()
+        asker.close()
 
 
 def test_a_forked_writer_holds_none_of_the_servers_sockets(owned_server):
