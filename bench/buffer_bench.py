@@ -74,6 +74,16 @@ def group_of(nbytes: int):
     return make_group(low)
 
 
+def fill(client, groups: list, count: int) -> None:
+    """Put `count` groups through `client`: `groups` again and again, under new ids each time
+    (a put encodes its groups at once, so renaming them after is safe)."""
+    for start in range(0, count, len(groups)):
+        for i, g in enumerate(groups):
+            g.id = f"fill-{start + i}"
+        client.put(*groups)
+    client.flush()
+
+
 def percentiles(latencies) -> dict:
     if len(latencies) == 0:
         return {"p50_ms": None, "p99_ms": None}
@@ -142,12 +152,8 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
             group.id = f"seed-{i}"
             seed.insert(group)
         if prefill:   # a long run's steady state: the table full, so that every insert evicts one
-            filler, fill = BufferClient(server.address, timeout_s=60, window=16), [make_group(tokens) for _ in range(16)]
-            for start in range(0, int(prefill * table.max_size), len(fill)):
-                for i, g in enumerate(fill):
-                    g.id = f"fill-{start + i}"
-                filler.put(*fill)
-            filler.flush()
+            filler = BufferClient(server.address, timeout_s=60, window=16)
+            fill(filler, [make_group(tokens) for _ in range(16)], int(prefill * table.max_size))
             filler.close()
         result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
                       writers, seconds)

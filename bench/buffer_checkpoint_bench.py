@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.buffer_bench import group_of   # noqa: E402
+from bench.buffer_bench import fill, group_of   # noqa: E402
 
 
 def _rss_mb(pid: int) -> float:
@@ -72,12 +72,7 @@ def run(in_child: bool, groups: int, nbytes: int, work: str) -> dict:
     pid = server.process.pid
     try:
         filler, asker = BufferClient(server.address, timeout_s=120, window=16), BufferClient(server.address, timeout_s=120)
-        fill = [group_of(nbytes) for _ in range(16)]
-        for start in range(0, groups, len(fill)):
-            for i, g in enumerate(fill):
-                g.id = f"fill-{start + i}"
-            filler.put(*fill)
-        filler.flush()
+        fill(filler, [group_of(nbytes) for _ in range(16)], groups)
         waits, done, peak = [], threading.Event(), {"server": _rss_mb(pid), "child": 0.0, "child_private": 0.0}
 
         def ask():

@@ -456,8 +456,7 @@ class BufferServer:
         try:
             path = self._write_in_loop()
         except Exception as e:
-            self._checkpoint_done(checkpoint.CheckpointError(f"checkpoint into {self.config.checkpoint_dir} "
-                                                             f"failed: {type(e).__name__}: {e}"), seq, started, asked)
+            self._checkpoint_done(self._write_failed(e), seq, started, asked)
             raise
         self._checkpoint_done(path, seq, started, asked)
         return path
@@ -467,6 +466,9 @@ class BufferServer:
         path = checkpoint.write(self.config.checkpoint_dir, self._state(), keep=self.config.keep_checkpoints)
         self.checkpoint_stats["last_held_loop_ms"] = round((time.monotonic() - started) * 1000, 2)
         return path
+
+    def _write_failed(self, e: Exception) -> checkpoint.CheckpointError:
+        return checkpoint.CheckpointError(f"checkpoint into {self.config.checkpoint_dir} failed: {type(e).__name__}: {e}")
 
     def _start_checkpoint(self, asked: list) -> None:
         """A checkpoint of the tables as they are now, for `asked` (the checkpoint ops waiting
@@ -486,8 +488,7 @@ class BufferServer:
         try:
             result = self._write_in_loop()
         except Exception as e:   # a full disk, say
-            result = checkpoint.CheckpointError(f"checkpoint into {self.config.checkpoint_dir} failed: "
-                                                f"{type(e).__name__}: {e}")
+            result = self._write_failed(e)
         self._checkpoint_done(result, seq, started, asked)
 
     def _checkpoint_done(self, result, seq: int, started: float, asked: list) -> None:
