@@ -84,6 +84,12 @@ class ActorsConfig:
     groups_per_version: int = 0
     """0: never wait for the learner (asynchronous). N > 0: start N groups on one weight
     version, then wait for the next version (the synchronous baseline sets this)."""
+    drop_flat_groups: int = 0
+    """Dynamic sampling (as DAPO's): a group whose completions all scored alike carries no GRPO
+    gradient, so it is dropped rather than inserted and another group starts in its place, up to
+    this many per weight version an actor serves; past that, flat groups go in as any other (a
+    task set the policy always fails, or always passes, still moves the learner on). 0 inserts
+    every group. Counted as actor/flat_groups_dropped."""
     wait_timeout_s: float = 1800.0
     """How long an actor waits for new weights (groups_per_version > 0), or for the buffer's
     rate limiter to take an insert (back-pressure: buffer.table.rate_limiter), before failing."""
@@ -107,6 +113,7 @@ class ActorsConfig:
               f"must be one of {WEIGHT_STAGING}, got {self.weight_staging!r}")
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         check(self.groups_per_version >= 0, "groups_per_version", "must be >= 0")
+        check(self.drop_flat_groups >= 0, "drop_flat_groups", f"must be >= 0, got {self.drop_flat_groups}")
         check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
 
 
@@ -159,6 +166,7 @@ class RolloutActor:
         self._io = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-io")  # the client is not thread-safe
         self._stop = threading.Event()
         self.groups = 0
+        self.flat_groups_dropped = 0
         self.started = time.monotonic()
 
     def run(self, max_groups: int | None = None) -> dict:
@@ -189,6 +197,7 @@ class RolloutActor:
 
     def stats(self) -> dict:
         return {"actor_id": self.actor_id, "version": self.engine.version, "groups": self.groups,
+                "flat_groups_dropped": self.flat_groups_dropped,
                 **self.runner.stats(),
                 "activity_s": self.runner.activity.seconds(),   # where its time went (actors/activity.py)
                 "uptime_s": time.monotonic() - self.started, **self.engine.stats(),
@@ -236,7 +245,7 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                     await asyncio.sleep(0.02)
                 continue
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-            groups = [g for g in (finished.result() for finished in done) if g is not None]
+            groups = [g for g in (finished.result() for finished in done) if g is not None and not gate.drops(g)]
             if groups:  # the groups that ended together go in one request
                 with a.runner.activity.doing("buffer"):   # held here while the rate limiter says so
                     a.groups += await _insert(a, groups, gate)
@@ -340,6 +349,7 @@ class _StartGate:
         self.live_episodes = 0   # of the groups started: episodes not yet ended (or not yet begun)
         self.room: int | None = 0   # this actor's share of what the buffer would take, at its last reply
                                     # (None: unbounded); 0 until asked: the first start waits for room
+        self.drop_version, self.dropped_on_version = -1, 0   # flat groups dropped on the version served
 
     def told(self, room: int | None) -> None:
         """The buffer's room, from a reply: the actors.count actor groups share it evenly (a
@@ -351,6 +361,24 @@ class _StartGate:
         self.on_version += 1
         self.live_episodes += self.actor.rollout.group_size
         return _GroupSlots(self, self.actor.rollout.group_size)
+
+    def drops(self, group) -> bool:
+        """Whether to drop a finished group (actors.drop_flat_groups): a flat one, while this
+        version served has dropped fewer than the limit. A synchronous actor then starts
+        another on the version it started the dropped one on."""
+        a = self.actor
+        if not a.config.drop_flat_groups or not group.flat:
+            return False
+        version = a.engine.version
+        if version != self.drop_version:
+            self.drop_version, self.dropped_on_version = version, 0
+        if self.dropped_on_version >= a.config.drop_flat_groups:
+            return False
+        self.dropped_on_version += 1
+        a.flat_groups_dropped += 1
+        if group.version == self.version and self.on_version:
+            self.on_version -= 1   # its place on this version is free again
+        return True
 
     def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
         a, group_size = self.actor, self.actor.rollout.group_size

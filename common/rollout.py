@@ -104,6 +104,12 @@ class RolloutGroup:
         return int(versions.min(initial=np.iinfo(np.int32).max, where=versions >= 0)) if (versions >= 0).any() else -1
 
     @property
+    def flat(self) -> bool:
+        """Every completion scored the same reward: GRPO's advantages are all 0, so the group
+        teaches nothing (beyond a KL penalty)."""
+        return bool(np.ptp(self.rewards) == 0)
+
+    @property
     def num_policy_tokens(self) -> int:
         return int(self.loss_mask.sum())
 

@@ -313,7 +313,7 @@ class Learner:
         errors = sum(bool(e) for g in groups for e in g.errors)
         # groups whose completions all scored alike: their advantages are 0, so they teach nothing
         # (a run whose batches are all flat, every answer wrong say, cannot learn its way out)
-        flat = sum(bool(np.ptp(g.rewards) == 0) for g in groups)
+        flat = sum(g.flat for g in groups)
         keys = sorted(sums)
         totals = self._all_reduce([float(rewards.sum()), len(rewards), float(sum(staleness)), len(staleness),
                                    errors, loss] + [sums[k] for k in keys] + clip_fracs + [flat, step_flops])

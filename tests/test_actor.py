@@ -227,3 +227,65 @@ def test_actor_groups_share_the_buffers_room_evenly_rounded_up():
     assert gate.room == 1   # each may still go on; what overshoots waits in a held insert
     gate.told(None)
     assert gate.room is None and gate.may_start(30, None)   # a limiter that never holds: the slots decide
+
+
+def _scripted_actor(tiny_model_path, server, reply, **actors) -> RolloutActor:
+    """An actor over a scripted engine (version 0 throughout) on token_match with groups of 2:
+    a reply's reward is its share of the word w3."""
+    from transformers import AutoTokenizer
+
+    from actors.rollout import EpisodeRunner
+    from envs import registry
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    env = EnvConfig(name="token_match", args={"words": 16, "target": "w3"})
+    rollout = RolloutConfig(group_size=2, max_new_tokens=4)
+    runner = EpisodeRunner(ScriptedEngine(tokenizer, reply), tokenizer, registry.factory(env), rollout)
+    return RolloutActor.of_parts(0, ActorsConfig(max_inflight_episodes=4, **actors), rollout, runner,
+                                 registry.factory(env)(), BufferClient(server.address, timeout_s=5.0))
+
+
+def test_flat_groups_are_dropped_for_others_and_only_unflat_ones_reach_the_buffer(tiny_model_path, buffer_server):
+    draws = random.Random(0)
+    server = buffer_server(max_size=1000)
+    actor = _scripted_actor(tiny_model_path, server, lambda text: draws.choice(["w3", "w1"]), drop_flat_groups=1000)
+    learner = BufferClient(server.address, timeout_s=5.0)
+    try:
+        stats = actor.run(max_groups=10)
+        groups, _, _ = learner.sample(10, timeout_s=5.0)
+    finally:
+        actor.close()
+        learner.close()
+    # a group of two is flat half of the time: about ten were dropped on the way to ten kept
+    assert stats["groups"] == 10 and stats["flat_groups_dropped"] >= 1
+    assert all(not g.flat and sorted(g.rewards) == [0.0, 1.0] for g in groups)
+
+
+def test_past_its_drops_on_one_version_an_actor_inserts_flat_groups_rather_than_starve_the_learner(
+        tiny_model_path, buffer_server):
+    server = buffer_server(max_size=1000)
+    actor = _scripted_actor(tiny_model_path, server, lambda text: "w1", drop_flat_groups=3)   # every group flat
+    try:
+        stats = actor.run(max_groups=2)
+    finally:
+        actor.close()
+    assert stats["groups"] == 2 and stats["flat_groups_dropped"] == 3
+
+
+def test_a_synchronous_actor_replaces_each_flat_group_it_drops_on_the_same_version(tiny_model_path, buffer_server):
+    # groups_per_version=2 starts two groups on a version, then waits for the next; a dropped
+    # group frees its place, or the learner would wait for groups no actor makes
+    server = buffer_server(max_size=1000)
+    actor = _scripted_actor(tiny_model_path, server, lambda text: "w1", drop_flat_groups=3, groups_per_version=2)
+    watcher = BufferClient(server.address, timeout_s=5.0)
+    run = threading.Thread(target=actor.run)
+    run.start()
+    try:
+        _wait_for(lambda: watcher.stats()["size"] == 2, "two groups inserted", run)
+        time.sleep(0.5)   # the actor now waits for new weights: nothing more starts
+        assert actor.flat_groups_dropped == 3 and actor.groups == 2 and watcher.stats()["size"] == 2
+    finally:
+        actor.stop()
+        run.join(10)
+        actor.close()
+        watcher.close()
