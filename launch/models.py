@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,11 +95,26 @@ def convert_smollm2_gguf(target: Path) -> Path:
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(gguf_model.state_dict())
         progress.advance()   # a plain model
-        partial = target.with_name(target.name + ".partial")
-        plain.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        progress.advance()   # saved
-    partial.rename(target)
+        # a folder of this process's own: runs started together (a study's cells) each convert
+        partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+        try:
+            partial.chmod(0o755)
+            plain.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
+            progress.advance()   # saved
+            return publish_folder(partial, target)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def publish_folder(partial: Path, target: Path) -> Path:
+    """Rename a finished model folder into place. If another process put one there first (two
+    runs converting at once), theirs is kept and `partial` is left for the caller to remove."""
+    try:
+        partial.rename(target)
+    except OSError:   # the target exists and is not empty
+        if not (target / "config.json").is_file():
+            raise
     return target
 
 

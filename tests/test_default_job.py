@@ -47,3 +47,18 @@ def test_default_job_converts_the_model_trains_and_exports(tmp_path):
                                         return_tensors="pt", return_dict=True)["input_ids"]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids.shape[1]
+
+
+def test_runs_started_together_each_convert_and_both_get_the_model(tmp_path):
+    # A study starts its cells together on a machine with no converted model: every cell
+    # converts, into a folder of its own; the first to finish publishes it, the others use it.
+    target = tmp_path / "cache" / "HuggingFaceTB--SmolLM2-135M-Instruct"
+    target.parent.mkdir()
+    code = f"from pathlib import Path; from launch.models import convert_smollm2_gguf; print(convert_smollm2_gguf(Path({str(target)!r})))"
+    runs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(run.wait(timeout=600), *run.communicate()) for run in runs]
+    assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    assert [out.strip() for _, out, _ in results] == [str(target)] * 2
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]   # no partial folder left
+    AutoModelForCausalLM.from_pretrained(target)
