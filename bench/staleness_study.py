@@ -56,9 +56,13 @@ CORRECTIONS = {
     "decoupled": ["loss.is_correction=truncate", "loss.is_cap=2", "trainer.minibatches=4"],   # trust region from mini-batch 2
     "decoupled_cap8": ["loss.is_correction=truncate", "loss.is_cap=8", "trainer.minibatches=4"],
     "behaviour_ppo": ["loss.objective=behaviour", "trainer.minibatches=4"],  # clip pi_theta/mu directly
+    # the default correction with dynamic sampling: actors drop groups that all scored alike (up
+    # to 32 a version, the GPU job's batch), so a batch holds groups with a gradient (60-90 % of
+    # the GPU job's groups were flat, 2026-12-07, and a stale run's collapse is all-flat batches)
+    "truncate_cap8_drop_flat": ["loss.is_correction=truncate", "loss.is_cap=8", "actors.drop_flat_groups=32"],
 }
 STABILITY = ("loss/kl_behaviour", "learner/grad_norm", "loss/entropy_proxy", "loss/is_truncated_frac",
-             "loss/is_masked_frac", "loss/clip_frac")
+             "loss/is_masked_frac", "loss/clip_frac", "reward/flat_groups")
 
 
 def cell_name(lag: int, correction: str, lr: float | None, seed: int, free_running: bool = False) -> str:
@@ -198,6 +202,7 @@ def summarise(rows: list) -> list:
                     "kl_behaviour": mean("loss/kl_behaviour"), "kl_behaviour_max": mean("loss/kl_behaviour_max"),
                     "grad_norm": mean("learner/grad_norm"), "entropy_proxy": mean("loss/entropy_proxy"),
                     "truncated": mean("loss/is_truncated_frac"), "masked": mean("loss/is_masked_frac"),
+                    "flat_groups": mean("reward/flat_groups"),
                     "dropped_share": mean("dropped_share"), "staleness_mean": mean("staleness_mean"),
                     "wall_s": mean("wall_s"), "step_s": mean("step_s"), "actor_tokens_per_s": mean("actor_tokens_per_s")})
     return out
@@ -207,14 +212,15 @@ def table(summary: list, free_running: bool = False) -> str:
     def f(v, spec=".3f"):
         return "–" if v is None else format(v, spec)
     lines = [f"| correction | lr | {'bound' if free_running else 'lag'} | seeds | held-out (min–max) | reward, last 5 | KL(mu‖pi) mean (max) | "
-             "grad norm | entropy | truncated | masked | dropped | staleness | s/step | actor tokens/s | s/run |",
+             "grad norm | entropy | truncated | masked | flat groups | dropped | staleness | s/step | actor tokens/s | s/run |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
+             "| ---: | ---: |"]
     for s in summary:
         lines.append(f"| {s['correction']} | {f(s['lr'], 'g') if s['lr'] else 'config'} | {s['lag']} | {s['seeds']} | "
                      f"{f(s['held_out'])} ({f(s['held_out_min'])}–{f(s['held_out_max'])}) | {f(s['reward_last5'])} | "
                      f"{f(s['kl_behaviour'], '.4f')} ({f(s['kl_behaviour_max'], '.4f')}) | {f(s['grad_norm'])} | "
-                     f"{f(s['entropy_proxy'])} | {f(s['truncated'])} | {f(s['masked'])} | {f(s['dropped_share'], '.2f')} | "
+                     f"{f(s['entropy_proxy'])} | {f(s['truncated'])} | {f(s['masked'])} | {f(s.get('flat_groups'), '.2f')} | "
+                     f"{f(s['dropped_share'], '.2f')} | "
                      f"{f(s['staleness_mean'], '.2f')} | {f(s['step_s'], '.2f')} | {f(s['actor_tokens_per_s'], '.0f')} | "
                      f"{f(s['wall_s'], '.0f')} |")
     return "\n".join(lines)

@@ -56,10 +56,12 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
     assert scores["held_out"] == evals[-1]["eval/reward"] and scores["held_out_start"] == evals[0]["eval/reward"]
     assert scores["staleness_mean"] == (0 + 1 + 2 * 4) / 6 and scores["steps"] == 6
     assert scores["loss/kl_behaviour"] == pytest.approx(sum(m["loss/kl_behaviour"] for m in steps) / 6)
+    assert scores["reward/flat_groups"] == pytest.approx(sum(m["reward/flat_groups"] for m in steps) / 6)
     gaps = sorted(b["time_s"] - a["time_s"] for a, b in zip(steps, steps[1:]))   # throughput, for --free-running
     assert scores["step_s"] == pytest.approx(gaps[2]) and scores["actor_tokens_per_s"] > 0
     row = summarise([scores | {"lag": 2, "correction": "truncate", "lr": None, "seed": 0}])[0]
     assert row["held_out"] == row["held_out_min"] == row["held_out_max"] == scores["held_out"]
+    assert row["flat_groups"] == scores["reward/flat_groups"]
     # a grid continued past its budget: the finished cell is read back, the other is not started
     from bench.staleness_study import main as study
     cells = tmp_path / "study"
