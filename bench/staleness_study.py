@@ -219,7 +219,7 @@ def table(summary: list, free_running: bool = False) -> str:
         lines.append(f"| {s['correction']} | {f(s['lr'], 'g') if s['lr'] else 'config'} | {s['lag']} | {s['seeds']} | "
                      f"{f(s['held_out'])} ({f(s['held_out_min'])}–{f(s['held_out_max'])}) | {f(s['reward_last5'])} | "
                      f"{f(s['kl_behaviour'], '.4f')} ({f(s['kl_behaviour_max'], '.4f')}) | {f(s['grad_norm'])} | "
-                     f"{f(s['entropy_proxy'])} | {f(s['truncated'])} | {f(s['masked'])} | {f(s.get('flat_groups'), '.2f')} | "
+                     f"{f(s['entropy_proxy'])} | {f(s['truncated'])} | {f(s['masked'])} | {f(s['flat_groups'], '.2f')} | "
                      f"{f(s['dropped_share'], '.2f')} | "
                      f"{f(s['staleness_mean'], '.2f')} | {f(s['step_s'], '.2f')} | {f(s['actor_tokens_per_s'], '.0f')} | "
                      f"{f(s['wall_s'], '.0f')} |")
