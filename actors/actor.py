@@ -227,6 +227,7 @@ def make_engine(config: ActorsConfig, model_path: str, dtype: str, tokenizer, st
 
 async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
     inflight: set = set()
+    started_on: dict = {}   # group task -> the version the gate served when it started
     gate = _StartGate(a)
     a._loop = asyncio.get_running_loop()
     try:
@@ -237,6 +238,7 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                 group = asyncio.ensure_future(a.runner.group(a.tasks.sample(a.rng), a.actor_id, slots.episode_ended))
                 group.add_done_callback(slots.group_done)
                 inflight.add(group)
+                started_on[group] = gate.version
             if not inflight:
                 if gate.room == 0:   # the buffer takes no more groups now: wait until it does
                     with a.runner.activity.doing("buffer"):
@@ -245,7 +247,8 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                     await asyncio.sleep(0.02)
                 continue
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-            groups = [g for g in (finished.result() for finished in done) if g is not None and not gate.drops(g)]
+            groups = [g for g, version in ((task.result(), started_on.pop(task)) for task in done)
+                      if g is not None and not gate.drops(g, version)]
             if groups:  # the groups that ended together go in one request
                 with a.runner.activity.doing("buffer"):   # held here while the rate limiter says so
                     a.groups += await _insert(a, groups, gate)
@@ -362,12 +365,13 @@ class _StartGate:
         self.live_episodes += self.actor.rollout.group_size
         return _GroupSlots(self, self.actor.rollout.group_size)
 
-    def drops(self, group) -> bool:
-        """Whether to drop a finished group (actors.drop_flat_groups): a flat one, while this
-        version served has dropped fewer than the limit. A synchronous actor then starts
-        another on the version it started the dropped one on."""
+    def drops(self, group, started_on: int) -> bool:
+        """Whether to drop a finished group (actors.drop_flat_groups): a flat one with no episode
+        error (those reach the learner, which counts them), while this version served has
+        dropped fewer than the limit. A synchronous actor then starts another in its place if
+        the group was started on the version it still serves."""
         a = self.actor
-        if not a.config.drop_flat_groups or not group.flat:
+        if not a.config.drop_flat_groups or not group.flat or any(group.errors):
             return False
         version = a.engine.version
         if version != self.drop_version:
@@ -376,7 +380,7 @@ class _StartGate:
             return False
         self.dropped_on_version += 1
         a.flat_groups_dropped += 1
-        if group.version == self.version and self.on_version:
+        if started_on == self.version and self.on_version:
             self.on_version -= 1   # its place on this version is free again
         return True
 

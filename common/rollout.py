@@ -105,9 +105,10 @@ class RolloutGroup:
 
     @property
     def flat(self) -> bool:
-        """Every completion scored the same reward: GRPO's advantages are all 0, so the group
-        teaches nothing (beyond a KL penalty)."""
-        return bool(np.ptp(self.rewards) == 0)
+        """Every completion that generated scored the same reward: GRPO's advantages (taken
+        over those rows alone) are all 0, so the group teaches nothing (beyond a KL penalty)."""
+        rewards = self.rewards[self.generated]
+        return bool(rewards.size == 0 or np.ptp(rewards) == 0)
 
     @property
     def num_policy_tokens(self) -> int:

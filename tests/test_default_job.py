@@ -3,6 +3,7 @@ ships, trained for two steps, exported in Hugging Face format. (The full ten-min
 reward curve are in docs/benchmarks.md.)"""
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 
@@ -61,4 +62,7 @@ def test_runs_started_together_each_convert_and_both_get_the_model(tmp_path):
     assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
     assert [out.strip() for _, out, _ in results] == [str(target)] * 2
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]   # no partial folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask   # as mkdir would make it, not private
     AutoModelForCausalLM.from_pretrained(target)

@@ -180,3 +180,14 @@ def test_the_share_of_flat_groups_is_of_those_whose_completions_all_scored_alike
     assert one.train_on(batch, [0] * 4)["reward/flat_groups"] == 0.5
     metrics = one.train_on(batch[:2], [0] * 2)
     assert metrics["reward/flat_groups"] == 1.0 and metrics["learner/grad_norm"] == 0.0
+
+
+def test_a_group_flat_among_the_rows_that_generated_is_flat_as_the_learner_weighs_it(tiny_model_path):
+    # a row that never generated (its episode failed at reset, say) scores 0 and takes no part
+    # in the advantages: the other three, all 1, leave the group with no gradient; flat says so
+    group = make_group(group_size=4, length=6, seed=0, rewards=[1, 1, 1, 0])
+    group.loss_mask[3], group.token_versions[3], group.behaviour_logprobs[3] = 0, -1, 0.0
+    group.validate()
+    assert group.flat and not make_group(group_size=4, rewards=[1, 1, 1, 0]).flat
+    metrics = learner(tiny_model_path, LossConfig()).train_on([group], [0])
+    assert metrics["reward/flat_groups"] == 1.0 and metrics["learner/grad_norm"] == 0.0
