@@ -6,7 +6,7 @@ of training) until the reward, averaged over a window of steps, first reaches ea
 then writes both runs' report on the same axes (launch/report.py) into RUNS_DIR/comparison.
 Usage:
   python bench/async_vs_sync.py --config tiny --actors 2 --targets 0.5 0.9
-  python bench/async_vs_sync.py --targets 0.4 0.5 trainer.max_steps=30     # the default job
+  python bench/async_vs_sync.py --targets 0.4 0.5 trainer.max_steps=16     # the default job
   python bench/async_vs_sync.py --metric eval/reward --window 1 --targets 0.3 0.5 eval.every=5
 """
 from __future__ import annotations
