@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 import shutil
 import sys
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,11 +98,9 @@ def convert_smollm2_gguf(target: Path) -> Path:
         plain.load_state_dict(gguf_model.state_dict())
         progress.advance()   # a plain model
         # a folder of this process's own: runs started together (a study's cells) each convert
-        partial = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+        partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:12]}")
+        partial.mkdir()   # with the umask's mode, as the published folder should have
         try:
-            umask = os.umask(0)
-            os.umask(umask)
-            partial.chmod(0o777 & ~umask)   # as a folder made by mkdir (mkdtemp's is private)
             plain.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
             progress.advance()   # saved
