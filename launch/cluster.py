@@ -20,6 +20,7 @@ from common.weights_broadcast import BroadcastChannelSpec
 from common.weights_ipc import IpcChannelSpec
 from launch.weights import RayWeightChannel, WeightStore
 from learner.learner import Learner
+from learner.rendezvous import Rendezvous, RendezvousHost
 
 
 class PeerError(RuntimeError):
@@ -137,7 +138,7 @@ def wait_all_ready(config: Config, ranks: list, actors: list) -> None:
 
 
 @ray.remote(num_cpus=0)
-def _rendezvous_address():
+def _free_address():
     return ray.util.get_node_ip_address(), free_port("")
 
 
@@ -169,7 +170,18 @@ def place_learners(config: Config) -> tuple:
 
 def free_address(strategy, timeout_s: float, what: str) -> tuple:
     """(node address, a free port) on the node of a learner rank's bundle."""
-    return get(_rendezvous_address.options(scheduling_strategy=strategy).remote(), timeout_s, what)
+    return get(_free_address.options(scheduling_strategy=strategy).remote(), timeout_s, what)
+
+
+def start_rendezvous(config: Config, strategy) -> Rendezvous | None:
+    """The store the learner ranks meet at (learner/rendezvous.py), hosted by a Ray actor on
+    learner rank 0's node; None for one rank, which meets nobody."""
+    if config.trainer.world_size == 1:
+        return None
+    holder = ray.remote(RendezvousHost).options(num_cpus=0, scheduling_strategy=strategy) \
+        .remote(timeout_s=config.trainer.dist_timeout_s)
+    host, port = get(holder.address.remote(), config.run.actor_timeout_s, "the learner rendezvous store")
+    return Rendezvous(host, port, holder=holder)
 
 
 def start_weight_channel(config: Config, rank0) -> object:
@@ -194,7 +206,7 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     `buffer_token` lets them (alone) move the buffer's version. `wait`: until they have
     started (else the caller waits, with wait_all_ready)."""
     t = config.trainer
-    master_addr, master_port = free_address(in_bundle[0], config.run.actor_timeout_s, "learner rendezvous")
+    rendezvous = start_rendezvous(config, in_bundle[0])
     remote = ray.remote(Learner)
     bundle = _learner_bundle(config)
     gpus = [bundle.get("GPU", 0)] * t.world_size
@@ -203,7 +215,7 @@ def start_learners(config: Config, model_path: str, buffer_address: str, weights
     label = {config.run.learner_resource: 1} if config.run.learner_resource else {}
     ranks = [remote.options(num_gpus=gpus[i], num_cpus=bundle["CPU"], resources=label, scheduling_strategy=in_bundle[i])
              .remote(i, model_path, config.model.dtype, t, config.loss, buffer_address, config.buffer.timeout_s,
-                     weights, master_addr, master_port, config.run.seed, buffer_token)
+                     weights, rendezvous, config.run.seed, buffer_token)
              for i in range(t.world_size)]
     if wait:
         wait_ready({f"learner rank {i}": r for i, r in enumerate(ranks)}, config.run.startup_timeout_s,

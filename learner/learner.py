@@ -15,7 +15,6 @@ import copy
 import datetime
 import gc
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from common.config import check
 from learner import checkpoint, flops, fsdp, logprob_head, megatron
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
+from learner.rendezvous import Rendezvous
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -172,7 +172,7 @@ class TrainerConfig:
 class Learner:
     def __init__(self, rank: int, model_path: str, dtype: str, trainer: TrainerConfig, loss: LossConfig,
                  buffer_address: str, buffer_timeout_s: float, weights,
-                 master_addr: str = "127.0.0.1", master_port: int = 0, seed: int = 0, buffer_token: str = ""):
+                 rendezvous: Rendezvous | None = None, seed: int = 0, buffer_token: str = ""):
         self.rank, self.world_size, self.config, self.loss_config = rank, trainer.world_size, trainer, loss
         transformers.logging.disable_progress_bar()  # one bar per process per load floods the driver's log
         self.weights = weights.sender() if rank == 0 else None  # a channel spec (common/weights.py)
@@ -191,9 +191,10 @@ class Learner:
             backend, timeout = "nccl" if trainer.gpus else "gloo", datetime.timedelta(seconds=trainer.dist_timeout_s)
             if self.world_size == 1:  # nobody to meet: an in-process store
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+            elif rendezvous is None:
+                raise ValueError(f"{self.world_size} learner ranks need a rendezvous (learner/rendezvous.py)")
             else:
-                os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
-                dist.init_process_group(backend, rank=rank, world_size=self.world_size, timeout=timeout)
+                rendezvous.join(backend, rank, self.world_size, trainer.dist_timeout_s)
         self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
         self.peak_flops = flops.peak(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
         if self.megatron:

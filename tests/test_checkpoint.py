@@ -1,6 +1,8 @@
 """Checkpoints resume exactly: a learner stopped at step k and restored, fed the same batches,
 computes bit-identical losses to one never stopped; on one rank and on two (FSDP2, gloo)."""
 
+from dataclasses import replace
+
 import torch
 import torch.multiprocessing as mp
 
@@ -8,7 +10,8 @@ from common.weights import LocalWeightChannel
 from learner import checkpoint, logprob_head
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from tests.conftest import free_port, make_group
+from learner.rendezvous import RendezvousHost
+from tests.conftest import make_group
 
 STEPS, STOP = 4, 2
 FIGURES = ("loss/policy", "learner/grad_norm", "loss/clip_frac", "learner/lr")
@@ -20,11 +23,11 @@ def batch(step: int, rank: int = 0, ranks: int = 1) -> list:
     return groups[rank * 4 // ranks:(rank + 1) * 4 // ranks]
 
 
-def make_learner(model_path, rank=0, ranks=1, port=0, buffer_address="tcp://127.0.0.1:9") -> Learner:
+def make_learner(model_path, rank=0, ranks=1, rendezvous=None, buffer_address="tcp://127.0.0.1:9") -> Learner:
     config = TrainerConfig(cpu_workers=ranks, batch_groups=4, micro_batch_rows=3, minibatches=2, lr=1e-2,
                            lr_schedule="cosine", warmup_steps=2, max_steps=STEPS, dist_timeout_s=700)
     return Learner(rank, model_path, "float32", config, LossConfig(kl_coef=0.01), buffer_address, 5.0,
-                   LocalWeightChannel(), master_port=port)
+                   LocalWeightChannel(), rendezvous)
 
 
 def figures(learner, steps, rank=0, ranks=1) -> list:
@@ -59,15 +62,15 @@ def test_resume_keeps_only_the_newest_checkpoints_and_ignores_partial_ones(tiny_
     assert [p.name for p in checkpoint.checkpoints(folder)] == ["step-2", "step-3"]
 
 
-def _rank(rank, model_path, port, buffer_address, folder, results):
-    unbroken = make_learner(model_path, rank, 2, port, buffer_address)
+def _rank(rank, model_path, rendezvous, buffer_address, folder, results):
+    unbroken = make_learner(model_path, rank, 2, rendezvous, buffer_address)
     expected = figures(unbroken, range(STEPS), rank, 2)
     unbroken.close()
-    first = make_learner(model_path, rank, 2, port + 1, buffer_address)
+    first = make_learner(model_path, rank, 2, replace(rendezvous, prefix="first"), buffer_address)
     got = figures(first, range(STOP), rank, 2)
     path = first.checkpoint(folder)
     first.close()
-    resumed = make_learner(model_path, rank, 2, port + 2, buffer_address)
+    resumed = make_learner(model_path, rank, 2, replace(rendezvous, prefix="resumed"), buffer_address)
     resumed.restore(path)
     got += figures(resumed, range(STOP, STEPS), rank, 2)
     resumed.close()
@@ -77,9 +80,9 @@ def _rank(rank, model_path, port, buffer_address, folder, results):
 
 def test_resume_two_ranks_gives_bit_identical_losses(tiny_model_path, tmp_path, buffer_server):
     address = buffer_server().address
-    port = free_port()
+    host = RendezvousHost("127.0.0.1")   # lives in this process while the ranks run
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank, args=(tiny_model_path, port, address, str(tmp_path / "checkpoints"), results), nprocs=2, join=True)
+    mp.spawn(_rank, args=(tiny_model_path, host.rendezvous(), address, str(tmp_path / "checkpoints"), results), nprocs=2, join=True)
     got, expected = results.get()
     assert got == expected
 

@@ -1,6 +1,5 @@
 """Two learner ranks sharded with FSDP2 over gloo compute the same gradient as one rank on
 the whole batch: the loss is normalised over the global batch, not per rank or micro-batch."""
-import datetime
 import faulthandler
 
 import numpy as np
@@ -12,7 +11,8 @@ from common.weights import LocalWeightChannel
 from learner import fsdp
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from tests.conftest import free_port, make_group
+from learner.rendezvous import RendezvousHost
+from tests.conftest import make_group
 
 
 def groups():
@@ -31,7 +31,7 @@ def trainer(world: int, micro_rows: int, micro_tokens: int = 0, max_grad_norm: f
                          max_grad_norm=max_grad_norm, dist_timeout_s=60, micro_batch_tokens=micro_tokens)
 
 
-def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_tokens, max_grad_norm):
+def _rank(rank, model_path, rendezvous, out_path, buffer_address, aggregation, micro_tokens, max_grad_norm):
     faulthandler.enable()   # a crash in C++ (once, in CI: SIGABRT) shows where Python was
     channel = LocalWeightChannel()
     # rank 0 holds rows of 6 and 9 tokens, rank 1 of 12 and 15: packed by a token budget, they
@@ -39,7 +39,7 @@ def _rank(rank, model_path, port, out_path, buffer_address, aggregation, micro_t
     learner = Learner(rank, model_path, "float32", trainer(2, micro_rows=3, micro_tokens=micro_tokens, max_grad_norm=max_grad_norm),
                       LossConfig(aggregation=aggregation),
                       buffer_address,
-                      5.0, channel, master_port=port)
+                      5.0, channel, rendezvous)
     mine = groups()[rank * 2:(rank + 1) * 2]
     metrics = learner.train_on(mine, staleness=[rank, rank])
     grads = gradients(learner)
@@ -64,8 +64,8 @@ def test_invariance_two_sharded_ranks_match_one_rank_on_the_whole_batch(tiny_mod
                      "tcp://127.0.0.1:9", 5.0, LocalWeightChannel())
     expected_metrics = single.train_on(groups(), staleness=[0, 0, 1, 1])
     expected = gradients(single)
-    port = free_port()
-    mp.spawn(_rank, args=(tiny_model_path, port, tmp_path / "grads.npz", server.address, aggregation, micro_tokens,
+    host = RendezvousHost("127.0.0.1")
+    mp.spawn(_rank, args=(tiny_model_path, host.rendezvous(), tmp_path / "grads.npz", server.address, aggregation, micro_tokens,
                                 max_grad_norm), nprocs=2, join=True)
     shards = [np.load(f"{tmp_path / 'grads.npz'}.{rank}.npz") for rank in (0, 1)]
     assert set(shards[0].files) == set(shards[1].files) == set(expected)
@@ -91,16 +91,13 @@ def test_the_full_weights_gather_unpacks_each_rank_as_torch_chunk_split_it(world
         assert [fsdp._rows(n, r, world) for r in range(world)] == split + [0] * (world - len(split))
 
 
-def _gather_rank(rank, model_path, port, out_path):
-    import os
-
+def _gather_rank(rank, model_path, rendezvous, out_path):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
     faulthandler.enable()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    rendezvous.join("gloo", rank, 2, timeout_s=60)
     try:
         model = fsdp.shard(AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32), "cpu", 2)
         oracle = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -116,8 +113,8 @@ def _gather_rank(rank, model_path, port, out_path):
 
 def test_the_full_weights_gathered_in_buckets_equal_torchs_full_state_dict_cast_where_they_live(tiny_model_path,
                                                                                                 tmp_path):
-    port = free_port()
-    mp.spawn(_gather_rank, args=(tiny_model_path, port, tmp_path / "state.pt"), nprocs=2, join=True)
+    host = RendezvousHost("127.0.0.1")
+    mp.spawn(_gather_rank, args=(tiny_model_path, host.rendezvous(), tmp_path / "state.pt"), nprocs=2, join=True)
     got = torch.load(tmp_path / "state.pt")
     oracle = got["oracle"]
     assert got["whole"].keys() == got["cast"].keys() == oracle.keys()

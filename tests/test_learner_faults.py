@@ -20,7 +20,7 @@ from launch.models import TinyModelConfig, build_tiny
 from learner.batch import make_batch, token_logprobs
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from tests.conftest import free_port, make_group
+from tests.conftest import make_group
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,9 +53,9 @@ def test_a_failing_rank_is_named_at_once_not_after_the_collective_deadline(local
                                                  "trainer.sample_timeout_s=60", "trainer.dist_timeout_s=120"])
     weights = cluster.start_weight_channel(config, None)  # Ray's object store: rank 0 never gets to publish
     remote = ray.remote(FailsOnRankOne).options(num_cpus=1)
-    port = free_port()
+    rendezvous = cluster.start_rendezvous(config, None)
     ranks = [remote.remote(rank, tiny_model_path, "float32", config.trainer, config.loss, server.address, 5.0,
-                           weights, master_port=port) for rank in range(2)]
+                           weights, rendezvous) for rank in range(2)]
     try:
         ray.get([r.__ray_ready__.remote() for r in ranks], timeout=120)
         t = time.monotonic()

@@ -1,0 +1,73 @@
+"""Where the learner ranks meet to form their process group: a torch.distributed TCPStore that
+a process other than the ranks hosts (launch/ runs RendezvousHost as a Ray actor on rank 0's
+node; a test hosts one in its own process).
+
+The host binds a port the OS picks and reports it, so no port is picked first and bound later:
+a port chosen free and bound later by rank 0 can be taken in between (by another job, or by a
+test running beside) and the ranks then fail to meet, or meet someone else's store. Each rank
+connects as a client with the group's deadline. A group formed again in the same store (a
+learner restored after a fault) takes a new `prefix`, so that it never reads the keys of the
+group before.
+"""
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Picklable: what each rank needs to join. `holder` is the Ray actor that hosts the store
+    (None when the caller keeps it alive): every rank keeps a reference, so the store lives as
+    long as a rank does (NCCL reads it again whenever it builds a communicator)."""
+    host: str
+    port: int
+    prefix: str = "learners"
+    holder: object = None
+
+    @property
+    def name(self) -> str:
+        return f"the learner rendezvous store at {self.host}:{self.port}"
+
+    def join(self, backend: str, rank: int, world_size: int, timeout_s: float) -> None:
+        """Form the default process group; a store that does not answer within timeout_s
+        raises ConnectionError naming it."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            store = dist.TCPStore(self.host, self.port, None, is_master=False, timeout=timeout)
+        except RuntimeError as e:   # DistNetworkError and DistStoreError are RuntimeErrors
+            raise ConnectionError(f"learner rank {rank} could not reach {self.name} within {timeout_s:g}s: "
+                                  f"{str(e).splitlines()[0]}") from None
+        dist.init_process_group(backend, store=dist.PrefixStore(self.prefix, store), rank=rank,
+                                world_size=world_size, timeout=timeout)
+
+
+class RendezvousHost:
+    """Hosts the store, on a port the OS picked, for as long as this object lives."""
+
+    def __init__(self, host: str | None = None, timeout_s: float = 300.0):
+        # The address the ranks connect to; the store listens on every interface.
+        self.host = host or node_address()
+        self.store = dist.TCPStore(self.host, 0, None, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+
+    def address(self) -> tuple:
+        return self.host, self.store.port
+
+    def rendezvous(self, prefix: str = "learners") -> Rendezvous:
+        """For a host kept alive by the caller (holder None)."""
+        return Rendezvous(self.host, self.store.port, prefix)
+
+
+def node_address() -> str:
+    """This node's address as the other nodes reach it (Ray's view, when Ray runs here)."""
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return socket.gethostbyname(socket.gethostname())
