@@ -247,8 +247,13 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                     await asyncio.sleep(0.02)
                 continue
             done, inflight = await asyncio.wait(inflight, timeout=0.05, return_when=asyncio.FIRST_COMPLETED)
-            groups = [g for g, version in ((task.result(), started_on.pop(task)) for task in done)
-                      if g is not None and not gate.drops(g, version)]
+            groups = []
+            for task in done:
+                group, version = task.result(), started_on.pop(task)
+                if group is None or gate.drops(group):   # no row generated, or flat and dropped
+                    gate.discarded(version)
+                else:
+                    groups.append(group)
             if groups:  # the groups that ended together go in one request
                 with a.runner.activity.doing("buffer"):   # held here while the rate limiter says so
                     a.groups += await _insert(a, groups, gate)
@@ -365,11 +370,10 @@ class _StartGate:
         self.live_episodes += self.actor.rollout.group_size
         return _GroupSlots(self, self.actor.rollout.group_size)
 
-    def drops(self, group, started_on: int) -> bool:
+    def drops(self, group) -> bool:
         """Whether to drop a finished group (actors.drop_flat_groups): a flat one with no episode
         error (those reach the learner, which counts them), while this version served has
-        dropped fewer than the limit. A synchronous actor then starts another in its place if
-        the group was started on the version it still serves."""
+        dropped fewer than the limit."""
         a = self.actor
         if not a.config.drop_flat_groups or not group.flat or any(group.errors):
             return False
@@ -380,9 +384,15 @@ class _StartGate:
             return False
         self.dropped_on_version += 1
         a.flat_groups_dropped += 1
-        if started_on == self.version and self.on_version:
-            self.on_version -= 1   # its place on this version is free again
         return True
+
+    def discarded(self, started_on: int) -> None:
+        """A group that reaches no learner (dropped, or with no row generated) was started on
+        version `started_on`: if the synchronous baseline still serves that version, its place
+        is free again and another group starts instead, or the learner would wait for a group
+        no actor makes."""
+        if started_on == self.version and self.on_version:
+            self.on_version -= 1
 
     def may_start(self, inflight_groups: int, max_groups: int | None) -> bool:
         a, group_size = self.actor, self.actor.rollout.group_size

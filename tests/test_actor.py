@@ -6,6 +6,7 @@ import threading
 import time
 
 from actors.actor import ActorsConfig, RolloutActor
+from actors.engine import Sample
 from actors.engines.scripted import ScriptedEngine
 from actors.rollout import RolloutConfig
 from buffer.client import BufferClient
@@ -229,7 +230,7 @@ def test_actor_groups_share_the_buffers_room_evenly_rounded_up():
     assert gate.room is None and gate.may_start(30, None)   # a limiter that never holds: the slots decide
 
 
-def _scripted_actor(tiny_model_path, server, reply, **actors) -> RolloutActor:
+def _scripted_actor(tiny_model_path, server, reply, engine=ScriptedEngine, **actors) -> RolloutActor:
     """An actor over a scripted engine (version 0 throughout) on token_match with groups of 2:
     a reply's reward is its share of the word w3."""
     from transformers import AutoTokenizer
@@ -240,7 +241,7 @@ def _scripted_actor(tiny_model_path, server, reply, **actors) -> RolloutActor:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     env = EnvConfig(name="token_match", args={"words": 16, "target": "w3"})
     rollout = RolloutConfig(group_size=2, max_new_tokens=4)
-    runner = EpisodeRunner(ScriptedEngine(tokenizer, reply), tokenizer, registry.factory(env), rollout)
+    runner = EpisodeRunner(engine(tokenizer, reply), tokenizer, registry.factory(env), rollout)
     return RolloutActor.of_parts(0, ActorsConfig(max_inflight_episodes=4, **actors), rollout, runner,
                                  registry.factory(env)(), BufferClient(server.address, timeout_s=5.0))
 
@@ -291,6 +292,40 @@ def test_a_synchronous_actor_replaces_each_flat_group_it_drops_on_the_same_versi
         watcher.close()
 
 
+class _SilentAtFirstEngine(ScriptedEngine):
+    """Answers its first four requests with no token at all (the two groups that start first
+    generate nothing), then as scripted."""
+
+    def __init__(self, tokenizer, reply):
+        super().__init__(tokenizer, reply)
+        self.silent = 4
+
+    async def generate(self, prompt, max_new_tokens, temperature):
+        if self.silent:
+            self.silent -= 1
+            return Sample([], [], [], "stop")
+        return await super().generate(prompt, max_new_tokens, temperature)
+
+
+def test_a_synchronous_actor_replaces_each_group_that_generated_nothing_on_the_same_version(tiny_model_path,
+                                                                                              buffer_server):
+    server = buffer_server(max_size=1000)
+    actor = _scripted_actor(tiny_model_path, server, lambda text: "w3", engine=_SilentAtFirstEngine,
+                            groups_per_version=2)
+    watcher = BufferClient(server.address, timeout_s=5.0)
+    run = threading.Thread(target=actor.run)
+    run.start()
+    try:
+        _wait_for(lambda: watcher.stats()["size"] == 2, "two groups inserted", run)
+        time.sleep(0.5)   # the actor now waits for new weights: nothing more starts
+        assert actor.runner.groups_unusable == 2 and actor.groups == 2 and watcher.stats()["size"] == 2
+    finally:
+        actor.stop()
+        run.join(10)
+        actor.close()
+        watcher.close()
+
+
 def test_a_flat_group_with_an_episode_error_goes_to_the_learner_which_counts_errors(tiny_model_path, buffer_server):
     from actors.actor import _StartGate
     from tests.conftest import make_group
@@ -300,7 +335,7 @@ def test_a_flat_group_with_an_episode_error_goes_to_the_learner_which_counts_err
         gate = _StartGate(actor)
         failed = make_group(rewards=[0, 0, 0, 0])
         failed.errors[1] = "episode ended: row grew past rollout.max_seq_len"
-        assert not gate.drops(failed, 0) and gate.drops(make_group(rewards=[0, 0, 0, 0]), 0)
+        assert not gate.drops(failed) and gate.drops(make_group(rewards=[0, 0, 0, 0]))
         assert actor.flat_groups_dropped == 1
     finally:
         actor.close()
