@@ -5,6 +5,8 @@ import random
 import threading
 import time
 
+import pytest
+
 from actors.actor import ActorsConfig, RolloutActor
 from actors.engine import Sample
 from actors.engines.scripted import ScriptedEngine
@@ -273,25 +275,6 @@ def test_past_its_drops_on_one_version_an_actor_inserts_flat_groups_rather_than_
     assert stats["groups"] == 2 and stats["flat_groups_dropped"] == 3
 
 
-def test_a_synchronous_actor_replaces_each_flat_group_it_drops_on_the_same_version(tiny_model_path, buffer_server):
-    # groups_per_version=2 starts two groups on a version, then waits for the next; a dropped
-    # group frees its place, or the learner would wait for groups no actor makes
-    server = buffer_server(max_size=1000)
-    actor = _scripted_actor(tiny_model_path, server, lambda text: "w1", drop_flat_groups=3, groups_per_version=2)
-    watcher = BufferClient(server.address, timeout_s=5.0)
-    run = threading.Thread(target=actor.run)
-    run.start()
-    try:
-        _wait_for(lambda: watcher.stats()["size"] == 2, "two groups inserted", run)
-        time.sleep(0.5)   # the actor now waits for new weights: nothing more starts
-        assert actor.flat_groups_dropped == 3 and actor.groups == 2 and watcher.stats()["size"] == 2
-    finally:
-        actor.stop()
-        run.join(10)
-        actor.close()
-        watcher.close()
-
-
 class _SilentAtFirstEngine(ScriptedEngine):
     """Answers its first four requests with no token at all (the two groups that start first
     generate nothing), then as scripted."""
@@ -307,18 +290,25 @@ class _SilentAtFirstEngine(ScriptedEngine):
         return await super().generate(prompt, max_new_tokens, temperature)
 
 
-def test_a_synchronous_actor_replaces_each_group_that_generated_nothing_on_the_same_version(tiny_model_path,
-                                                                                              buffer_server):
+# groups_per_version=2 starts two groups on a version, then waits for the next; a group that
+# reaches no learner frees its place, or the learner would wait for groups no actor makes
+@pytest.mark.parametrize("lost", ["flat, dropped", "no row generated"])
+def test_a_synchronous_actor_replaces_each_group_that_reaches_no_learner_on_the_same_version(tiny_model_path,
+                                                                                           buffer_server, lost):
     server = buffer_server(max_size=1000)
-    actor = _scripted_actor(tiny_model_path, server, lambda text: "w3", engine=_SilentAtFirstEngine,
-                            groups_per_version=2)
+    if lost == "flat, dropped":
+        actor = _scripted_actor(tiny_model_path, server, lambda text: "w1", drop_flat_groups=3, groups_per_version=2)
+    else:
+        actor = _scripted_actor(tiny_model_path, server, lambda text: "w3", engine=_SilentAtFirstEngine,
+                                groups_per_version=2)
     watcher = BufferClient(server.address, timeout_s=5.0)
     run = threading.Thread(target=actor.run)
     run.start()
     try:
         _wait_for(lambda: watcher.stats()["size"] == 2, "two groups inserted", run)
         time.sleep(0.5)   # the actor now waits for new weights: nothing more starts
-        assert actor.runner.groups_unusable == 2 and actor.groups == 2 and watcher.stats()["size"] == 2
+        assert (actor.flat_groups_dropped, actor.runner.groups_unusable) == ((3, 0) if lost == "flat, dropped" else (0, 2))
+        assert actor.groups == 2 and watcher.stats()["size"] == 2
     finally:
         actor.stop()
         run.join(10)
