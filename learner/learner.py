@@ -195,6 +195,7 @@ class Learner:
                 raise ValueError(f"{self.world_size} learner ranks need a rendezvous (learner/rendezvous.py)")
             else:
                 rendezvous.join(backend, rank, self.world_size, trainer.dist_timeout_s)
+        self.rendezvous = rendezvous   # holds the store's Ray actor alive (learner/rendezvous.py)
         self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
         self.peak_flops = flops.peak(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
         if self.megatron:

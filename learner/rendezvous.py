@@ -21,8 +21,9 @@ import torch.distributed as dist
 @dataclass(frozen=True)
 class Rendezvous:
     """Picklable: what each rank needs to join. `holder` is the Ray actor that hosts the store
-    (None when the caller keeps it alive): every rank keeps a reference, so the store lives as
-    long as a rank does (NCCL reads it again whenever it builds a communicator)."""
+    (None when the caller keeps it alive): every rank must keep this object (the Learner does),
+    so that the store lives as long as a rank does. Ray ends an actor nobody refers to, and NCCL
+    reads the store again whenever it builds a communicator (the first collective, new groups)."""
     host: str
     port: int
     prefix: str = "learners"
@@ -33,16 +34,24 @@ class Rendezvous:
         return f"the learner rendezvous store at {self.host}:{self.port}"
 
     def join(self, backend: str, rank: int, world_size: int, timeout_s: float) -> None:
-        """Form the default process group; a store that does not answer within timeout_s
-        raises ConnectionError naming it."""
+        """Form the default process group once every rank has reached the store. ConnectionError
+        within timeout_s names the store if it does not answer, or the ranks that never came
+        (NCCL's init would not wait for them: its first collective would, with no names)."""
         timeout = datetime.timedelta(seconds=timeout_s)
         try:
-            store = dist.TCPStore(self.host, self.port, None, is_master=False, timeout=timeout)
+            store = dist.PrefixStore(self.prefix, dist.TCPStore(self.host, self.port, None, is_master=False,
+                                                                timeout=timeout))
         except RuntimeError as e:   # DistNetworkError and DistStoreError are RuntimeErrors
             raise ConnectionError(f"learner rank {rank} could not reach {self.name} within {timeout_s:g}s: "
                                   f"{str(e).splitlines()[0]}") from None
-        dist.init_process_group(backend, store=dist.PrefixStore(self.prefix, store), rank=rank,
-                                world_size=world_size, timeout=timeout)
+        store.set(f"arrived/{rank}", "1")
+        try:
+            store.wait([f"arrived/{r}" for r in range(world_size)], timeout)
+        except RuntimeError:
+            missing = [r for r in range(world_size) if not store.check([f"arrived/{r}"])]
+            raise ConnectionError(f"learner rank {rank}: rank(s) {missing} of {world_size} did not reach "
+                                  f"{self.name} within {timeout_s:g}s") from None
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 class RendezvousHost:

@@ -67,6 +67,34 @@ def test_a_failing_rank_is_named_at_once_not_after_the_collective_deadline(local
             ray.kill(r)
 
 
+class MeetsAgain(Learner):
+    def new_group_sum(self) -> float:
+        """A group formed after start-up reads the rendezvous store again (as NCCL's lazily built
+        communicators do)."""
+        group = torch.distributed.new_group([0, 1])
+        one = torch.ones(1)
+        torch.distributed.all_reduce(one, group=group)
+        return one.item()
+
+
+def test_the_rendezvous_store_outlives_the_launchers_reference_while_the_ranks_live(local_ray, tiny_model_path,
+                                                                                    buffer_server):
+    config = build_config("async_grpo", "tiny", ["trainer.cpu_workers=2", "trainer.batch_groups=2"])
+    weights = cluster.start_weight_channel(config, None)
+    rendezvous = cluster.start_rendezvous(config, None)
+    remote = ray.remote(MeetsAgain).options(num_cpus=1)
+    ranks = [remote.remote(rank, tiny_model_path, "float32", config.trainer, config.loss, buffer_server().address,
+                           5.0, weights, rendezvous) for rank in range(2)]
+    del rendezvous   # as start_learners' own reference ends once it returns
+    try:
+        ray.get([r.__ray_ready__.remote() for r in ranks], timeout=120)
+        time.sleep(2)   # time for Ray to end an actor nobody refers to
+        assert ray.get([r.new_group_sum.remote() for r in ranks], timeout=60) == [2.0, 2.0]
+    finally:
+        for r in ranks:
+            ray.kill(r)
+
+
 def test_a_collective_deadline_within_the_sample_wait_is_refused_naming_both_keys():
     with pytest.raises(ConfigError, match="sample_timeout_s") as info:
         build_config("async_grpo", "tiny", ["trainer.sample_timeout_s=600", "trainer.dist_timeout_s=600"])
