@@ -69,6 +69,11 @@ def cell_name(lag: int, correction: str, lr: float | None, seed: int, free_runni
     return f"{'bound' if free_running else 'lag'}{lag}-{correction}" + (f"-lr{lr:g}" if lr else "") + f"-seed{seed}"
 
 
+def learning_rate(text: str) -> float | None:
+    """An --lrs value: a number, or 'config' for the config's own lr (cells named without one)."""
+    return None if text == "config" else float(text)
+
+
 class Stagger:
     """Starts at least `gap_s` apart, in the order asked, across the pool's threads."""
 
@@ -256,7 +261,8 @@ def main(argv=None) -> dict:
     p.add_argument("--actors", type=int, default=0, help="--actors of every run (0: the config's)")
     p.add_argument("--lags", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--corrections", nargs="+", default=list(CORRECTIONS), choices=list(CORRECTIONS))
-    p.add_argument("--lrs", type=float, nargs="+", default=[None], help="trainer.lr values (default: the config's)")
+    p.add_argument("--lrs", type=learning_rate, nargs="+", default=[None],
+                   help="trainer.lr values; 'config' is the config's own (the default)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--steps", type=int, default=30, help="trainer.max_steps of every run: the same sample budget")
     p.add_argument("--eval-tasks", type=int, default=32)

@@ -85,6 +85,10 @@ def test_with_a_lag_of_two_every_group_trained_on_is_exactly_two_versions_old(tm
     assert out["skipped"] == ["lag4-truncate-seed0", "lag8-truncate-seed0"]
     assert [r["cell"] for r in out["runs"]] == ["lag2-truncate-seed0"]
     assert out["runs"][0] == json.loads(first.read_text())["runs"][0] and not elsewhere.exists()
+    # the config's own lr ('config') and another, in one grid: the first is that grid's cell again
+    out = study(["--runs-dir", str(elsewhere), "--lags", "2", "--corrections", "truncate", "--seeds", "0",
+                 "--lrs", "config", "1e-4", "--budget-s", "0", "--resume-from", str(first)])
+    assert [r["cell"] for r in out["runs"]] == ["lag2-truncate-seed0"] and out["skipped"] == ["lag2-truncate-lr0.0001-seed0"]
     with pytest.raises(SystemExit, match="another setting"):   # a grid of more steps is not this one
         study(["--runs-dir", str(elsewhere), "--lags", "2", "--corrections", "truncate", "--seeds", "0",
                "--steps", "40", "--resume-from", str(first)])
