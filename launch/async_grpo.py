@@ -197,6 +197,8 @@ def train(config: Config, run_dir: Path, ranks, actors, actor_runs, buffer: Buff
                 "actor/tokens_per_s": (tokens - tokens_before) / max(now - time_before, 1e-9),
                 "actor/versions": [s["version"] for s in actor_stats],
                 "actor/flat_groups_dropped": sum(s["flat_groups_dropped"] for s in actor_stats),
+                # groups in which no episode generated a token (every reset failed, say): made again
+                "actor/groups_unusable": sum(s["groups_unusable"] for s in actor_stats),
                 **{f"env/{key}": sum(s.get(key, 0) for s in actor_stats) for key in ENV_COUNTERS},
             })
             metrics.update(actor_time(actor_stats, actors_before))

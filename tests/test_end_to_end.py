@@ -13,7 +13,8 @@ import yaml
 from common.metrics import read_metrics
 
 REQUIRED = ["step", "weights/version", "reward/mean", "staleness/mean", "staleness/max", "buffer/size",
-            "buffer/dropped_stale", "actor/tokens_per_s", "learner/step_s", "weights/sync_s"]
+            "buffer/dropped_stale", "actor/tokens_per_s", "learner/step_s", "weights/sync_s", "actor/flat_groups_dropped",
+            "actor/groups_unusable"]
 
 
 def launch(recipe, run_dir, *args, timeout=300):
