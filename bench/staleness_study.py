@@ -237,13 +237,14 @@ def plot(summary: list, path: str, free_running: bool = False) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    several_lrs = len({s["lr"] for s in summary}) > 1
     for (correction, lr) in sorted({(s["correction"], s["lr"]) for s in summary}, key=str):
         points = sorted((s["lag"], s["held_out"], s["held_out_min"], s["held_out_max"]) for s in summary
                         if s["correction"] == correction and s["lr"] == lr and s["held_out"] is not None)
         if not points:
             continue
         lags, means, lows, highs = zip(*points)
-        label = correction + (f", lr {lr:g}" if lr else "")
+        label = correction + (f", lr {lr:g}" if lr else ", the config's lr" if several_lrs else "")
         ax.errorbar(lags, means, yerr=[[m - lo for m, lo in zip(means, lows)], [hi - m for m, hi in zip(means, highs)]],
                     marker="o", capsize=3, label=label)
     ax.set_xlabel("staleness bound k (versions; buffer.table.max_staleness, actors free-running)" if free_running
