@@ -28,6 +28,9 @@
 #            (the same gradients, in more passes) three of four cells at once ran and the fourth's
 #            engine failed to start (2026-12-07): run three at once. A grid with other overrides is
 #            another setting, so give it a STUDY_NAME of its own.
+#   buffer   bench/buffer_bench.py (BUFFER_ARGS, default --quick; BUFFER_TIMEOUT, 300 s) on the GPU machine's
+#            16 CPU cores: the buffer against raw pyzmq and Ray's queue where its processes do not share
+#            two cores (the 4 KiB goals are unmet on cpu2, where CPU per group bounds every system)
 # job, job2 and study bring their run folders back as one .tgz each (a call returns at most 8 files)
 # A part still running 30 s before its deadline gets the Python stacks of every process of the
 # machine written to $OUT/stacks-<part>.txt (py-spy, when staged): a hang names where it waits.
@@ -113,6 +116,11 @@ for part in "$@"; do
       find "$OUT/study" -name '*.safetensors' -delete; rm -rf "$OUT"/study/*/checkpoints
       bundle study
       tail -25 "$OUT/study.txt" | cut -c1-400 ;;
+    buffer)
+      timeout ${BUFFER_TIMEOUT:-300} python -m bench.buffer_bench ${BUFFER_ARGS:---quick} --out "$OUT/buffer_bench.json" \
+        > "$OUT/buffer.txt" 2>&1
+      nproc >> "$OUT/device.txt"
+      tail -6 "$OUT/buffer.txt" | cut -c1-1500 ;;
     *) echo "unknown part $part" ;;
   esac
   echo "== $part: $(( $(date +%s) - start )) s"
