@@ -90,6 +90,11 @@ class ActorsConfig:
     this many per weight version an actor serves; past that, flat groups go in as any other (a
     task set the policy always fails, or always passes, still moves the learner on). 0 inserts
     every group. Counted as actor/flat_groups_dropped."""
+    max_unusable_in_a_row: int = 64
+    """An actor fails, naming the episodes' error, once this many groups in a row generated no
+    token at all (every reset failing, say): each is made again, so without a limit a broken
+    environment would keep the actor busy and the learner waiting until its sample deadline.
+    0: never fail. Counted as actor/groups_unusable."""
     wait_timeout_s: float = 1800.0
     """How long an actor waits for new weights (groups_per_version > 0), or for the buffer's
     rate limiter to take an insert (back-pressure: buffer.table.rate_limiter), before failing."""
@@ -114,6 +119,7 @@ class ActorsConfig:
         check(self.torch_threads >= 1, "torch_threads", "must be >= 1")
         check(self.groups_per_version >= 0, "groups_per_version", "must be >= 0")
         check(self.drop_flat_groups >= 0, "drop_flat_groups", f"must be >= 0, got {self.drop_flat_groups}")
+        check(self.max_unusable_in_a_row >= 0, "max_unusable_in_a_row", f"must be >= 0, got {self.max_unusable_in_a_row}")
         check(self.wait_timeout_s > 0, "wait_timeout_s", "must be > 0")
 
 
@@ -252,6 +258,7 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
                 group, version = task.result(), started_on.pop(task)
                 if group is None or gate.drops(group):   # no row generated, or flat and dropped
                     gate.discarded(version)
+                    _check_unusable(a)
                 else:
                     groups.append(group)
             if groups:  # the groups that ended together go in one request
@@ -263,6 +270,14 @@ async def _generate(a: RolloutActor, max_groups: int | None) -> dict:
             task.cancel()
         await asyncio.gather(*inflight, return_exceptions=True)
     return a.stats()
+
+
+def _check_unusable(a: RolloutActor) -> None:
+    limit = a.config.max_unusable_in_a_row
+    if limit and a.runner.unusable_in_a_row >= limit:
+        raise RuntimeError(f"actor {a.actor_id}: {a.runner.unusable_in_a_row} groups in a row generated no token "
+                           f"(actors.max_unusable_in_a_row={limit}); the last one's episodes ended with: "
+                           f"{a.runner.unusable_why}")
 
 
 async def _evaluate(a: RolloutActor, min_version: int) -> dict:

@@ -181,6 +181,7 @@ class EpisodeRunner:
         self.renderer = ChatRenderer(tokenizer, stop_token_ids)
         self.generated_tokens = 0
         self.episodes = self.episodes_timed_out = self.groups_unusable = 0
+        self.unusable_in_a_row, self.unusable_why = 0, ""   # the last unusable group's first episode error
         self.activity = Activity()   # where the actor's time goes (actors/activity.py)
 
     @property
@@ -214,7 +215,10 @@ class EpisodeRunner:
         rows = [e.row() for e in episodes]
         if not any(any(r["loss_mask"]) for r in rows):
             self.groups_unusable += 1
+            self.unusable_in_a_row += 1
+            self.unusable_why = next((e.error for e in episodes if e.error), "no error: the engine returned no token")
             return None
+        self.unusable_in_a_row = 0
         return RolloutGroup.from_rows(rows, prompt_id=str(task.get("id", "")), actor_id=actor_id,
                                       temperature=self.config.temperature,
                                       timings={"episode_s": time.monotonic() - t})

@@ -316,6 +316,26 @@ def test_a_synchronous_actor_replaces_each_group_that_reaches_no_learner_on_the_
         watcher.close()
 
 
+class _SilentEngine(_SilentAtFirstEngine):
+    def __init__(self, tokenizer, reply):
+        super().__init__(tokenizer, reply)
+        self.silent = 10 ** 9
+
+
+def test_an_actor_whose_groups_generate_nothing_fails_past_its_limit_saying_why(tiny_model_path, buffer_server):
+    actor = _scripted_actor(tiny_model_path, buffer_server(), lambda text: "w3", engine=_SilentEngine,
+                            max_unusable_in_a_row=3)
+    try:
+        # two groups run at once (4 episode slots, groups of 2): the third or fourth to end trips it
+        with pytest.raises(RuntimeError, match=r"actor 0: [34] groups in a row generated no token "
+                                               r"\(actors.max_unusable_in_a_row=3\); the last one's episodes ended "
+                                               r"with: no error: the engine returned no token"):
+            actor.run(max_groups=10)
+        assert actor.groups == 0 and actor.runner.groups_unusable in (3, 4)
+    finally:
+        actor.close()
+
+
 def test_a_flat_group_with_an_episode_error_goes_to_the_learner_which_counts_errors(tiny_model_path, buffer_server):
     from actors.actor import _StartGate
     from tests.conftest import make_group
