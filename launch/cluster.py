@@ -2,6 +2,7 @@
 them with deadlines. The parts themselves are plain classes; this module wraps them."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -180,8 +181,8 @@ def start_rendezvous(config: Config, strategy) -> Rendezvous | None:
         return None
     holder = ray.remote(RendezvousHost).options(num_cpus=0, scheduling_strategy=strategy) \
         .remote(timeout_s=config.trainer.dist_timeout_s)
-    host, port = get(holder.address.remote(), config.run.actor_timeout_s, "the learner rendezvous store")
-    return Rendezvous(host, port, holder=holder)
+    rendezvous = get(holder.rendezvous.remote(), config.run.actor_timeout_s, "the learner rendezvous store")
+    return dataclasses.replace(rendezvous, holder=holder)
 
 
 def start_weight_channel(config: Config, rank0) -> object:

@@ -63,20 +63,13 @@ class RendezvousHost:
         self.store = dist.TCPStore(self.host, 0, None, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
 
-    def address(self) -> tuple:
-        return self.host, self.store.port
-
     def rendezvous(self, prefix: str = "learners") -> Rendezvous:
-        """For a host kept alive by the caller (holder None)."""
+        """Where to meet; its holder is None: the caller keeps this host alive (launch/ adds the
+        Ray actor's handle)."""
         return Rendezvous(self.host, self.store.port, prefix)
 
 
 def node_address() -> str:
     """This node's address as the other nodes reach it (Ray's view, when Ray runs here)."""
-    try:
-        import ray
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return socket.gethostbyname(socket.gethostname())
+    import ray
+    return ray.util.get_node_ip_address() if ray.is_initialized() else socket.gethostbyname(socket.gethostname())

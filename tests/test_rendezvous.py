@@ -22,5 +22,5 @@ def test_a_rank_whose_rendezvous_store_does_not_answer_fails_within_the_deadline
 def test_a_rank_that_never_comes_is_named_by_those_waiting_for_it():
     host = RendezvousHost("127.0.0.1")
     with pytest.raises(ConnectionError, match=r"learner rank 0: rank\(s\) \[1, 2\] of 3 did not reach the learner "
-                                              rf"rendezvous store at 127.0.0.1:{host.address()[1]} within 1s"):
+                                              rf"rendezvous store at 127.0.0.1:{host.rendezvous().port} within 1s"):
         host.rendezvous().join("gloo", rank=0, world_size=3, timeout_s=1)
