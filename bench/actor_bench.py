@@ -97,8 +97,9 @@ def _learner(conn, model_dir: str, seed: int, transport: str) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from common.rendezvous import RendezvousHost
     from common.weights_broadcast import BroadcastChannelSpec
-    from common.weights_ipc import IpcWeightSender
+    from common.weights_ipc import IpcChannelSpec
 
     torch.cuda.set_device(0)
     torch.manual_seed(seed)
@@ -107,12 +108,12 @@ def _learner(conn, model_dir: str, seed: int, transport: str) -> None:
     model.eval().requires_grad_(False)
     named = {n: p.detach() for n, p in model.named_parameters()}  # tied: one embedding
     nbytes = sum(p.numel() * p.element_size() for p in named.values())
+    meeting = RendezvousHost("127.0.0.1")   # where the engine's receiver finds this sender, as in a job
     if transport == "nccl":   # the engine on the other GPU, over a broadcast group
-        spec = BroadcastChannelSpec("127.0.0.1", free_port(), receivers=1, backend="nccl", timeout_s=120.0)
-        sender = spec.sender()
+        spec = BroadcastChannelSpec(meeting.rendezvous("weights"), receivers=1, backend="nccl", timeout_s=120.0)
     else:
-        sender = IpcWeightSender(timeout_s=120.0)
-        spec = sender.spec()
+        spec = IpcChannelSpec(meeting.rendezvous("weights"), timeout_s=120.0)
+    sender = spec.sender()
     state = {"version": 0, "log": [], "stop": threading.Event(), "thread": None, "native_group": None}
 
     def publish() -> dict:

@@ -40,7 +40,6 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.net import free_port  # noqa: E402
 
 SHAPES = {  # Qwen2-0.5B and -1.5B (tied embeddings, q/k/v biases); tiny: a CPU check of the bench
     "0.5b": dict(vocab=151936, hidden=896, intermediate=4864, layers=24, heads=14, kv_heads=2),
@@ -87,11 +86,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _floor_group(backend: str, port: int, rank: int):
+def _floor_store(port: int = 0):
+    """The floor's own store: hosted (on a port the OS picks) by the sender's process, which
+    makes it before it starts the receiver's, and joined by the receiver at `port`."""
+    return torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=port == 0,
+                                      timeout=datetime.timedelta(seconds=TIMEOUT_S), wait_for_workers=False)
+
+
+def _floor_group(backend: str, store, rank: int):
     from common.weights_broadcast import BroadcastChannelSpec, _group
-    store = torch.distributed.TCPStore("127.0.0.1", port, 2, is_master=rank == 0,
-                                       timeout=datetime.timedelta(seconds=TIMEOUT_S), wait_for_workers=False)
-    return store, _group(BroadcastChannelSpec("127.0.0.1", port, 1, backend=backend, timeout_s=TIMEOUT_S), store, rank)
+    # the same kind of group as the channel's, over the given store (nobody to meet: no rendezvous)
+    return _group(BroadcastChannelSpec(None, 1, backend=backend, timeout_s=TIMEOUT_S), store, rank)
 
 
 def receiver_main(backend: str, model: str, floor_port: int, spec, broadcasts: int, versions: int, out) -> None:
@@ -102,7 +107,8 @@ def receiver_main(backend: str, model: str, floor_port: int, spec, broadcasts: i
 
         device = _device(backend, 1)
         nbytes = sum(2 * _numel(s) for s in shapes_of(model).values())
-        store, group = _floor_group(backend, floor_port, 1)
+        store = _floor_store(floor_port)
+        group = _floor_group(backend, store, 1)
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         for _ in range(broadcasts):
             _broadcast(group, buffer, TIMEOUT_S)
@@ -156,21 +162,23 @@ def _take(out, kind: str, process):
 
 
 def bench_shape(model: str, args) -> dict:
+    from common.rendezvous import RendezvousHost
     from common.weights_broadcast import BroadcastChannelSpec, _broadcast
 
     device = _device(args.backend, 0)
     shapes = shapes_of(model)
     nbytes = sum(2 * _numel(s) for s in shapes.values())
-    spec = BroadcastChannelSpec("127.0.0.1", free_port(), 1, backend=args.backend, timeout_s=TIMEOUT_S,
+    meeting = RendezvousHost("127.0.0.1")   # where the receiver finds the channel's sender, as in a job
+    spec = BroadcastChannelSpec(meeting.rendezvous("weights"), 1, backend=args.backend, timeout_s=TIMEOUT_S,
                                 bucket_mb=args.bucket_mb)
-    floor_port = free_port()
+    store = _floor_store()
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    process = ctx.Process(target=receiver_main, args=(args.backend, model, floor_port, spec, args.repeats + 2,
+    process = ctx.Process(target=receiver_main, args=(args.backend, model, store.port, spec, args.repeats + 2,
                                                       args.versions, out), daemon=True)
     process.start()
     try:
-        store, group = _floor_group(args.backend, floor_port, 0)
+        group = _floor_group(args.backend, store, 0)
         buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
         floor = []
         for i in range(args.repeats + 2):

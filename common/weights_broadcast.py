@@ -2,7 +2,11 @@
 NCCL between GPUs.
 
 The group belongs to the channel alone (a ProcessGroupGloo or ProcessGroupNCCL over a
-TCPStore that the sender hosts), so it never touches the learner's own FSDP group. Rank 0
+TCPStore that the sender hosts), so it never touches the learner's own FSDP group. The sender
+binds its store and its control socket on ports the OS picks, then publishes the store's
+address at the job's rendezvous store (common/rendezvous.py, key "sender" under the spec's
+prefix), where each receiver looks it up: no port is picked free first and bound later, when
+another process may have taken it. Rank 0
 sends (learner rank 0); ranks 1..N receive (one per actor group, or engine worker). Tensors
 travel packed into byte buckets of about `bucket_mb`, so the receiving side holds one bucket
 beside its staging copy, never a second full copy.
@@ -39,6 +43,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from common.rendezvous import Rendezvous
 from common.weights import WeightReceiver, WeightSender, WeightSyncError
 
 HELLO, READY = b"hello", b"ready"
@@ -47,9 +52,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BroadcastChannelSpec:
-    """Where the group meets; picklable, so launch/ hands it to every part."""
-    host: str
-    port: int
+    """Where the group meets (`meet`: the receivers find the sender's address there); picklable,
+    so launch/ hands it to every part."""
+    meet: Rendezvous
     receivers: int
     backend: str = "gloo"       # gloo (CPU tensors) or nccl (CUDA tensors)
     timeout_s: float = 300.0    # deadline of joining the group and of each transfer
@@ -59,9 +64,8 @@ class BroadcastChannelSpec:
     def world_size(self) -> int:
         return self.receivers + 1
 
-    @property
-    def sender_name(self) -> str:
-        return f"the weight sender (learner rank 0) at {self.host}:{self.port}"
+    def sender_name(self, address: str | None = None) -> str:
+        return "the weight sender (learner rank 0)" + (f" at {address}" if address else "")
 
     def sender(self) -> "BroadcastWeightSender":
         return BroadcastWeightSender(self)
@@ -94,11 +98,17 @@ class BroadcastWeightSender(WeightSender):
         self.spec = spec
         self.device_tensors = spec.backend == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
-        self.store = dist.TCPStore(spec.host, spec.port, spec.world_size, is_master=True,
+        self.store = dist.TCPStore(spec.meet.host, 0, spec.world_size, is_master=True,
                                    timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
+        self.address = f"{spec.meet.host}:{self.store.port}"   # on the rendezvous store's node (launch/)
         self._control = zmq.Context.instance().socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self.store.set("control", str(self._control.bind_to_random_port("tcp://*")))
+        try:   # bound: now the receivers may look it up
+            spec.meet.publish("sender", self.address, spec.timeout_s, "the weight sender (learner rank 0)")
+        except ConnectionError as e:
+            self._control.close(0)
+            raise WeightSyncError(str(e)) from None
         self._receivers: dict = {}   # rank -> its DEALER's identity, from its hello
         self.transfers = 0
         self._group = None
@@ -120,8 +130,8 @@ class BroadcastWeightSender(WeightSender):
         timeout_s = self.spec.timeout_s if timeout_s is None else timeout_s
         self._joined.join(timeout_s)
         if self._group is None:
-            raise WeightSyncError(f"weight receivers did not join the broadcast group at {self.spec.host}:"
-                                  f"{self.spec.port} within {timeout_s}s: {self._join_error or 'still waiting'}")
+            raise WeightSyncError(f"weight receivers did not join the broadcast group at {self.address} "
+                                  f"within {timeout_s}s: {self._join_error or 'still waiting'}")
 
     def send(self, version: int, tensors: dict) -> None:
         """Broadcast `tensors` (name -> tensor) as `version` to every receiver."""
@@ -184,22 +194,37 @@ class BroadcastWeightReceiver(WeightReceiver):
     def __init__(self, spec: BroadcastChannelSpec, rank: int):
         self.spec, self.rank = spec, rank
         self.transfers = 0
+        self.sender_address = None   # looked up at the rendezvous store on first use
         self._store = self._group = self._bucket = self._control = None
+
+    @property
+    def sender_name(self) -> str:
+        return self.spec.sender_name(self.sender_address)
 
     def _connect(self) -> None:
         cuda = self.spec.backend == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self._bucket = torch.empty(0, dtype=torch.uint8, device=self.device)
+        meet, timeout_s = self.spec.meet, self.spec.timeout_s
         try:
-            self._store = dist.TCPStore(self.spec.host, self.spec.port, self.spec.world_size, is_master=False,
-                                        timeout=datetime.timedelta(seconds=self.spec.timeout_s))
+            self.sender_address = meet.look_up(meet.connect(timeout_s, f"weight receiver {self.rank}"), "sender",
+                                               timeout_s)
+        except ConnectionError as e:
+            raise WeightSyncError(str(e)) from None
+        if self.sender_address is None:
+            raise WeightSyncError(f"weight receiver {self.rank}: {self.sender_name} did not publish its address at "
+                                  f"{meet.name} (prefix {meet.prefix!r}) within {timeout_s:g}s")
+        host, port = self.sender_address.rsplit(":", 1)
+        try:
+            self._store = dist.TCPStore(host, int(port), self.spec.world_size, is_master=False,
+                                        timeout=datetime.timedelta(seconds=timeout_s))
             self._control = zmq.Context.instance().socket(zmq.DEALER)
             self._control.setsockopt(zmq.LINGER, 0)
-            self._control.connect(f"tcp://{self.spec.host}:{int(self._store.get('control'))}")
+            self._control.connect(f"tcp://{host}:{int(self._store.get('control'))}")
             self._control.send_multipart([HELLO, str(self.rank).encode()])   # before the join, which waits for all
             self._group = _group(self.spec, self._store, self.rank)
         except Exception as e:
-            raise WeightSyncError(f"could not join {self.spec.sender_name}: {e}") from None
+            raise WeightSyncError(f"could not join {self.sender_name}: {e}") from None
 
     def receive(self, sink, timeout_s: float) -> int | None:
         if self._group is None:
@@ -210,7 +235,7 @@ class BroadcastWeightReceiver(WeightReceiver):
                 return None
             k, version, layout, buckets = msgpack.unpackb(self._control.recv())
         except Exception as e:  # the store lives in the sender's process
-            raise WeightSyncError(f"lost {self.spec.sender_name}: {e}") from None
+            raise WeightSyncError(f"lost {self.sender_name}: {e}") from None
         if sink.writes_in_place:   # refused whole, by its layout, before its first write
             sink.check_version(version, {name: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
                                          for name, dtype, shape, _, _ in layout})
@@ -236,7 +261,7 @@ class BroadcastWeightReceiver(WeightReceiver):
                 sink.abort()
             if isinstance(e, WeightSyncError) or not isinstance(e, Exception):
                 raise
-            raise WeightSyncError(f"version {version} from {self.spec.sender_name} did not arrive: "
+            raise WeightSyncError(f"version {version} from {self.sender_name} did not arrive: "
                                   f"{type(e).__name__}: {e}") from None
         self.transfers += 1
         return version

@@ -19,6 +19,9 @@ change its tensors; a receiver that does not answer by the deadline is named in 
 dropped. A receiver whose sender stops between buckets raises WeightSyncError naming the
 sender and aborts its staging, so the engine keeps serving the version it had.
 Messages are pickled: both ends are processes of one job on one host (loopback by default).
+The sender binds a port the OS picks; a channel made from an IpcChannelSpec publishes it at
+the job's rendezvous store (common/rendezvous.py), where each receiver looks it up on first
+use, so no port is picked free first and bound later, when another process may have taken it.
 Importing this module touches no CUDA.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.rendezvous import Rendezvous
 from common.weights import WeightReceiver, WeightSender, WeightSyncError
 
 BUCKET_TENSORS = 4096  # tensors per announcement message: one message carries a whole model
@@ -62,9 +66,6 @@ class IpcWeightSender(WeightSender):
         self._handles: dict = {}          # tensor name -> (storage key, handle id, args)
         self._ids = itertools.count(1)
         self._session = uuid.uuid4().hex[:8]
-
-    def spec(self) -> "IpcChannelSpec":
-        return IpcChannelSpec(self.address, self.timeout_s)
 
     @property
     def receivers(self) -> list:
@@ -165,18 +166,26 @@ class IpcWeightSender(WeightSender):
 
 @dataclass
 class IpcChannelSpec:
-    """Where receivers find the sender (IpcWeightSender.spec()); picklable. A receiver made
-    here connects on first use, so it can be pickled to a vLLM worker and built there."""
-    address: str
+    """Where receivers find the sender: its address, published at `meet` once it is bound;
+    picklable. A receiver made here connects on first use, so it can be pickled to a vLLM
+    worker and built there."""
+    meet: Rendezvous
     timeout_s: float = 60.0
 
     def sender(self) -> "IpcWeightSender":
-        """The learner's end, bound at this spec's address."""
-        host, port = self.address.removeprefix("tcp://").rsplit(":", 1)
-        return IpcWeightSender(bind_host=host, port=int(port), timeout_s=self.timeout_s)
+        """The learner's end, bound on the rendezvous store's node (launch/ hosts the store in
+        learner rank 0's bundle) and published there."""
+        sender = IpcWeightSender(bind_host=self.meet.host, timeout_s=self.timeout_s)
+        try:
+            self.meet.publish("sender", sender.address, self.timeout_s, f"weight sender {sender.address}")
+        except ConnectionError as e:
+            sender.close()
+            raise WeightSyncError(str(e)) from None
+        return sender
 
     def receiver(self, index: int = 0) -> "IpcWeightReceiver":
-        return IpcWeightReceiver(self.address, self.timeout_s, f"{socket.gethostname()}:{os.getpid()}/receiver{index}")
+        return IpcWeightReceiver(None, self.timeout_s, f"{socket.gethostname()}:{os.getpid()}/receiver{index}",
+                                 meet=self.meet)
 
 
 class IpcWeightReceiver(WeightReceiver):
@@ -184,8 +193,13 @@ class IpcWeightReceiver(WeightReceiver):
 
     HELLO_EVERY_S = 5.0
 
-    def __init__(self, address: str, timeout_s: float = 60.0, name: str | None = None):
-        self.address, self.timeout_s = address, timeout_s
+    def __init__(self, address: str | None, timeout_s: float = 60.0, name: str | None = None,
+                 meet: Rendezvous | None = None):
+        """`address`: the sender's; None to look it up at `meet` on first use."""
+        if address is None and meet is None:
+            raise ValueError("a CUDA IPC weight receiver needs its sender's address or a rendezvous to look it up")
+        self.address, self.timeout_s, self.meet = address, timeout_s, meet
+        self._meeting = None   # the client of `meet` while the address is unknown
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"  # as the sender's errors call it
         self.version = 0
         self._socket = None
@@ -193,9 +207,13 @@ class IpcWeightReceiver(WeightReceiver):
         self._opened: dict = {}  # tensor name -> (handle id, tensor)
         self.last_timing: dict = {}
 
-    def _connect(self) -> None:
+    def _connect(self, wait_s: float = 0.0) -> bool:
+        """Connect (once the sender's address is known) and greet it when due; False while the
+        sender has not published its address (waiting up to wait_s for it)."""
         import zmq
 
+        if self.address is None and not self._look_up(wait_s):
+            return False
         if self._socket is None:
             self._zmq = zmq
             self._socket = zmq.Context.instance().socket(zmq.DEALER)
@@ -205,6 +223,18 @@ class IpcWeightReceiver(WeightReceiver):
             uuid_ = _gpu_uuid(torch.cuda.current_device()) if torch.cuda.is_available() else ""
             self._send(("hello", self.name, uuid_))
             self._last_hello = time.monotonic()
+        return True
+
+    def _look_up(self, wait_s: float) -> bool:
+        try:
+            if self._meeting is None:
+                self._meeting = self.meet.connect(self.timeout_s, f"weight receiver {self.name}")
+            self.address = self.meet.look_up(self._meeting, "sender", wait_s)
+        except ConnectionError as e:
+            raise WeightSyncError(str(e)) from None
+        if self.address is not None:
+            self._meeting = None
+        return self.address is not None
 
     def _send(self, message: tuple) -> None:
         """Queue a control message without ever blocking: with the sender gone, ZeroMQ's queue
@@ -222,8 +252,9 @@ class IpcWeightReceiver(WeightReceiver):
         return pickle.loads(self._socket.recv())
 
     def receive(self, sink, timeout_s: float) -> int | None:
-        self._connect()
         deadline = time.monotonic() + timeout_s
+        if not self._connect(timeout_s):
+            return None   # the sender is not up yet: as if it had sent nothing
         while True:  # skip what is left of a version given up earlier
             msg = self._next(deadline - time.monotonic())
             if msg is None:

@@ -71,12 +71,13 @@ def main(config: Config) -> Path:
         (run_dir / "config.yaml").write_text(to_yaml(config))   # with the addresses actually used
         buffer_stats = BufferClient(buffer.address, timeout_s=config.buffer.timeout_s, curve_keys=client_keys)
         group, in_bundle = cluster.place_learners(config)
-        weights = cluster.start_weight_channel(config, in_bundle[0])
+        rendezvous = cluster.start_rendezvous(config, in_bundle[0])   # held to the end: it hosts the store
+        weights = cluster.start_weight_channel(config, rendezvous)
         # Learner and actors load their models at the same time, except on one shared GPU, where
         # the engine must find the memory the learner has taken when it sizes its cache.
         together = not config.run.colocate
-        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle, buffer.version_token,
-                                       wait=not together)
+        ranks = cluster.start_learners(config, model_path, buffer.address, weights, in_bundle, rendezvous,
+                                       buffer.version_token, wait=not together)
         actors = cluster.start_actors(config, model_path, buffer.address, weights, in_bundle, wait=not together)
         if together:
             cluster.wait_all_ready(config, ranks, actors)

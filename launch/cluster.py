@@ -14,14 +14,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.actor import RolloutActor
 from common.config import ConfigError
-from common.net import free_port
 from common.progress import Progress
-from launch.config import Config
+from common.rendezvous import Rendezvous, RendezvousHost
 from common.weights_broadcast import BroadcastChannelSpec
 from common.weights_ipc import IpcChannelSpec
+from launch.config import Config
 from launch.weights import RayWeightChannel, WeightStore
 from learner.learner import Learner
-from learner.rendezvous import Rendezvous, RendezvousHost
 
 
 class PeerError(RuntimeError):
@@ -138,11 +137,6 @@ def wait_all_ready(config: Config, ranks: list, actors: list) -> None:
                                                      f"{len(actors)} actor group(s) ({config.actors.engine} engine)")
 
 
-@ray.remote(num_cpus=0)
-def _free_address():
-    return ray.util.get_node_ip_address(), free_port("")
-
-
 def _learner_bundle(config: Config) -> dict:
     """What one learner rank reserves (and one unit of run.learner_resource, if named)."""
     t = config.trainer
@@ -169,45 +163,46 @@ def place_learners(config: Config) -> tuple:
     return group, [PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i) for i in range(t.world_size)]
 
 
-def free_address(strategy, timeout_s: float, what: str) -> tuple:
-    """(node address, a free port) on the node of a learner rank's bundle."""
-    return get(_free_address.options(scheduling_strategy=strategy).remote(), timeout_s, what)
-
-
 def start_rendezvous(config: Config, strategy) -> Rendezvous | None:
-    """The store the learner ranks meet at (learner/rendezvous.py), hosted by a Ray actor on
-    learner rank 0's node; None for one rank, which meets nobody."""
-    if config.trainer.world_size == 1:
+    """The store where the job's parts meet (common/rendezvous.py): the learner ranks to form
+    their group, the weight channel's receivers to find its sender. A Ray actor hosts it on
+    learner rank 0's node, for as long as a handle to it lives: keep the one returned (its
+    `holder`) for the whole run. None when nothing meets there: one learner rank and weights
+    through Ray's object store."""
+    if config.trainer.world_size == 1 and config.run.weight_transport not in ("broadcast", "ipc"):
         return None
     holder = ray.remote(RendezvousHost).options(num_cpus=0, scheduling_strategy=strategy) \
         .remote(timeout_s=config.trainer.dist_timeout_s)
-    rendezvous = get(holder.rendezvous.remote(), config.run.actor_timeout_s, "the learner rendezvous store")
+    rendezvous = get(holder.rendezvous.remote(), config.run.actor_timeout_s, "the rendezvous store")
     return dataclasses.replace(rendezvous, holder=holder)
 
 
-def start_weight_channel(config: Config, rank0) -> object:
+def start_weight_channel(config: Config, rendezvous: Rendezvous | None) -> object:
     """The channel spec every part builds its end from (common/weights.py), by
-    run.weight_transport: Ray's object store, a broadcast group or CUDA IPC hosted by learner
-    rank 0."""
+    run.weight_transport: Ray's object store, or a broadcast group or CUDA IPC whose sender
+    (learner rank 0) publishes its address at `rendezvous` (start_rendezvous). The spec's
+    rendezvous carries no Ray handle: receivers may live in processes outside Ray (a vLLM
+    worker)."""
     transport = config.run.weight_transport
     if transport in ("broadcast", "ipc"):
-        host, port = free_address(rank0, config.run.actor_timeout_s, "weight channel address")
+        meet = dataclasses.replace(rendezvous, prefix="weights", holder=None)
         if transport == "ipc":
-            return IpcChannelSpec(f"tcp://{host}:{port}", timeout_s=config.run.weights_timeout_s)
+            return IpcChannelSpec(meet, timeout_s=config.run.weights_timeout_s)
         backend = "nccl" if config.trainer.gpus and config.actors.gpus_per_group else "gloo"
-        return BroadcastChannelSpec(host, port, receivers=config.actors.count, backend=backend,
+        return BroadcastChannelSpec(meet, receivers=config.actors.count, backend=backend,
                                     timeout_s=config.run.weights_timeout_s)
     store = ray.remote(WeightStore).options(num_cpus=0).remote()
     return RayWeightChannel(store, timeout_s=config.run.weights_timeout_s)
 
 
 def start_learners(config: Config, model_path: str, buffer_address: str, weights, in_bundle: list,
-                   buffer_token: str = "", wait: bool = True) -> list:
-    """One Ray actor per learner rank, each in its bundle of the learners' placement group;
-    `buffer_token` lets them (alone) move the buffer's version. `wait`: until they have
-    started (else the caller waits, with wait_all_ready)."""
+                   rendezvous: Rendezvous | None, buffer_token: str = "", wait: bool = True) -> list:
+    """One Ray actor per learner rank, each in its bundle of the learners' placement group,
+    meeting at `rendezvous` (start_rendezvous) when there are several; `buffer_token` lets them
+    (alone) move the buffer's version. `wait`: until they have started (else the caller waits,
+    with wait_all_ready)."""
     t = config.trainer
-    rendezvous = start_rendezvous(config, in_bundle[0])
+    rendezvous = rendezvous if t.world_size > 1 else None
     remote = ray.remote(Learner)
     bundle = _learner_bundle(config)
     gpus = [bundle.get("GPU", 0)] * t.world_size

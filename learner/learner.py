@@ -31,7 +31,7 @@ from common.config import check
 from learner import checkpoint, flops, fsdp, logprob_head, megatron
 from learner.batch import make_batch, token_logprobs
 from learner.loss import LossConfig, policy_loss, token_weights
-from learner.rendezvous import Rendezvous
+from common.rendezvous import Rendezvous
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -192,10 +192,10 @@ class Learner:
             if self.world_size == 1:  # nobody to meet: an in-process store
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
             elif rendezvous is None:
-                raise ValueError(f"{self.world_size} learner ranks need a rendezvous (learner/rendezvous.py)")
+                raise ValueError(f"{self.world_size} learner ranks need a rendezvous (common/rendezvous.py)")
             else:
                 rendezvous.join(backend, rank, self.world_size, trainer.dist_timeout_s)
-        self.rendezvous = rendezvous   # holds the store's Ray actor alive (learner/rendezvous.py)
+        self.rendezvous = rendezvous   # holds the store's Ray actor alive (common/rendezvous.py)
         self.compute_dtype, master = getattr(torch, dtype), getattr(torch, trainer.master_dtype)
         self.peak_flops = flops.peak(torch.cuda.get_device_name(0)) if self.device.type == "cuda" else None
         if self.megatron:

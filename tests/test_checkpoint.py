@@ -10,7 +10,7 @@ from common.weights import LocalWeightChannel
 from learner import checkpoint, logprob_head
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from learner.rendezvous import RendezvousHost
+from common.rendezvous import RendezvousHost
 from tests.conftest import make_group
 
 STEPS, STOP = 4, 2

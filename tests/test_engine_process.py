@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from actors.engine_process import EngineProcess, EngineProcessError
 from actors.engines.hf import HFEngine
+from common.rendezvous import RendezvousHost
 from common.weights_broadcast import BroadcastChannelSpec
-from tests.conftest import free_port, generate
+from tests.conftest import generate
 
 PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
 
@@ -157,8 +158,8 @@ def test_a_failed_start_quotes_the_first_exception_however_long_the_tracebacks_a
 
 
 def test_weights_reach_an_engine_process_over_the_broadcast_channel(tiny_model_path):
-    port = free_port()
-    spec = BroadcastChannelSpec("127.0.0.1", port, receivers=1, timeout_s=60.0)
+    host = RendezvousHost("127.0.0.1")   # where the engine process's receiver finds the sender
+    spec = BroadcastChannelSpec(host.rendezvous("weights"), receivers=1, timeout_s=60.0)
     engine = EngineProcess("actors.engines.hf:HFEngine", hf_kwargs(tiny_model_path), startup_timeout_s=120)
     try:
         engine.start_weight_updates(spec.receiver(0))

@@ -11,7 +11,7 @@ from common.weights import LocalWeightChannel
 from learner import fsdp
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
-from learner.rendezvous import RendezvousHost
+from common.rendezvous import RendezvousHost
 from tests.conftest import make_group
 
 

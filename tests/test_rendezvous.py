@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from learner.rendezvous import Rendezvous, RendezvousHost
+from common.rendezvous import Rendezvous, RendezvousHost
 
 
 def test_a_rank_whose_rendezvous_store_does_not_answer_fails_within_the_deadline_naming_the_store():
@@ -13,7 +13,7 @@ def test_a_rank_whose_rendezvous_store_does_not_answer_fails_within_the_deadline
         taken.bind(("127.0.0.1", 0))
         port = taken.getsockname()[1]
         t = time.monotonic()
-        with pytest.raises(ConnectionError, match=rf"learner rank 1 could not reach the learner rendezvous store at "
+        with pytest.raises(ConnectionError, match=rf"learner rank 1 could not reach the rendezvous store at "
                                                   rf"127.0.0.1:{port} within 2s"):
             Rendezvous("127.0.0.1", port).join("gloo", rank=1, world_size=2, timeout_s=2)
         assert time.monotonic() - t < 30
@@ -21,6 +21,6 @@ def test_a_rank_whose_rendezvous_store_does_not_answer_fails_within_the_deadline
 
 def test_a_rank_that_never_comes_is_named_by_those_waiting_for_it():
     host = RendezvousHost("127.0.0.1")
-    with pytest.raises(ConnectionError, match=r"learner rank 0: rank\(s\) \[1, 2\] of 3 did not reach the learner "
+    with pytest.raises(ConnectionError, match=r"learner rank 0: rank\(s\) \[1, 2\] of 3 did not reach the "
                                               rf"rendezvous store at 127.0.0.1:{host.rendezvous().port} within 1s"):
         host.rendezvous().join("gloo", rank=0, world_size=3, timeout_s=1)

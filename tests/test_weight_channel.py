@@ -1,5 +1,6 @@
 """The broadcast weight channel over gloo: a learner process and two actor processes, real
-TCP, real torch.distributed; a sender killed in the middle of a transfer."""
+TCP, real torch.distributed; a sender killed in the middle of a transfer. The receivers find
+the sender at a rendezvous store this test's process hosts, as launch/'s Ray actor does."""
 import io
 import os
 import queue
@@ -11,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from actors.engine import DirectWeights, StagedWeights, WeightUpdateError
+from common.rendezvous import Rendezvous, RendezvousHost
 from common.weights import WeightSyncError
 from common.weights_broadcast import BroadcastChannelSpec, _pack_layout
 from tests.conftest import free_port
@@ -87,21 +89,26 @@ def _by_value(tensors: dict) -> bytes:
     return buffer.getvalue()
 
 
-def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, staging="full", bogus_version=None):
-    """Run a sender and two receivers; returns (every receiver's results, seconds, and a text
-    with each process's exit code and stderr, for assertion messages). Each receiver has a
-    queue of its own: a process that dies while writing to a shared one would hold its lock."""
+def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, staging="full", bogus_version=None,
+                sender_late_s=0.0):
+    """Run a sender and two receivers (the sender `sender_late_s` after them); returns (every
+    receiver's results, seconds, and a text with each process's exit code and stderr, for
+    assertion messages). Each receiver has a queue of its own: a process that dies while
+    writing to a shared one would hold its lock."""
     import tempfile
 
-    spec = BroadcastChannelSpec("127.0.0.1", free_port(), receivers=2, timeout_s=timeout_s, bucket_mb=0.004)
+    host = RendezvousHost("127.0.0.1")
+    spec = BroadcastChannelSpec(host.rendezvous("weights"), receivers=2, timeout_s=timeout_s, bucket_mb=0.004)
     ctx = mp.get_context("spawn")
     logs = [os.path.join(tempfile.mkdtemp(prefix="weights-test-"), f"{name}.log")
             for name in ("sender", "receiver0", "receiver1")]
     queues = [ctx.Queue() for _ in range(2)]
-    procs = [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0], stray, bogus_version))]
-    procs += [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1], staging))
-              for i in range(2)]
+    procs = [ctx.Process(target=_receiver, args=(spec, i, versions, queues[i], logs[i + 1], staging))
+             for i in range(2)]
+    procs += [ctx.Process(target=_sender, args=(spec, versions, die_after_buckets, logs[0], stray, bogus_version))]
     for p in procs:
+        if p is procs[-1]:
+            time.sleep(sender_late_s)
         p.start()
     out, t = [], time.monotonic()
     expected = 2 * len(versions) if die_after_buckets is None and bogus_version is None else 2 * (len(versions) - 1) + 2
@@ -124,13 +131,15 @@ def run_channel(versions, die_after_buckets=None, timeout_s=30.0, stray=False, s
                 break
     out = [(i, v, torch.load(io.BytesIO(served)), error) for i, v, served, error in out]
     report = "\n".join(f"-- {os.path.basename(log)} (exit {p.exitcode}):\n{open(log).read()[-3000:]}"
-                       for p, log in zip(procs, logs))
+                       for p, log in zip(procs[-1:] + procs[:-1], logs))
     return out, seconds, report
 
 
 @pytest.mark.parametrize("staging", ["full", "none"])
 def test_every_receiver_gets_every_version_exactly_whatever_else_reaches_the_control_socket(staging):
-    out, _, report = run_channel([1, 2, 3], stray=True, staging=staging)
+    # The sender comes last, as a learner that loads its model after the engines are up: the
+    # receivers wait for its address at the rendezvous store.
+    out, _, report = run_channel([1, 2, 3], stray=True, staging=staging, sender_late_s=1.0)
     assert sorted((i, v) for i, v, _, _ in out) == [(i, v) for i in range(2) for v in (1, 2, 3)], report
     for index, version, served, error in out:
         assert error == ""
@@ -177,7 +186,8 @@ def test_without_staging_a_version_that_does_not_fit_is_refused_whole_before_its
 
 
 def test_a_receiver_that_never_comes_is_named_by_the_sender():
-    spec = BroadcastChannelSpec("127.0.0.1", free_port(), receivers=1, timeout_s=1.0)
+    host = RendezvousHost("127.0.0.1")
+    spec = BroadcastChannelSpec(host.rendezvous("weights"), receivers=1, timeout_s=1.0)
     sender = spec.sender()
     with pytest.raises(ValueError, match="has 1 receiver"):
         sender.wait_for_receivers(2, 0.1)
@@ -187,6 +197,60 @@ def test_a_receiver_that_never_comes_is_named_by_the_sender():
     with pytest.raises(WeightSyncError, match="did not join the broadcast group"):
         sender.send(1, version_tensors(1))
     assert time.monotonic() - t < 10
+
+
+def test_a_receiver_whose_sender_never_publishes_fails_at_the_deadline_naming_where_it_looked():
+    host = RendezvousHost("127.0.0.1")
+    meet = host.rendezvous("weights")
+    spec = BroadcastChannelSpec(meet, receivers=1, timeout_s=1.0)
+    t = time.monotonic()
+    with pytest.raises(WeightSyncError, match=rf"weight receiver 1: the weight sender \(learner rank 0\) did not "
+                                              rf"publish its address at the rendezvous store at 127.0.0.1:{meet.port} "
+                                              rf"\(prefix 'weights'\) within 1s"):
+        spec.receiver(0).receive(StagedWeights(version_tensors(0)), timeout_s=0.1)
+    assert time.monotonic() - t < 10
+
+
+@pytest.mark.parametrize("end", ["sender", "receiver"])
+def test_either_end_fails_in_time_naming_a_rendezvous_store_that_does_not_answer(end):
+    import socket
+
+    with socket.socket() as taken:   # bound, never listening: every connect is refused, nobody else gets the port
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        spec = BroadcastChannelSpec(Rendezvous("127.0.0.1", port, "weights"), receivers=1, timeout_s=1.0)
+        who = "the weight sender \\(learner rank 0\\)" if end == "sender" else "weight receiver 1"
+        t = time.monotonic()
+        with pytest.raises(WeightSyncError, match=rf"{who} could not reach the rendezvous store at 127.0.0.1:{port} "
+                                                  rf"within 1s"):
+            if end == "sender":
+                spec.sender()
+            else:
+                spec.receiver(0).receive(StagedWeights(version_tensors(0)), timeout_s=0.1)
+        assert time.monotonic() - t < 30
+
+
+def test_a_cuda_ipc_receiver_finds_a_sender_that_binds_after_it_started_looking():
+    """The launcher hands out the spec before learner rank 0 has bound anything; a receiver
+    that asks first gets nothing (as from a sender with nothing to send), then finds the
+    sender's address and greets it. (The CUDA parts need a GPU: tests/test_gpu.py.)"""
+    from common.weights_ipc import IpcChannelSpec
+
+    host = RendezvousHost("127.0.0.1")
+    spec = IpcChannelSpec(host.rendezvous("weights"), timeout_s=5.0)
+    receiver = spec.receiver(0)
+    t = time.monotonic()
+    assert receiver.receive(sink=None, timeout_s=0.3) is None and receiver.address is None
+    assert time.monotonic() - t < 5
+    sender = spec.sender()
+    try:
+        assert receiver.receive(sink=None, timeout_s=0.1) is None   # connected and greeted; no version yet
+        assert receiver.address == sender.address and sender.address.startswith("tcp://127.0.0.1:")
+        sender.wait_for_receivers(1, 5.0)
+        assert sender.receivers == [receiver.name]
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def test_a_cuda_ipc_receiver_whose_sender_is_gone_never_blocks_on_its_hellos():
