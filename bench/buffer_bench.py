@@ -6,14 +6,16 @@ each number of writer clients (1, 8, 32; --quick: 8), every system gets the same
 takes them out in batches of --batch.
 
   asyncrl    the buffer server in its own process (`python -m buffer`, as a run starts it);
-             writers: BufferClient.put, one group per request, up to --window (16) requests
-             in flight, each acknowledged as it lands (validated, deduplicated by id; only
-             acknowledged groups count); reader: BufferClient.sample (uniform selector, groups
+             writers: BufferClient.put of one group at a time, up to --window (the client's
+             default, 4) requests in flight and, while they are, up to --coalesce (128) puts
+             waiting to go together as one request; each acknowledged as it lands (validated,
+             deduplicated by id; only acknowledged groups count); reader: BufferClient.sample (uniform selector, groups
              kept, so a sample never waits for inserts: its latency is the service time)
   raw pyzmq  the floor: a forwarder process (ROUTER in, PUSH out) passing the same frames
              from DEALER writers (no acknowledgement, no schema, no table) to a PULL reader
-  ray queue  ray.util.queue.Queue (an actor); writers are Ray tasks calling put() with the
-             same RolloutGroup objects; the reader calls get_nowait_batch
+  ray queue  ray.util.queue.Queue (an actor; Ray started for this case alone); writers are Ray
+             tasks calling put() with the same RolloutGroup objects; the reader calls
+             get_nowait_batch
 
 Reported per (system, size, writers): items/s and MB/s inserted (by the writers), items/s
 taken by the reader, p50/p99 latency of an insert and of a sample (for asyncrl also the
@@ -23,9 +25,11 @@ ratio_items_4k and ratio_mb_1m (asyncrl over Ray's queue, 8 writers), p99_sample
 machine and date; given --reverb-python (the interpreter of a venv with dm-reverb, see
 bench/reverb_bench.py), DeepMind's Reverb does the same work too, and reverb_share_items_4k
 and reverb_share_mb_1m (asyncrl over Reverb, 8 writers; inserts only, each acknowledged, with as
-many unacknowledged per writer as asyncrl's window unless --reverb-flush-every says otherwise) join it.
+many items per flush as an asyncrl writer's puts of that size may go together, unless
+--reverb-flush-every says otherwise) join it.
 
-    python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--window 16] [--out FILE]
+    python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--window 4] [--coalesce 128]
+                                 [--out FILE]
                                  [--reverb-python /tmp/reverb-venv/bin/python] [--reverb-flush-every N]
 """
 from __future__ import annotations
@@ -43,6 +47,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from buffer.client import COALESCE, COALESCE_BYTES, WINDOW  # noqa: E402
 
 G = 8
 SIZES = {"4k": 4096, "1m": 1 << 20}
@@ -60,6 +65,13 @@ def make_group(tokens: int):
 def encoded_size(group) -> int:
     from common.wire import encode
     return sum(len(f) for f in encode(group.to_wire()))
+
+
+def coalesced(group, coalesce: int) -> int:
+    """How many puts of `group` an asyncrl writer's client sends together at most: `coalesce`,
+    or as many as reach COALESCE_BYTES of arrays (buffer/client.py)."""
+    from common.rollout import ARRAY_FIELDS
+    return min(coalesce, -(-COALESCE_BYTES // sum(getattr(group, name).nbytes for name in ARRAY_FIELDS)))
 
 
 def group_of(nbytes: int):
@@ -96,15 +108,16 @@ def _wait_until(t: float) -> None:
 
 
 # -- asyncrl ---------------------------------------------------------------------------------
-def _asyncrl_writer(address, tokens, window, index, start, seconds, out):
+def _asyncrl_writer(address, tokens, window, coalesce, index, start, seconds, out):
     """Puts each group as it is made, as an actor does with groups as they finish, with up to
-    `window` unacknowledged (window 1: each insert waits for its acknowledgement). Counts the
+    `window` requests unacknowledged and `coalesce` puts waiting meanwhile (window 1 and coalesce 1: each
+    insert waits for its acknowledgement). Counts the
     groups acknowledged by the end; latency: from the put to its acknowledgement landing."""
     from collections import deque
 
     from buffer.client import BufferClient
 
-    group, client = make_group(tokens), BufferClient(address, timeout_s=60, window=window)
+    group, client = make_group(tokens), BufferClient(address, timeout_s=60, window=window, coalesce=coalesce)
     latencies, sent, n = [], deque(), 0
     _wait_until(start)
     end = start + seconds
@@ -135,8 +148,8 @@ def _asyncrl_reader(address, batch, start, seconds, out):
     out.put(("reader", n, np.asarray(latencies, dtype=np.float32)))
 
 
-def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str, window: int = 16,
-                prefill: float = 0.0) -> dict:
+def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str, window: int = WINDOW,
+                coalesce: int = COALESCE, prefill: float = 0.0) -> dict:
     from buffer.process import BufferProcess
     from buffer.server import BufferConfig
     from buffer.table import TableConfig
@@ -155,7 +168,7 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
             filler = BufferClient(server.address, timeout_s=60, window=16)
             fill(filler, [make_group(tokens) for _ in range(16)], int(prefill * table.max_size))
             filler.close()
-        result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window), (server.address, batch),
+        result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window, coalesce), (server.address, batch),
                       writers, seconds)
         # the server's own part of a sample's time (reading the request to sending the reply, its
         # last 1024 samples): the rest of the reader's is transport, waiting for a core, decoding
@@ -249,6 +262,17 @@ def run_ray_queue(tokens: int, nbytes: int, writers: int, seconds: float, batch:
     import ray
     from ray.util.queue import Empty, Queue
 
+    # Ray runs for this case alone: an idle Ray cluster's processes beside the other systems'
+    # cases took a share of the two cores
+    ray.init(include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
+    try:
+        return _ray_queue(ray, Queue, Empty, tokens, nbytes, writers, seconds, batch)
+    finally:
+        ray.shutdown()
+
+
+def _ray_queue(ray, Queue, Empty, tokens: int, nbytes: int, writers: int, seconds: float, batch: int) -> dict:
     queue = Queue(maxsize=max(256, (512 << 20) // nbytes))
 
     @ray.remote(num_cpus=0)
@@ -340,8 +364,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batch", type=int, default=16, help="groups per sample")
-    parser.add_argument("--window", type=int, default=16,
-                        help="asyncrl: inserts in flight per writer (1: each waits for its acknowledgement)")
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help="asyncrl: insert requests in flight per writer (1, with --coalesce 1: each waits "
+                             "for its acknowledgement)")
+    parser.add_argument("--coalesce", type=int, default=COALESCE,
+                        help="asyncrl: puts waiting for room in the window that go together as one request, at most")
     parser.add_argument("--prefill", type=float, default=0.0, metavar="SHARE",
                         help="asyncrl: fill its table to this share of max_size before the clock starts "
                              "(1: a long run's steady state, every insert evicting one)")
@@ -349,17 +376,13 @@ def main():
     parser.add_argument("--out", help="also write every row and the summary here (JSON)")
     parser.add_argument("--reverb-python", help="the python of a venv with dm-reverb: run Reverb on the same work")
     parser.add_argument("--reverb-flush-every", type=int,
-                        help="Reverb: items per flush, each flush waiting for all of them (default: --window, "
-                             "as many unacknowledged as an asyncrl writer may have)")
+                        help="Reverb: items per flush, each flush waiting for all of them (default: as many as "
+                             "an asyncrl writer's puts of that size may go together: --coalesce, or fewer where "
+                             "they reach the client's COALESCE_BYTES)")
     args = parser.parse_args()
     if args.quick:
         args.writers, args.seconds = [8], 3.0
-    args.reverb_flush_every = args.reverb_flush_every or args.window
     work = tempfile.mkdtemp(prefix="buffer-bench-")
-    if "ray queue" in args.systems:
-        import ray
-        ray.init(include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}})
     groups = {name: group_of(nbytes) for name, nbytes in SIZES.items()}
     rows = []
     print(f"{'system':<10} {'size':>5} {'writers':>7} {'items/s':>9} {'MB/s':>8} {'taken/s':>9} "
@@ -369,9 +392,12 @@ def main():
         for writers in args.writers:
             for system in args.systems + (["reverb"] if args.reverb_python else []):
                 if system == "reverb":
-                    r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, args.reverb_flush_every)
+                    flush = args.reverb_flush_every or coalesced(group, args.coalesce)
+                    r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, flush)
+                    r["flush_every"] = flush
                 else:
-                    extra = {"window": args.window, "prefill": args.prefill} if system == "asyncrl" else {}
+                    extra = ({"window": args.window, "coalesce": args.coalesce, "prefill": args.prefill}
+                             if system == "asyncrl" else {})
                     r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
                 r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
                 rows.append(r)
@@ -403,7 +429,9 @@ def main():
         "asyncrl_mb_per_s_1m": round(get("asyncrl", "1m")["mb_per_s"], 1) if get("asyncrl", "1m") else None,
         "bytes_4k": encoded_size(groups["4k"]), "bytes_1m": encoded_size(groups["1m"]),
         "machine": f"{platform.node()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
-        "window": args.window, "prefill": args.prefill, **({"reverb_flush_every": args.reverb_flush_every} if args.reverb_python else {}),
+        "window": args.window, "coalesce": args.coalesce, "prefill": args.prefill,
+        **({"reverb_flush_every": {size: get("reverb", size)["flush_every"] for size in SIZES if get("reverb", size)}}
+           if args.reverb_python else {}),
         "command": "python -m bench.buffer_bench " + " ".join(sys.argv[1:]),
     }
     if args.out:

@@ -17,7 +17,9 @@ so does every call made while puts of its own are unacknowledged (they would be 
 
 Inserts may also be pipelined (`put`, then `flush`): up to `window` requests in flight, each
 acknowledged as it lands, with the same deadlines, retries and re-sends (ids are unique, so a
-re-sent put is stored once). Replies are matched to requests by rid, so a blocking call made
+re-sent put is stored once). While the window is full, puts wait and then go together, up to
+`coalesce` of them (or COALESCE_BYTES) in one request: the server's cost is as much per
+request as per small group, so a writer that outruns it sends fewer, larger requests. Replies are matched to requests by rid, so a blocking call made
 while puts are in flight hands their acknowledgements on instead of dropping them.
 
 Nothing acknowledged is lost to a server restart: inserted groups are kept until a
@@ -45,6 +47,11 @@ RESEND_BATCH = 64  # groups per re-sent insert
 RESEND_HOLD_S = 1.0  # a re-sent insert the rate limiter holds is tried again at the next reply after this
 COALESCE_BYTES = 1 << 20   # puts wait to go together only while smaller: one request is served
                            # whole before the server reads the next (a learner's sample among them)
+WINDOW = 4        # pipelined insert requests in flight (put)
+COALESCE = 128    # puts in one request at most: the put that makes this many wait waits for room
+# With 8 writers of 4 KiB groups on two cores, puts went ~3 to a request with a window of 16
+# (each put sent alone while the window had room), and the server, paying ~45 µs a request,
+# took 8.9k groups/s; waiting puts going up to 128 together took 16-20k (docs/benchmarks.md).
 PING_S = 2.0       # a long wait for a reply checks this often that the same server still lives
 PING = encode({"op": "ping"})
 ROLLOUTS = "rollouts"  # the table the actors insert into and the learner samples (buffer/server.py)
@@ -105,10 +112,11 @@ class _Request:
 
 class BufferClient:
     def __init__(self, address: str, timeout_s: float = 120.0, retries: int = 3, version_token: str = "",
-                 curve_keys: CurveKeys | None = None, window: int = 16):
+                 curve_keys: CurveKeys | None = None, window: int = WINDOW, coalesce: int = COALESCE):
         """`curve_keys`: the job's CurveZMQ client keys, for a server with buffer.curve=true;
         None takes them from ASYNCRL_BUFFER_CURVE when it is set (buffer/curve.py). `window`:
-        pipelined inserts (put) in flight at most."""
+        pipelined insert requests (put) in flight at most; `coalesce`: puts that wait for room
+        in it, at most, to go together as one request."""
         self.address = address
         self.curve_keys = curve_keys if curve_keys is not None else CurveKeys.from_env()
         self.version_token = version_token  # what set_learner_version shows the server
@@ -123,9 +131,9 @@ class BufferClient:
         self._incarnation = None   # of the server that answered last
         self._unsaved: list = []   # [incarnation, seq, table, group]: acknowledged, no checkpoint holds it yet
         self.resent_groups = 0
-        if window < 1:
-            raise ValueError(f"buffer client: window must be >= 1, got {window}")
-        self.window = window
+        if window < 1 or coalesce < 1:
+            raise ValueError(f"buffer client: window and coalesce must be >= 1, got {window} and {coalesce}")
+        self.window, self.coalesce = window, coalesce
         self._flying: dict[int, _Request] = {}   # rid -> unacknowledged request (a re-sent one has several)
         self.in_flight = 0                       # unacknowledged requests of puts
         self.pending_puts = 0                    # puts not acknowledged yet: waiting here or in flight
@@ -363,10 +371,9 @@ class BufferClient:
     def put(self, *groups: RolloutGroup, priorities: list | None = None, table: str = ROLLOUTS) -> None:
         """Insert `groups` into `table` without waiting for the reply: sent at once while fewer
         than `window` requests are unacknowledged; while `window` are, the puts made meanwhile
-        wait here (up to `window` of them or COALESCE_BYTES, then put waits until half the
-        window has landed)
-        and go together, as one request, with the next put that finds room, or at flush(): a
-        writer that stops putting flushes. Each put is stored
+        wait here (until `coalesce` of them or COALESCE_BYTES wait: then put waits until half
+        the window has landed) and go together, as one request, with the next put that finds
+        room, or at flush(): a writer that stops putting flushes. Each put is stored
         whole or, if malformed, refused alone; a refusal, or a hold by the rate limiter past
         timeout_s, is raised by flush(). Acknowledged groups are kept until a checkpoint holds
         them, as insert()'s are."""
@@ -381,7 +388,7 @@ class BufferClient:
         self.pending_puts += 1
         self._queued.append((put, table))
         self._queued_bytes += sum(getattr(g, name).nbytes for g in groups for name in ARRAY_FIELDS)
-        if self.in_flight < self.window or len(self._queued) > self.window or self._queued_bytes >= COALESCE_BYTES:
+        if self.in_flight < self.window or len(self._queued) >= self.coalesce or self._queued_bytes >= COALESCE_BYTES:
             self._send_queued()
 
     def flush(self) -> dict:

@@ -391,6 +391,37 @@ def test_puts_made_while_the_window_is_full_go_together_and_a_malformed_one_is_r
         server.stop()
 
 
+def test_puts_waiting_for_the_window_go_together_up_to_coalesce_then_put_waits_for_room():
+    """A writer that outruns the server sends fewer, larger requests: while the window is full,
+    puts wait; the put that makes `coalesce` of them waits for room and sends them as one
+    request. Every put is stored once, in order."""
+    server = BufferServer(BufferConfig(timeout_s=5.0))   # bound, not serving yet: nothing is acknowledged
+    client = BufferClient(server.address, timeout_s=5.0, window=1, coalesce=3)
+    try:
+        groups = [make_group(seed=i) for i in range(6)]
+        for group in groups[:3]:
+            client.put(group)
+        assert client.in_flight == 1 and client.pending_puts == 3   # one sent, two waiting
+        threading.Timer(0.3, server.start).start()
+        t = time.monotonic()
+        client.put(groups[3])   # the third waiting put: waits for room, then the three go as one request
+        assert time.monotonic() - t >= 0.2
+        assert client.in_flight == 1 and client.pending_puts == 3
+        client.put(groups[4])   # the window is full again: these wait to go together at the flush
+        client.put(groups[5])
+        assert client.flush() == {"puts": 6, "stored": 6, "duplicates": 0}
+        assert [g.id for g in client.sample(6, timeout_s=2.0)[0]] == [g.id for g in groups]
+    finally:
+        client.close()
+        server.stop()
+
+
+def test_a_client_refuses_a_window_or_coalesce_below_one():
+    for window, coalesce in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="window and coalesce must be >= 1"):
+            BufferClient("tcp://127.0.0.1:9", window=window, coalesce=coalesce)
+
+
 def test_pipelined_inserts_to_a_dead_server_fail_within_their_deadline():
     client = BufferClient("tcp://127.0.0.1:9", timeout_s=0.2, retries=1, window=2)
     t = time.monotonic()
