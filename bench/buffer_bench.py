@@ -108,7 +108,7 @@ def _wait_until(t: float) -> None:
 
 
 # -- asyncrl ---------------------------------------------------------------------------------
-def _asyncrl_writer(address, tokens, window, coalesce, index, start, seconds, out):
+def _asyncrl_writer(address, tokens, window, coalesce, nice, index, start, seconds, out):
     """Puts each group as it is made, as an actor does with groups as they finish, with up to
     `window` requests unacknowledged and `coalesce` puts waiting meanwhile (window 1 and coalesce 1: each
     insert waits for its acknowledgement). Counts the
@@ -117,6 +117,7 @@ def _asyncrl_writer(address, tokens, window, coalesce, index, start, seconds, ou
 
     from buffer.client import BufferClient
 
+    os.nice(nice)   # --writer-nice: the reader (the learner) and the server before the writers for a core
     group, client = make_group(tokens), BufferClient(address, timeout_s=60, window=window, coalesce=coalesce)
     latencies, sent, n = [], deque(), 0
     _wait_until(start)
@@ -149,7 +150,7 @@ def _asyncrl_reader(address, batch, start, seconds, out):
 
 
 def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: int, work: str, window: int = WINDOW,
-                coalesce: int = COALESCE, prefill: float = 0.0) -> dict:
+                coalesce: int = COALESCE, prefill: float = 0.0, writer_nice: int = 0) -> dict:
     from buffer.process import BufferProcess
     from buffer.server import BufferConfig
     from buffer.table import TableConfig
@@ -168,7 +169,7 @@ def run_asyncrl(tokens: int, nbytes: int, writers: int, seconds: float, batch: i
             filler = BufferClient(server.address, timeout_s=60, window=16)
             fill(filler, [make_group(tokens) for _ in range(16)], int(prefill * table.max_size))
             filler.close()
-        result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window, coalesce), (server.address, batch),
+        result = _run(_asyncrl_writer, _asyncrl_reader, (server.address, tokens, window, coalesce, writer_nice), (server.address, batch),
                       writers, seconds)
         # the server's own part of a sample's time (reading the request to sending the reply, its
         # last 1024 samples): the rest of the reader's is transport, waiting for a core, decoding
@@ -372,6 +373,10 @@ def main():
     parser.add_argument("--prefill", type=float, default=0.0, metavar="SHARE",
                         help="asyncrl: fill its table to this share of max_size before the clock starts "
                              "(1: a long run's steady state, every insert evicting one)")
+    parser.add_argument("--writer-nice", type=int, default=0, metavar="N",
+                        help="asyncrl: run its writer processes at this niceness (a diagnostic of the sample's "
+                             "tail: the reader and the server get a core first, as a learner and a buffer on "
+                             "cores of their own would; Linux CFS)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--out", help="also write every row and the summary here (JSON)")
     parser.add_argument("--reverb-python", help="the python of a venv with dm-reverb: run Reverb on the same work")
@@ -396,7 +401,8 @@ def main():
                     r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, flush)
                     r["flush_every"] = flush
                 else:
-                    extra = ({"window": args.window, "coalesce": args.coalesce, "prefill": args.prefill}
+                    extra = ({"window": args.window, "coalesce": args.coalesce, "prefill": args.prefill,
+                              "writer_nice": args.writer_nice}
                              if system == "asyncrl" else {})
                     r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
                 r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
@@ -429,7 +435,7 @@ def main():
         "asyncrl_mb_per_s_1m": round(get("asyncrl", "1m")["mb_per_s"], 1) if get("asyncrl", "1m") else None,
         "bytes_4k": encoded_size(groups["4k"]), "bytes_1m": encoded_size(groups["1m"]),
         "machine": f"{platform.node()} ({os.cpu_count()} cores)", "date": datetime.date.today().isoformat(),
-        "window": args.window, "coalesce": args.coalesce, "prefill": args.prefill,
+        "window": args.window, "coalesce": args.coalesce, "prefill": args.prefill, "writer_nice": args.writer_nice,
         **({"reverb_flush_every": {size: get("reverb", size)["flush_every"] for size in SIZES if get("reverb", size)}}
            if args.reverb_python else {}),
         "command": "python -m bench.buffer_bench " + " ".join(sys.argv[1:]),
