@@ -366,8 +366,8 @@ def main():
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batch", type=int, default=16, help="groups per sample")
     parser.add_argument("--window", type=int, default=WINDOW,
-                        help="asyncrl: insert requests in flight per writer (1, with --coalesce 1: each waits "
-                             "for its acknowledgement)")
+                        help="asyncrl: insert requests in flight per writer (1, with --coalesce 1: each put "
+                             "waits for the previous one's acknowledgement)")
     parser.add_argument("--coalesce", type=int, default=COALESCE,
                         help="asyncrl: puts waiting for room in the window that go together as one request, at most")
     parser.add_argument("--prefill", type=float, default=0.0, metavar="SHARE",

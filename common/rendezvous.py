@@ -64,6 +64,13 @@ class Rendezvous:
                                   f"{self.name} within {timeout_s:g}s") from None
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
+    def own_address(self) -> str:
+        """The address the other parts reach this process at, to publish: this node's as Ray
+        sees it when Ray runs here (launch/ hosts the store on learner rank 0's node, but a
+        sender need not be there), else the store's host (one machine: tests, benches)."""
+        import ray
+        return ray.util.get_node_ip_address() if ray.is_initialized() else self.host
+
     def publish(self, key: str, value: str, timeout_s: float, who: str) -> None:
         """Set `key` (a sender's address, once bound) for the parts that look it up."""
         self.connect(timeout_s, who).set(key, value)

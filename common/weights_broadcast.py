@@ -98,9 +98,10 @@ class BroadcastWeightSender(WeightSender):
         self.spec = spec
         self.device_tensors = spec.backend == "nccl"
         self.device = torch.device("cuda", torch.cuda.current_device()) if spec.backend == "nccl" else torch.device("cpu")
-        self.store = dist.TCPStore(spec.meet.host, 0, spec.world_size, is_master=True,
+        host = spec.meet.own_address()
+        self.store = dist.TCPStore(host, 0, spec.world_size, is_master=True,
                                    timeout=datetime.timedelta(seconds=spec.timeout_s), wait_for_workers=False)
-        self.address = f"{spec.meet.host}:{self.store.port}"   # on the rendezvous store's node (launch/)
+        self.address = f"{host}:{self.store.port}"
         self._control = zmq.Context.instance().socket(zmq.ROUTER)
         self._control.setsockopt(zmq.LINGER, 0)
         self.store.set("control", str(self._control.bind_to_random_port("tcp://*")))
@@ -108,6 +109,7 @@ class BroadcastWeightSender(WeightSender):
             spec.meet.publish("sender", self.address, spec.timeout_s, "the weight sender (learner rank 0)")
         except ConnectionError as e:
             self._control.close(0)
+            self.store = None   # its port is not held while the error lives on (a failed Learner keeps it)
             raise WeightSyncError(str(e)) from None
         self._receivers: dict = {}   # rank -> its DEALER's identity, from its hello
         self.transfers = 0

@@ -27,6 +27,7 @@ Importing this module touches no CUDA.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import pickle
 import socket
@@ -39,6 +40,7 @@ import torch
 from common.rendezvous import Rendezvous
 from common.weights import WeightReceiver, WeightSender, WeightSyncError
 
+log = logging.getLogger(__name__)
 BUCKET_TENSORS = 4096  # tensors per announcement message: one message carries a whole model
 
 
@@ -173,9 +175,8 @@ class IpcChannelSpec:
     timeout_s: float = 60.0
 
     def sender(self) -> "IpcWeightSender":
-        """The learner's end, bound on the rendezvous store's node (launch/ hosts the store in
-        learner rank 0's bundle) and published there."""
-        sender = IpcWeightSender(bind_host=self.meet.host, timeout_s=self.timeout_s)
+        """The learner's end, bound on its node's address and published at the rendezvous store."""
+        sender = IpcWeightSender(bind_host=self.meet.own_address(), timeout_s=self.timeout_s)
         try:
             self.meet.publish("sender", sender.address, self.timeout_s, f"weight sender {sender.address}")
         except ConnectionError as e:
@@ -214,27 +215,47 @@ class IpcWeightReceiver(WeightReceiver):
 
         if self.address is None and not self._look_up(wait_s):
             return False
+        hello_due = time.monotonic() - self._last_hello > self.HELLO_EVERY_S
+        if hello_due and self._meeting is not None:
+            self._follow()
         if self._socket is None:
             self._zmq = zmq
             self._socket = zmq.Context.instance().socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.connect(self.address)
-        if time.monotonic() - self._last_hello > self.HELLO_EVERY_S:
+        if hello_due:
             uuid_ = _gpu_uuid(torch.cuda.current_device()) if torch.cuda.is_available() else ""
             self._send(("hello", self.name, uuid_))
             self._last_hello = time.monotonic()
         return True
 
     def _look_up(self, wait_s: float) -> bool:
+        """The sender's address from the rendezvous store (waiting up to wait_s for it); the
+        store's client is kept, to follow a sender made again (_follow)."""
         try:
             if self._meeting is None:
                 self._meeting = self.meet.connect(self.timeout_s, f"weight receiver {self.name}")
             self.address = self.meet.look_up(self._meeting, "sender", wait_s)
         except ConnectionError as e:
-            raise WeightSyncError(str(e)) from None
-        if self.address is not None:
             self._meeting = None
+            raise WeightSyncError(str(e)) from None
         return self.address is not None
+
+    def _follow(self) -> None:
+        """A sender made again (a learner restarted) publishes a new address: connect to it, and
+        forget the old sender's handles. A rendezvous store that has gone is not the sender's
+        failure: the receiver keeps the address it has and stops looking."""
+        try:
+            published = self.meet.look_up(self._meeting, "sender", 0)
+        except ConnectionError as e:
+            log.warning("weight receiver %s: stops following its sender's address: %s", self.name, e)
+            self._meeting = None
+            return
+        if published is not None and published != self.address:
+            log.info("weight receiver %s: the sender moved from %s to %s", self.name, self.address, published)
+            meeting = self._meeting
+            self.close()   # the socket; connected again to the new address below
+            self._meeting, self.address, self._opened = meeting, published, {}
 
     def _send(self, message: tuple) -> None:
         """Queue a control message without ever blocking: with the sender gone, ZeroMQ's queue
@@ -323,6 +344,7 @@ class IpcWeightReceiver(WeightReceiver):
         return tensor
 
     def close(self) -> None:
+        self._meeting = None   # the rendezvous store's client, if the sender was never found
         if self._socket is not None:
             self._socket.close(0)
             self._socket = None

@@ -185,6 +185,8 @@ def start_weight_channel(config: Config, rendezvous: Rendezvous | None) -> objec
     worker)."""
     transport = config.run.weight_transport
     if transport in ("broadcast", "ipc"):
+        if rendezvous is None:
+            raise ValueError(f"run.weight_transport={transport} needs the job's rendezvous store (start_rendezvous)")
         meet = dataclasses.replace(rendezvous, prefix="weights", holder=None)
         if transport == "ipc":
             return IpcChannelSpec(meet, timeout_s=config.run.weights_timeout_s)

@@ -85,7 +85,7 @@ def test_the_rendezvous_store_outlives_the_launchers_reference_while_the_ranks_l
     remote = ray.remote(MeetsAgain).options(num_cpus=1)
     ranks = [remote.remote(rank, tiny_model_path, "float32", config.trainer, config.loss, buffer_server().address,
                            5.0, weights, rendezvous) for rank in range(2)]
-    del rendezvous   # as start_learners' own reference ends once it returns
+    del rendezvous   # the ranks' references alone keep the store's actor (the launcher's ends with the run)
     try:
         ray.get([r.__ray_ready__.remote() for r in ranks], timeout=120)
         time.sleep(2)   # time for Ray to end an actor nobody refers to

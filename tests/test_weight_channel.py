@@ -230,10 +230,11 @@ def test_either_end_fails_in_time_naming_a_rendezvous_store_that_does_not_answer
         assert time.monotonic() - t < 30
 
 
-def test_a_cuda_ipc_receiver_finds_a_sender_that_binds_after_it_started_looking():
+def test_a_cuda_ipc_receiver_finds_a_sender_that_binds_after_it_started_looking_and_one_made_again():
     """The launcher hands out the spec before learner rank 0 has bound anything; a receiver
     that asks first gets nothing (as from a sender with nothing to send), then finds the
-    sender's address and greets it. (The CUDA parts need a GPU: tests/test_gpu.py.)"""
+    sender's address and greets it; a sender made again is followed to its new address. (The
+    CUDA parts need a GPU: tests/test_gpu.py.)"""
     from common.weights_ipc import IpcChannelSpec
 
     host = RendezvousHost("127.0.0.1")
@@ -248,6 +249,13 @@ def test_a_cuda_ipc_receiver_finds_a_sender_that_binds_after_it_started_looking(
         assert receiver.address == sender.address and sender.address.startswith("tcp://127.0.0.1:")
         sender.wait_for_receivers(1, 5.0)
         assert sender.receivers == [receiver.name]
+        again = spec.sender()   # made again (a learner restarted): a new port, published in its place
+        receiver.HELLO_EVERY_S = 0.0   # the next receive greets, and looks the address up first
+        assert receiver.receive(sink=None, timeout_s=0.1) is None
+        assert receiver.address == again.address != sender.address
+        again.wait_for_receivers(1, 5.0)
+        assert again.receivers == [receiver.name]
+        again.close()
     finally:
         sender.close()
         receiver.close()
