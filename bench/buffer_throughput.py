@@ -2,13 +2,14 @@
 
 For each payload size: a rollout group of G=8 rows and T tokens (tokens, mask, log-probs:
 9 bytes a token) goes from one client to a server in another process and back out to another
-client, as in a run (the buffer lives in the launcher's process, actors and learner in others):
+client, as in a run (the buffer, actors and learner in processes of their own):
   raw pyzmq     DEALER -> ROUTER -> DEALER, the bytes alone, pipelined, no reply, no schema and
                 no table: the floor
   asyncrl       BufferClient.insert of one group per request (acknowledged, validated,
                 deduplicated), then sample(64)
   asyncrl x8    the same with 8 groups per insert request (an actor inserts a batch at once)
-  asyncrl w16   one group per insert request, 16 requests in flight (BufferClient.insert_many)
+  asyncrl w16   BufferClient.put of one group at a time, 16 requests in flight (puts made while
+                they are go together, up to the client's coalesce), then flush
   ray queue     ray.util.queue.Queue put / get_nowait_batch(64) of the same RolloutGroup objects
 Prints one table row per (system, size): messages/s and GB/s of the round trip, and the ratio
 to raw pyzmq. Usage: python bench/buffer_throughput.py [--seconds 3]
@@ -16,6 +17,7 @@ to raw pyzmq. Usage: python bench/buffer_throughput.py [--seconds 3]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import os
 import sys
@@ -92,7 +94,7 @@ def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1, window: int
     child = mp.get_context("spawn").Process(target=_serve, args=(addresses,), daemon=True)
     child.start()
     address = addresses.get(timeout=60)
-    actor, learner = BufferClient(address), BufferClient(address)
+    actor, learner = BufferClient(address, window=window), BufferClient(address)
     templates = [group(tokens) for _ in range(per_insert)]
     size = sum(len(f) for f in encode(templates[0].to_wire()))
     n, t0 = 0, time.perf_counter()
@@ -101,12 +103,13 @@ def asyncrl_buffer(tokens: int, seconds: float, per_insert: int = 1, window: int
         for _ in range(64 // per_insert):
             batch = []
             for t in templates:
-                t.id = f"{n}"
+                batch.append(dataclasses.replace(t, id=f"{n}"))   # one RolloutGroup for each insert
                 n += 1
-                batch.append(RolloutGroup(**t.to_wire()))
             batches.append(batch)
         if window > 1:
-            actor.insert_many(batches, window=window)
+            for batch in batches:
+                actor.put(*batch)
+            actor.flush()
         else:
             for batch in batches:
                 actor.insert(*batch)

@@ -231,7 +231,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["0.5b", "1.5b"], choices=list(SHAPES))
     p.add_argument("--versions", type=int, default=10)
     p.add_argument("--repeats", type=int, default=10, help="timed broadcasts of the floor")
-    p.add_argument("--bucket-mb", type=float, default=256.0, help="the channel's bucket size (run.weights_bucket_mb)")
+    p.add_argument("--bucket-mb", type=float, default=256.0, help="the channel's bucket size (BroadcastChannelSpec.bucket_mb)")
     p.add_argument("--pause-s", type=float, default=0.2, help="between two versions")
     p.add_argument("--out", help="also write every row and the summary here (JSON)")
     args = p.parse_args()
