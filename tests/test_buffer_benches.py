@@ -1,0 +1,26 @@
+"""The buffer's benches run end to end (briefly), so that a change of the client or the wire
+cannot leave them broken unnoticed: bench/buffer_throughput.py once was, for weeks."""
+import json
+import subprocess
+import sys
+
+
+def run(*args, timeout=240):
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_buffer_throughput_runs_every_asyncrl_mode_against_raw_pyzmq():
+    out = run("bench/buffer_throughput.py", "--seconds", "0.3", "--tokens", "64", "--no-ray")
+    rows = {line[:12].strip(): line[12:].split() for line in out.splitlines()[1:]}   # name, then the figures
+    assert set(rows) == {"raw pyzmq", "asyncrl", "asyncrl x8", "asyncrl w16"}, out
+    assert all(float(figures[2]) > 0 for figures in rows.values()), out   # groups/s of each
+
+
+def test_buffer_bench_reports_the_share_of_raw_pyzmq_for_both_sizes_with_the_issues_8_writers():
+    out = run("-m", "bench.buffer_bench", "--systems", "asyncrl", "raw pyzmq", "--writers", "8", "--seconds", "0.5")
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["zmq_share_items_4k"] > 0 and summary["zmq_share_mb_1m"] > 0, out
+    assert summary["ratio_items_4k"] is None   # Ray's queue was not asked for
+    assert (summary["window"], summary["coalesce"]) == (4, 128), summary
