@@ -19,8 +19,9 @@ Inserts may also be pipelined (`put`, then `flush`): up to `window` requests in 
 acknowledged as it lands, with the same deadlines, retries and re-sends (ids are unique, so a
 re-sent put is stored once). While the window is full, puts wait and then go together, up to
 `coalesce` of them (or COALESCE_BYTES) in one request: the server's cost is as much per
-request as per small group, so a writer that outruns it sends fewer, larger requests. Replies are matched to requests by rid, so a blocking call made
-while puts are in flight hands their acknowledgements on instead of dropping them.
+request as per small group, so a writer that outruns it sends fewer, larger requests.
+Replies are matched to requests by rid, so a blocking call made while puts are in flight
+hands their acknowledgements on instead of dropping them.
 
 Nothing acknowledged is lost to a server restart: inserted groups are kept until a
 checkpoint of the server holds them (every reply says what its newest checkpoint holds, and

@@ -2,14 +2,15 @@
 NCCL between GPUs.
 
 The group belongs to the channel alone (a ProcessGroupGloo or ProcessGroupNCCL over a
-TCPStore that the sender hosts), so it never touches the learner's own FSDP group. The sender
-binds its store and its control socket on ports the OS picks, then publishes the store's
-address at the job's rendezvous store (common/rendezvous.py, key "sender" under the spec's
-prefix), where each receiver looks it up: no port is picked free first and bound later, when
-another process may have taken it. Rank 0
+TCPStore that the sender hosts), so it never touches the learner's own FSDP group. Rank 0
 sends (learner rank 0); ranks 1..N receive (one per actor group, or engine worker). Tensors
 travel packed into byte buckets of about `bucket_mb`, so the receiving side holds one bucket
 beside its staging copy, never a second full copy.
+
+The sender binds its store and its control socket on ports the OS picks, then publishes the
+store's address at the job's rendezvous store (common/rendezvous.py, key "sender" under the
+spec's prefix), where each receiver looks it up: no port is picked free first and bound
+later, when another process may have taken it.
 
 The control plane is a ZeroMQ ROUTER socket of the sender (its port in the store, under
 "control"), one DEALER per receiver, greeting it with its rank when it connects. Transfer k:

@@ -200,7 +200,7 @@ class IpcWeightReceiver(WeightReceiver):
         if address is None and meet is None:
             raise ValueError("a CUDA IPC weight receiver needs its sender's address or a rendezvous to look it up")
         self.address, self.timeout_s, self.meet = address, timeout_s, meet
-        self._meeting = None   # the client of `meet` while the address is unknown
+        self._meeting = None   # the client of `meet`: kept to follow a sender made again
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"  # as the sender's errors call it
         self.version = 0
         self._socket = None
