@@ -82,9 +82,8 @@ class Rendezvous:
             if wait_s > 0:
                 try:
                     store.wait([key], datetime.timedelta(seconds=wait_s))
-                except RuntimeError as e:
-                    if "timeout" not in str(e).lower():   # anything else: the store is gone
-                        raise
+                except dist.DistStoreError:   # the wait's deadline (a store that is gone: DistNetworkError)
+                    pass
             return store.get(key).decode() if store.check([key]) else None
         except RuntimeError as e:
             raise ConnectionError(f"lost {self.name}: {str(e).splitlines()[0]}") from None

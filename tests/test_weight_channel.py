@@ -1,6 +1,7 @@
 """The broadcast weight channel over gloo: a learner process and two actor processes, real
 TCP, real torch.distributed; a sender killed in the middle of a transfer. The receivers find
 the sender at a rendezvous store this test's process hosts, as launch/'s Ray actor does."""
+import gc
 import io
 import os
 import queue
@@ -255,6 +256,10 @@ def test_a_cuda_ipc_receiver_finds_a_sender_that_binds_after_it_started_looking_
         assert receiver.address == again.address != sender.address
         again.wait_for_receivers(1, 5.0)
         assert again.receivers == [receiver.name]
+        del host   # the rendezvous store ends (its launcher gone): not the sender's failure
+        gc.collect()
+        assert receiver.receive(sink=None, timeout_s=0.1) is None   # it keeps the address it has
+        assert receiver.address == again.address and receiver._meeting is None
         again.close()
     finally:
         sender.close()
