@@ -95,7 +95,7 @@ class _Put:
     """One put: stored whole or refused alone, even when it travels with others."""
     index: int          # its number among the puts since the last flush
     groups: tuple
-    wire: list          # the groups as the request carries them
+    wire: list          # the groups' wire forms, taken at the put (to_wire: later changes to them do not travel)
     priorities: list | None
 
 
@@ -342,7 +342,7 @@ class BufferClient:
         re-sent to a server that restarted (from its newest checkpoint) in the meantime."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         hold_s = timeout_s if hold_s is None else hold_s
-        fields = {"groups": [g.to_wire() for g in groups], "timeout_s": hold_s, "table": table}
+        fields = {**RolloutGroup.wire_field([g.to_wire() for g in groups]), "timeout_s": hold_s, "table": table}
         if priorities is not None:
             fields["priorities"] = [float(p) for p in priorities]
         # the server answers an insert its rate limiter holds past hold_s; give the reply time
@@ -417,7 +417,7 @@ class BufferClient:
             self._await(lambda: self.in_flight <= self.window // 2)
         queued, self._queued, self._queued_bytes = self._queued, [], 0
         puts, table = [p for p, _ in queued], queued[0][1]
-        fields = {"groups": [w for p in puts for w in p.wire], "parts": [len(p.groups) for p in puts],
+        fields = {**RolloutGroup.wire_field([w for p in puts for w in p.wire]), "parts": [len(p.groups) for p in puts],
                   "timeout_s": self.timeout_s, "table": table}
         if any(p.priorities is not None for p in puts):
             fields["priorities"] = [x for p in puts for x in (p.priorities or [1.0] * len(p.groups))]
@@ -538,7 +538,7 @@ class BufferClient:
         # The server answers a sample it cannot meet at its own deadline; give the reply time to come.
         reply = self._call("sample", deadline_s=timeout_s + 10.0, idempotent=False, n=n, timeout_s=timeout_s,
                            table=table)
-        groups = RolloutGroup.from_wire_all(reply["groups"])
+        groups = RolloutGroup.from_field(reply)
         return groups, list(reply["staleness"]), int(reply["learner_version"])
 
     def set_learner_version(self, version: int, published: int | None = None) -> dict:

@@ -16,7 +16,8 @@ A request or reply is [rid, header, *array frames] (common/wire.py): the rid fra
 request id) leads, and every reply echoes it, even to a request that is oversize or cannot be
 decoded (a request without a valid rid frame gets rid 0, which no client uses). The header is
 a map with `op`. Ops:
-  insert      {groups, priorities?, timeout_s?, table?, parts?}
+  insert      {batch | groups, priorities?, timeout_s?, table?, parts?}   (the groups as one
+                                 batch of columns, or one by one: RolloutGroup.wire_field)
                                  -> {stored: one bool per group, size, learner_version, seq,
                                     refused};
                                     waits while the rate limiter holds it, storing the groups
@@ -35,7 +36,7 @@ a map with `op`. Ops:
                                     held=true. An actor that has used up `room` waits on this
                                     before starting more groups
   update_priorities {ids, priorities, table?} -> {updated: how many of the ids are held}
-  sample      {n, timeout_s, table?} -> {groups, staleness, learner_version}; waits for n groups
+  sample      {n, timeout_s, table?} -> {batch | groups, staleness, learner_version}; waits for n groups
   set_version {version, published?, token} -> {learner_version, dropped}; `published`: the newest
                                     weights version sent to the actors (default version; less
                                     with trainer.publish_lag), which insert and room replies
@@ -636,35 +637,53 @@ class BufferServer:
             return False
 
     def _op_insert(self, socket, identity, rid, request):
-        raw = request["groups"]
-        if not isinstance(raw, list):
-            raise RequestError("insert needs 'groups', a list of rollout groups")
+        # the groups: one batch (six columns for all, RolloutGroup.batch_to_wire, as clients send
+        # them) or a list of groups one by one (to_wire each)
+        batch, raw = request.get("batch"), request.get("groups")
+        if batch is not None:
+            if not (type(batch) is list and len(batch) == 4 and type(batch[3]) is list):
+                raise RequestError("an insert's 'batch' must be [shapes, dtypes, columns, metas] "
+                                   "(RolloutGroup.batch_to_wire)")
+            count = len(batch[3])
+        elif isinstance(raw, list):
+            count = len(raw)
+        else:
+            raise RequestError("insert needs 'batch' (RolloutGroup.batch_to_wire) or 'groups', a list of rollout groups")
         # `parts` (a client's pipelined puts sent together): sizes of consecutive runs of groups,
         # each stored whole or refused alone; without it the request is one part, refused whole
         parts = request.get("parts")
         if parts is not None and not (isinstance(parts, list) and all(type(n) is int and n >= 1 for n in parts)
-                                      and sum(parts) == len(raw)):
-            raise RequestError(f"'parts' must be a list of sizes >= 1 adding up to the {len(raw)} groups")
+                                      and sum(parts) == count):
+            raise RequestError(f"'parts' must be a list of sizes >= 1 adding up to the {count} groups")
         priorities = request.get("priorities")
         if priorities is None:
-            priorities = [1.0] * len(raw)
-        if not isinstance(priorities, list) or len(priorities) != len(raw):
-            raise RequestError(f"'priorities' must be a list of one number per group ({len(raw)})")
+            priorities = [1.0] * count
+        if not isinstance(priorities, list) or len(priorities) != count:
+            raise RequestError(f"'priorities' must be a list of one number per group ({count})")
         timeout_s = _number(request, "timeout_s", default=self.config.timeout_s)
         name, table = self._table(request)
-        try:   # the common case, every group valid: checked a chunk at a time (from_wire_all)
-            every = []
-            for start, end in _chunks(raw):
-                if start:
-                    self._serve_control()   # safe: validating touches no table
-                every += RolloutGroup.from_wire_all(raw[start:end], first=start)
+        try:   # the common case, every group valid: checked a chunk at a time
+            if batch is not None:
+                every = RolloutGroup.from_batch(batch, between=self._serve_control, most=CHECK_TOGETHER,
+                                                most_bytes=CHECK_BYTES)
+            else:
+                every = []
+                for start, end in _chunks(raw):
+                    if start:
+                        self._serve_control()   # safe: validating touches no table
+                    every += RolloutGroup.from_wire_all(raw[start:end], first=start)
         except SchemaError:
             every = None   # each part alone, to refuse only those that are malformed
+            if batch is not None:   # a batch malformed as a whole is refused whole (SchemaError)
+                unchecked = RolloutGroup.batch_unchecked(batch)
+                check = lambda i: RolloutGroup._named(i, unchecked[i].checked)   # noqa: E731
+            else:
+                check = lambda i: RolloutGroup.from_wire_all([raw[i]], first=i)[0]   # noqa: E731
         groups, kept, refused, start = [], [], [], 0
-        for k, size in enumerate(parts or [len(raw)]):
+        for k, size in enumerate(parts or [count]):
             try:
                 if every is None:
-                    part = self._part(raw, start, start + size, between=self._serve_control)
+                    part = self._part(check, start, start + size, between=self._serve_control)
                 else:
                     part = _unique(every[start:start + size], start)
                 kept += [_priority(p, table) for p in priorities[start:start + size]]
@@ -688,17 +707,18 @@ class BufferServer:
         return self._stored(insert)
 
     @staticmethod
-    def _part(raw: list, start: int, end: int, between=None) -> list:
-        """The groups raw[start:end], all valid, or SchemaError/RequestError naming the first
-        that is not (by its index in the request). `between` is called before each group but
-        the request's first: the learner's requests are served between the groups of one insert (a
+    def _part(check, start: int, end: int, between=None) -> list:
+        """The groups start..end-1 of a request, each checked alone (`check(i)`: group i, valid,
+        or SchemaError naming it by its index in the request), or SchemaError/RequestError
+        naming the first that is not valid. `between` is called before each group but the
+        request's first: the learner's requests are served between the groups of one insert (a
         request of 17 coalesced puts took up to 4 ms to validate on two busy cores), which is
         safe because validating touches no table."""
         groups = []
         for i in range(start, end):
             if between is not None and i:
                 between()
-            groups.append(RolloutGroup.from_wire_all([raw[i]], first=i)[0])
+            groups.append(check(i))
         return _unique(groups, start)
 
     def _admit(self, insert: _PendingInsert) -> bool:
@@ -821,7 +841,7 @@ class BufferServer:
             elif (groups := table.select(p.n)) is None:
                 still.append(p)
             elif self._reply(p.socket, p.identity, p.rid, {
-                    "groups": [g.to_wire() for g in groups],
+                    **RolloutGroup.wire_field([g.to_wire() for g in groups]),
                     "staleness": [table.staleness(g) for g in groups],
                     "learner_version": table.learner_version}):
                 table.mark_sampled(groups)

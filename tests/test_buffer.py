@@ -14,7 +14,8 @@ from buffer.client import BufferClient, BufferError, BufferHeld, BufferRefused, 
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, validate
-from common.wire import encode
+from common.rollout import RolloutGroup
+from common.wire import Frames, encode
 from tests.conftest import make_group
 
 
@@ -442,7 +443,8 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
     good = make_group(seed=1).to_wire()
     broken_fields = [("op", 3), ("op", "drop_table"), ("groups", "x"), ("groups", [{"tokens": 1}]), ("n", -1),
                      ("n", 2**64 - 1), ("timeout_s", float("nan")), ("version", "1"), ("priorities", [float("inf")]),
-                     ("parts", [2]), ("parts", [0, 1]), ("parts", "x")]
+                     ("parts", [2]), ("parts", [0, 1]), ("parts", "x"), ("batch", "x"), ("batch", [1, 2, 3, []]),
+                     ("batch", [[1, 2], "<i4", None, [[]]])]
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(server.address)
@@ -458,7 +460,7 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
                 frames = [(i + 1).to_bytes(8, "big"), msgpack.packb(payload)]
             else:
                 key, value = rng.choice(broken_fields)
-                op = {"groups": "insert", "priorities": "insert", "parts": "insert", "n": "sample", "timeout_s": "sample",
+                op = {"groups": "insert", "batch": "insert", "priorities": "insert", "parts": "insert", "n": "sample", "timeout_s": "sample",
                       "version": "set_version"}.get(key, "insert")
                 request = {"op": op, "groups": [good], "n": 1, "timeout_s": 0.01, "version": 1}
                 request[key] = value
@@ -481,6 +483,47 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
         assert client.stats()["size"] == 1  # nothing malformed was stored
         assert client.sample(1, timeout_s=2.0)[0][0].prompt_id == "after"
     finally:
+        client.close()
+
+
+def test_a_malformed_batch_is_refused_naming_what_is_wrong_and_a_bad_group_in_a_good_one_only_its_part(buffer_server):
+    """Clients send an insert's groups as one batch of six columns (RolloutGroup.batch_to_wire);
+    every way of breaking one gets an error reply naming it, nothing is stored, and the server
+    keeps serving. A batch well formed as a whole with one bad group refuses that put alone."""
+    server = buffer_server()
+    groups = [make_group(seed=i) for i in range(3)]
+    good = RolloutGroup.batch_to_wire([g.to_wire() for g in groups])
+
+    def broken(index, value):
+        batch = list(good)
+        batch[index] = value
+        return batch
+
+    shapes, _, columns, metas = good
+    short = Frames([c[:-1] if i == 0 else c for i, c in enumerate(columns.items)])
+    cases = [(broken(0, shapes[:-1]), "shapes must be [G, T] of each of its 3 groups"),
+             (broken(0, [0] + shapes[1:]), "each G >= 1"),
+             (broken(1, "<i4" * 6), "dtype must be"),
+             (broken(2, short), "tokens: the batch's column must hold"),
+             (broken(3, metas[:2]), "shapes must be [G, T] of each of its 2 groups"),
+             (broken(3, [m[:-1] for m in metas]), "metas must be a non-empty list"),
+             ([shapes, good[1], columns], "'batch' must be [shapes, dtypes, columns, metas]")]
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(server.address)
+    client = BufferClient(server.address, timeout_s=5.0)
+    try:
+        for rid, (batch, expected) in enumerate(cases, 1):
+            reply = _ask(raw, rid, {"op": "insert", "batch": batch})
+            assert reply["ok"] is False and expected in reply["error"], (expected, reply["error"])
+        bad = [m[:] for m in metas]
+        bad[1][list(RolloutGroup.__dataclass_fields__).index("temperature") - 6] = -1.0   # group 1's temperature
+        reply = _ask(raw, 99, {"op": "insert", "batch": [shapes, good[1], columns, bad], "parts": [1, 1, 1]})
+        assert reply["ok"] is True and reply["stored"] == [True, True], reply
+        assert reply["refused"] == [[1, "SchemaError: group 1: temperature: must be a finite number > 0, got float -1.0"]]
+        assert client.stats()["size"] == 2 and server.errors == len(cases) + 1
+    finally:
+        raw.close()
         client.close()
 
 

@@ -252,3 +252,70 @@ def test_groups_checked_together_come_out_as_each_alone_with_its_own_version():
     assert [g.version for g in together] == [2, -1, -1, 5, 9]
     assert [g.version for g in together] == [RolloutGroup.from_wire(w).version for w in wire]
     assert [g.id for g in together] == [g.id for g in groups]
+
+
+def _through_batch(groups: list, first: int = 0, **chunks) -> list:
+    """The groups as one batch, sent and read as the buffer reads an insert."""
+    batch = RolloutGroup.batch_to_wire([g.to_wire() for g in groups])
+    assert batch is not None
+    return RolloutGroup.from_batch(decode([bytes(f) for f in encode(batch)]), first=first, **chunks)
+
+
+@pytest.mark.parametrize("chunks, betweens", [({}, 0), ({"most": 2}, 2), ({"most_bytes": 1}, 4)])
+def test_a_batch_reads_back_as_each_group_read_alone_in_any_chunking(chunks, betweens):
+    """Six columns for all the groups: every array, metadata field and version comes back as
+    the group's own wire form gives it (the oracle), whatever the chunks they are checked in."""
+    never = make_group(seed=1)
+    never.loss_mask[:] = 0
+    never.token_versions[:] = -1
+    never.behaviour_logprobs[:] = 0
+    empty = dataclasses.replace(make_group(seed=2), **{
+        name: np.zeros((4, 0), dtype) for name, dtype in
+        (("tokens", np.int32), ("loss_mask", np.uint8), ("behaviour_logprobs", np.float32),
+         ("token_versions", np.int32))}, lengths=np.zeros(4, np.int32))
+    mixed = make_group(seed=3, version=7, prompt_id="p", actor_id=3, timings={"generate_s": 1.5})
+    mixed.token_versions[2, 4] = 5
+    groups = [make_group(seed=0, version=2), never, empty, mixed, make_group(seed=4, version=9, group_size=2, length=9)]
+    calls = []
+    read = _through_batch(groups, **chunks, between=lambda: calls.append(1))
+    alone = [RolloutGroup.from_wire(decode([bytes(f) for f in encode(g.to_wire())])) for g in groups]
+    assert [g.version for g in read] == [2, -1, -1, 5, 9] == [g.version for g in alone]
+    for got, want in zip(read, alone):
+        for field in dataclasses.fields(RolloutGroup):
+            a, b = getattr(got, field.name), getattr(want, field.name)
+            if isinstance(b, np.ndarray):
+                assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b), field.name
+            else:
+                assert a == b, field.name
+    assert len(calls) == betweens   # between two chunks: 1 chunk, 3 of up to 2 groups, 5 of one
+
+
+@pytest.mark.parametrize("field, edit, message", [
+    ("lengths", lambda a: a.__setitem__(1, 7), "lengths: each must lie in"),
+    ("loss_mask", lambda a: a.__setitem__((0, 3), 2), "loss_mask: values must be 0 or 1"),
+    ("rewards", lambda a: a.__setitem__(2, np.nan), "rewards: must be finite"),
+    ("behaviour_logprobs", lambda a: a.__setitem__((1, 2), -np.inf), "behaviour_logprobs: must be finite"),
+    ("token_versions", lambda a: a.__setitem__((0, 3), -1), "token_versions: must be >= 0 on policy"),
+    ("errors", lambda a: a.__setitem__(1, 3), "errors: row 1 must be a string"),
+])
+def test_a_batch_names_its_bad_group_by_index_as_groups_read_alone_do(field, edit, message):
+    groups = [make_group(seed=i, version=i, length=6) for i in range(5)]
+    bad = groups[3]
+    setattr(bad, field, getattr(bad, field).copy())
+    edit(getattr(bad, field))
+    with pytest.raises(SchemaError, match=f"group 13: {message}"):
+        _through_batch(groups, first=10, most=2)
+    with pytest.raises(SchemaError, match=f"group 13: {message}"):   # the oracle: each group's own wire form
+        RolloutGroup.from_wire_all(decode([bytes(f) for f in encode([g.to_wire() for g in groups])]), first=10)
+
+
+def test_groups_a_batch_does_not_fit_go_one_by_one():
+    small = make_group()
+    wrong_dtype = dataclasses.replace(make_group(), rewards=make_group().rewards.astype(np.float64))
+    wrong_shape = dataclasses.replace(make_group(), lengths=make_group().lengths[:2])
+    large = make_group(length=COPY_BELOW // 8)   # its arrays are sent as they are (zero-copy), not copied into columns
+    assert "batch" in RolloutGroup.wire_field([small.to_wire(), small.to_wire()])
+    for other in (wrong_dtype, wrong_shape, large):
+        field = RolloutGroup.wire_field([small.to_wire(), other.to_wire()])
+        assert list(field) == ["groups"] and len(field["groups"]) == 2
+    assert RolloutGroup.wire_field([]) == {"groups": []}
