@@ -39,6 +39,7 @@ _NO_VERSION = np.uint32(0xFFFFFFFF)   # -1 seen as uint32: above every version >
 _DTYPES = "".join(dtype.str for _, dtype, _ in _ARRAY_SPECS)   # what a group's wire form says when right
 _ARRAY_NAMES = [name for name, _, _ in _ARRAY_SPECS]
 _ARRAY_DTYPES = [dtype for _, dtype, _ in _ARRAY_SPECS]
+_ELEMENT_BYTES = sum(dtype.itemsize for _, dtype, is_2d in _ARRAY_SPECS if is_2d)   # a token's, over the [G, T] arrays
 
 
 class SchemaError(ValueError):
@@ -286,7 +287,7 @@ class RolloutGroup:
         groups, k, n = [], 0, len(metas)
         while k < n:
             end, size = k + 1, bounds[k][1] - bounds[k][0]
-            while end < n and end - k < most and size < most_bytes // 4:   # elements of 4 bytes, about
+            while end < n and end - k < most and size * _ELEMENT_BYTES < most_bytes:
                 size += bounds[end][1] - bounds[end][0]
                 end += 1
             if k and between is not None:
