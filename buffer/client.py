@@ -95,7 +95,7 @@ class _Put:
     """One put: stored whole or refused alone, even when it travels with others."""
     index: int          # its number among the puts since the last flush
     groups: tuple
-    wire: list          # the groups' wire forms, taken at the put (to_wire: later changes to them do not travel)
+    wire: list          # the groups' wire forms (to_wire, at the put: they refer to the groups' arrays and lists)
     priorities: list | None
 
 
@@ -415,12 +415,12 @@ class BufferClient:
         wake-up for several, not one each)."""
         if self.in_flight >= self.window:
             self._await(lambda: self.in_flight <= self.window // 2)
-        queued, self._queued, self._queued_bytes = self._queued, [], 0
-        puts, table = [p for p, _ in queued], queued[0][1]
+        puts, table = [p for p, _ in self._queued], self._queued[0][1]
         fields = {**RolloutGroup.wire_field([w for p in puts for w in p.wire]), "parts": [len(p.groups) for p in puts],
                   "timeout_s": self.timeout_s, "table": table}
         if any(p.priorities is not None for p in puts):
             fields["priorities"] = [x for p in puts for x in (p.priorities or [1.0] * len(p.groups))]
+        self._queued, self._queued_bytes = [], 0   # once the request is made: a failure above loses no put
         self.in_flight += 1
         self._send_request(_Request(encode({"op": "insert", **fields}), puts, table), block=True)
 

@@ -243,9 +243,9 @@ class RolloutGroup:
         they are (zero-copy), where a batch would copy them into its columns."""
         shapes, arrays, metas = [], [], []
         for wire in wires:
-            (G, T), dtypes, frames = wire[0], wire[1], wire[2]
-            if dtypes != _DTYPES:
+            if len(wire[0]) != 2 or wire[1] != _DTYPES:   # tokens not 2-D, or dtypes not the schema's
                 return None
+            (G, T), frames = wire[0], wire[2]
             size = 0
             for (_, _, is_2d), a in zip(_ARRAY_SPECS, frames.items):
                 if type(a) is not np.ndarray or a.shape != ((G, T) if is_2d else (G,)):
@@ -334,7 +334,8 @@ class RolloutGroup:
             raise SchemaError(f"a batch's shapes must be [G, T] of each of its {len(metas)} groups, "
                               f"each G >= 1 and T >= 0, {got(shapes)}")
         if type(frames) is not Frames or len(frames.items) != len(_ARRAY_SPECS):
-            raise SchemaError(f"a batch carries its {len(_ARRAY_SPECS)} columns as one run of frames, {got(frames)}")
+            what = f"got {len(frames.items)}" if type(frames) is Frames else got(frames)
+            raise SchemaError(f"a batch carries its {len(_ARRAY_SPECS)} columns as one run of frames, {what}")
         if dtypes != _DTYPES:
             cls._dtype_error(dtypes)
         elements, rows = sum(G * T for G, T in zip(shapes[0::2], shapes[1::2])), sum(shapes[0::2])

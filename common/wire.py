@@ -138,6 +138,7 @@ def decode(frames: Sequence) -> Any:
         raise WireError("empty message")
     buffers = [memoryview(f).cast("B") for f in frames]
     used, shared = set(), set()   # frames referenced whole; frames that small runs are packed in
+    spans = []                    # (shared frame, first byte, end) of each packed run: none may overlap
 
     # Called for every map of the header (a small group has nine), so it is written for speed:
     # exact type checks, the dtypes looked up, no generator.
@@ -186,13 +187,14 @@ def decode(frames: Sequence) -> Any:
         if not 0 < index < len(buffers) or index in used:
             raise WireError(f"packed run in frame {index} of {len(buffers) - 1} frames")
         shared.add(index)
-        frame, items = buffers[index], []
+        frame, items, first = buffers[index], [], offset
         for length in struct.unpack_from(f"<{count}I", data, _PACKED_REF.size):
             if offset + length > frame.nbytes:
                 raise WireError(f"packed run reaches byte {offset + length} of frame {index}, "
                                 f"which holds {frame.nbytes}")
             items.append(frame[offset:offset + length])
             offset += length + (-length % _ALIGN)
+        spans.append((index, first, offset))
         return Frames(items)
 
     try:
@@ -203,4 +205,8 @@ def decode(frames: Sequence) -> Any:
         raise WireError(f"header is not valid msgpack: {e}") from None
     if len(used) + len(shared) != len(buffers) - 1:
         raise WireError(f"{len(buffers) - 1 - len(used) - len(shared)} frame(s) not referenced by the header")
+    spans.sort()
+    for (index, _, end), (other, start, _) in zip(spans, spans[1:]):
+        if other == index and start < end:   # two groups would share (and alias) bytes
+            raise WireError(f"packed runs overlap in frame {index} at byte {start}")
     return payload

@@ -417,6 +417,27 @@ def test_puts_waiting_for_the_window_go_together_up_to_coalesce_then_put_waits_f
         server.stop()
 
 
+def test_a_put_of_a_group_a_batch_does_not_fit_is_refused_alone_by_the_server_naming_the_field(buffer_server):
+    """A group whose tokens are not 2-D travels one by one with the puts beside it: the server
+    names the field and refuses that put alone; the others are stored."""
+    server = buffer_server()
+    client = BufferClient(server.address, timeout_s=5.0, window=1)
+    try:
+        good = [make_group(seed=i) for i in range(3)]
+        flat = make_group(seed=9)
+        flat.tokens = flat.tokens.reshape(-1)
+        client.put(good[0])
+        client.put(flat)
+        client.put(good[1])
+        client.put(good[2])
+        with pytest.raises(BufferRefused, match="refused 1 of 4 pipelined inserts; the first, put 1") as refused:
+            client.flush()
+        assert "tokens: must be a 2-D array" in refused.value.refused[0][2]
+        assert client.stats()["size"] == 3
+    finally:
+        client.close()
+
+
 def test_a_client_refuses_a_window_or_coalesce_below_one():
     for window, coalesce in ((0, 1), (1, 0)):
         with pytest.raises(ValueError, match="window and coalesce must be >= 1"):

@@ -66,6 +66,8 @@ def _packed_ref(frame, offset, lengths) -> msgpack.ExtType:
     ([msgpack.packb([msgpack.ExtType(5, b"12345678")])], "unknown msgpack extension 5"),
     ([msgpack.packb([msgpack.ExtType(1, b"123")])], "unknown msgpack extension 1 of 3 bytes"),
     ([msgpack.packb([_run_ref(1, 1)]), b"a", b"b"], "1 frame.s. not referenced"),
+    ([msgpack.packb([_packed_ref(1, 0, [8]), _packed_ref(1, 0, [8])]), b"x" * 8], "packed runs overlap in frame 1 at byte 0"),
+    ([msgpack.packb([_packed_ref(1, 8, [8]), _packed_ref(1, 0, [12])]), b"x" * 16], "packed runs overlap in frame 1 at byte 8"),
 ])
 def test_malformed_frame_runs_raise_wire_error_naming_the_part(frames, message):
     with pytest.raises(WireError, match=message):
@@ -298,8 +300,9 @@ def test_groups_a_batch_does_not_fit_go_one_by_one():
     wrong_dtype = dataclasses.replace(make_group(), rewards=make_group().rewards.astype(np.float64))
     wrong_shape = dataclasses.replace(make_group(), lengths=make_group().lengths[:2])
     large = make_group(length=COPY_BELOW // 8)   # its arrays are sent as they are (zero-copy), not copied into columns
+    flat = dataclasses.replace(make_group(), tokens=make_group().tokens.reshape(-1))   # 1-D tokens
     assert "batch" in RolloutGroup.wire_field([small.to_wire(), small.to_wire()])
-    for other in (wrong_dtype, wrong_shape, large):
+    for other in (wrong_dtype, wrong_shape, large, flat):
         field = RolloutGroup.wire_field([small.to_wire(), other.to_wire()])
         assert list(field) == ["groups"] and len(field["groups"]) == 2
     assert RolloutGroup.wire_field([]) == {"groups": []}
