@@ -81,7 +81,7 @@ from buffer import checkpoint, curve
 from buffer.client import ROLLOUTS, BufferError
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, check
-from common.rollout import RolloutGroup, SchemaError
+from common.rollout import RolloutGroup, SchemaError, chunks
 from common.wire import WireError, decode, encode, recv_frames, send_frames, split_rid, with_rid
 
 log = logging.getLogger(__name__)
@@ -251,21 +251,12 @@ def _percentiles_ms(seconds) -> dict:
     return {"p50": round(ms[len(ms) // 2], 3), "p99": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3), "count": len(ms)}
 
 
-def _chunks(raw: list):
-    """(start, end) of consecutive runs of an insert's wire groups, each of CHECK_TOGETHER groups
-    at most, or fewer once their arrays reach CHECK_BYTES (a malformed group counts 0: checking
-    it names it)."""
-    start = 0
-    while start < len(raw):
-        end, size = start, 0
-        while end < len(raw) and end - start < CHECK_TOGETHER and (end == start or size < CHECK_BYTES):
-            try:
-                size += sum(view.nbytes for view in raw[end][2].items)
-            except (TypeError, IndexError, AttributeError, KeyError):
-                pass
-            end += 1
-        yield start, end
-        start = end
+def _wire_bytes(wire) -> int:
+    """The bytes of a group's arrays in its wire form (0 if it is malformed: checking it names it)."""
+    try:
+        return sum(view.nbytes for view in wire[2].items)
+    except (TypeError, IndexError, AttributeError, KeyError):
+        return 0
 
 
 def _unique(groups: list, start: int) -> list:
@@ -668,7 +659,7 @@ class BufferServer:
                                                 most_bytes=CHECK_BYTES)
             else:
                 every = []
-                for start, end in _chunks(raw):
+                for start, end in chunks([_wire_bytes(w) for w in raw], CHECK_TOGETHER, CHECK_BYTES):
                     if start:
                         self._serve_control()   # safe: validating touches no table
                     every += RolloutGroup.from_wire_all(raw[start:end], first=start)

@@ -209,10 +209,7 @@ class RolloutGroup:
         older versions hold, is read too). SchemaError names the field that is wrong."""
         if type(data) is dict:
             return cls._from_fields(data)
-        group = cls._build(data)
-        group._check_values()
-        group._check_metadata()
-        return group
+        return cls._build(data).checked()
 
     @classmethod
     def from_wire_all(cls, items: list, first: int = 0) -> list:
@@ -284,12 +281,8 @@ class RolloutGroup:
         bad group by its index, counted from `first`, and the field."""
         shapes, columns, metas = cls._batch_parts(data)
         bounds = _batch_bounds(shapes)
-        groups, k, n = [], 0, len(metas)
-        while k < n:
-            end, size = k + 1, bounds[k][1] - bounds[k][0]
-            while end < n and end - k < most and size * _ELEMENT_BYTES < most_bytes:
-                size += bounds[end][1] - bounds[end][0]
-                end += 1
+        groups = []
+        for k, end in chunks([(b - a) * _ELEMENT_BYTES for a, b, _, _ in bounds], most, most_bytes):
             if k and between is not None:
                 between()
             (a, _, r, _), (_, b, _, rb) = bounds[k], bounds[end - 1]
@@ -303,7 +296,6 @@ class RolloutGroup:
                     group.__dict__["version"] = oldest[j - k]
                 cls._named(first + j, group._check_metadata)
                 groups.append(group)
-            k = end
         return groups
 
     @classmethod
@@ -454,6 +446,20 @@ def _values_ok(groups: list) -> bool:
     for group, value in zip(groups, oldest):
         group.__dict__["version"] = value
     return True
+
+
+def chunks(sizes: list, most: int, most_bytes: int):
+    """(start, end) of consecutive runs of groups whose arrays hold `sizes` bytes: each of `most`
+    groups at most, or fewer once they hold `most_bytes` (a run has one group at least), so
+    that a reader checking them together can do something else between two runs."""
+    start = 0
+    while start < len(sizes):
+        end, size = start + 1, sizes[start]
+        while end < len(sizes) and end - start < most and size < most_bytes:
+            size += sizes[end]
+            end += 1
+        yield start, end
+        start = end
 
 
 def _batch_bounds(shapes: list) -> list:

@@ -185,8 +185,7 @@ class IpcChannelSpec:
         return sender
 
     def receiver(self, index: int = 0) -> "IpcWeightReceiver":
-        return IpcWeightReceiver(None, self.timeout_s, f"{socket.gethostname()}:{os.getpid()}/receiver{index}",
-                                 meet=self.meet)
+        return IpcWeightReceiver(self.meet, self.timeout_s, f"{socket.gethostname()}:{os.getpid()}/receiver{index}")
 
 
 class IpcWeightReceiver(WeightReceiver):
@@ -194,12 +193,9 @@ class IpcWeightReceiver(WeightReceiver):
 
     HELLO_EVERY_S = 5.0
 
-    def __init__(self, address: str | None, timeout_s: float = 60.0, name: str | None = None,
-                 meet: Rendezvous | None = None):
-        """`address`: the sender's; None to look it up at `meet` on first use."""
-        if address is None and meet is None:
-            raise ValueError("a CUDA IPC weight receiver needs its sender's address or a rendezvous to look it up")
-        self.address, self.timeout_s, self.meet = address, timeout_s, meet
+    def __init__(self, meet: Rendezvous, timeout_s: float = 60.0, name: str | None = None):
+        """`meet`: where the sender's address is looked up, on first use."""
+        self.address, self.timeout_s, self.meet = None, timeout_s, meet
         self._meeting = None   # the client of `meet`: kept to follow a sender made again
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"  # as the sender's errors call it
         self.version = 0

@@ -269,10 +269,12 @@ def test_a_cuda_ipc_receiver_finds_a_sender_that_binds_after_it_started_looking_
 def test_a_cuda_ipc_receiver_whose_sender_is_gone_never_blocks_on_its_hellos():
     """The receiver greets its sender every few seconds while idle; with the sender gone they
     pile up in ZeroMQ's queue, and once it is full a blocking send would wait for ever."""
-    from common.weights_ipc import IpcWeightReceiver
+    from common.weights_ipc import IpcChannelSpec
 
-    port = free_port()   # a port nobody listens on
-    receiver = IpcWeightReceiver(f"tcp://127.0.0.1:{port}", timeout_s=1.0)
+    host = RendezvousHost("127.0.0.1")
+    meet = host.rendezvous("weights")
+    meet.publish("sender", f"tcp://127.0.0.1:{free_port()}", 5.0, "this test")   # a port nobody listens on
+    receiver = IpcChannelSpec(meet, timeout_s=1.0).receiver()
     receiver.HELLO_EVERY_S = 0.0   # a hello on every call
     t = time.monotonic()
     for _ in range(1500):          # past ZeroMQ's default queue of 1000 messages
