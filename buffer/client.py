@@ -54,7 +54,11 @@ COALESCE = 128    # puts in one request at most: the put that makes this many wa
 # (each put sent alone while the window had room), and the server, paying ~45 µs a request,
 # took 8.9k groups/s; waiting puts going up to 128 together took 16-20k (docs/benchmarks.md).
 PING_S = 2.0       # a long wait for a reply checks this often that the same server still lives
-PING = encode({"op": "ping"})
+# The requests and replies' form, counted up at each change an older peer would misread (2:
+# groups travel as one batch of columns, RolloutGroup.batch_to_wire). Every request and reply
+# says its own; a server refuses a request of another, a client a reply of another, naming both.
+PROTOCOL = 2
+PING = encode({"op": "ping", "protocol": PROTOCOL})
 ROLLOUTS = "rollouts"  # the table the actors insert into and the learner samples (buffer/server.py)
 
 
@@ -174,7 +178,7 @@ class BufferClient:
         timeout_s = self.timeout_s if deadline_s is None else deadline_s
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"buffer {op}: timeout_s must be a finite number of seconds > 0, got {timeout_s}")
-        message = encode({"op": op, **fields})
+        message = encode({"op": op, "protocol": PROTOCOL, **fields})
         attempts = 1 + (self.retries if idempotent else 0)
         for attempt in range(attempts):
             rid = next(self._rids)
@@ -240,6 +244,10 @@ class BufferClient:
             reply = decode(body)
         except WireError as e:
             raise BufferError(f"buffer at {self.address} sent a malformed reply: {e}") from None
+        if not (isinstance(reply, dict) and reply.get("protocol") == PROTOCOL):
+            theirs = reply.get("protocol", "1 (none named)") if isinstance(reply, dict) else "unknown"
+            raise BufferError(f"buffer at {self.address} answers in protocol {theirs}, this client speaks "
+                              f"{PROTOCOL}: run the buffer and its clients from the same asyncrl version")
         if isinstance(reply, dict) and reply.get("control_port") != self._control_port:
             port = reply.get("control_port")
             if type(port) is int and 0 < port < 65536:   # a new server's: connect to it
@@ -422,7 +430,7 @@ class BufferClient:
             fields["priorities"] = [x for p in puts for x in (p.priorities or [1.0] * len(p.groups))]
         self._queued, self._queued_bytes = [], 0   # once the request is made: a failure above loses no put
         self.in_flight += 1
-        self._send_request(_Request(encode({"op": "insert", **fields}), puts, table), block=True)
+        self._send_request(_Request(encode({"op": "insert", "protocol": PROTOCOL, **fields}), puts, table), block=True)
 
     def _take_replies(self) -> None:
         while (got := self._receive(0)) is not None:   # the acknowledgements that are here already

@@ -78,7 +78,7 @@ from pathlib import Path
 import zmq
 
 from buffer import checkpoint, curve
-from buffer.client import ROLLOUTS, BufferError
+from buffer.client import PROTOCOL, ROLLOUTS, BufferError
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, check
 from common.rollout import RolloutGroup, SchemaError, chunks
@@ -594,6 +594,9 @@ class BufferServer:
             request = decode(body)
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise RequestError("request must be a map with a string 'op'")
+            if request.get("protocol") != PROTOCOL:
+                raise RequestError(f"request in protocol {request.get('protocol', '1 (none named)')!r}, this server "
+                                   f"speaks {PROTOCOL}: run the buffer and its clients from the same asyncrl version")
             handler = getattr(self, f"_op_{request['op']}", None)
             if handler is None:
                 raise RequestError(f"unknown op {request['op']!r}")
@@ -618,6 +621,7 @@ class BufferServer:
         # client knows which acknowledged groups are safe and when the server restarted
         reply["incarnation"], reply["checkpoint_seq"] = self.incarnation, self.checkpoint_seq
         reply["checkpoints"], reply["control_port"] = bool(self.config.checkpoint_dir), self.control_port
+        reply["protocol"] = PROTOCOL
         try:
             send_frames(socket, [identity, *with_rid(rid, encode(reply))], block=False)
             return True

@@ -10,7 +10,7 @@ import msgpack
 import pytest
 import zmq
 
-from buffer.client import BufferClient, BufferError, BufferHeld, BufferRefused, BufferTimeout
+from buffer.client import PROTOCOL, BufferClient, BufferError, BufferHeld, BufferRefused, BufferTimeout
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError, validate
@@ -83,7 +83,7 @@ def test_malformed_and_oversize_requests_get_an_error_reply_echoing_their_rid_an
 
     rid, reply = ask((6).to_bytes(8, "big"), b"\xc1not msgpack")
     assert rid == 6 and reply["ok"] is False and "WireError: header is not valid msgpack" in reply["error"]
-    rid, reply = ask((7).to_bytes(8, "big"), msgpack.packb({"op": "insert", "groups": [{"tokens": 1}]}))
+    rid, reply = ask((7).to_bytes(8, "big"), msgpack.packb({"op": "insert", "protocol": PROTOCOL, "groups": [{"tokens": 1}]}))
     assert rid == 7 and reply["ok"] is False and "SchemaError: group 0" in reply["error"]
     rid, reply = ask((8).to_bytes(8, "big"), msgpack.packb({"op": "stats"}), b"x" * 2000)
     assert rid == 8 and reply["ok"] is False and "exceeds max_message_mb" in reply["error"]
@@ -483,7 +483,7 @@ def test_a_fuzz_of_thousands_of_malformed_messages_leaves_the_server_answering_c
                 key, value = rng.choice(broken_fields)
                 op = {"groups": "insert", "batch": "insert", "priorities": "insert", "parts": "insert", "n": "sample", "timeout_s": "sample",
                       "version": "set_version"}.get(key, "insert")
-                request = {"op": op, "groups": [good], "n": 1, "timeout_s": 0.01, "version": 1}
+                request = {"op": op, "protocol": PROTOCOL, "groups": [good], "n": 1, "timeout_s": 0.01, "version": 1}
                 request[key] = value
                 frames = [(i + 1).to_bytes(8, "big"), *encode(request)]
             sock.send_multipart(frames)
@@ -662,11 +662,48 @@ def test_room_is_what_the_rate_limiter_takes_before_it_holds_an_insert_and_a_roo
 
 
 def _ask(socket, rid: int, request: dict) -> dict:
-    socket.send_multipart([rid.to_bytes(8, "big"), *encode(request)])
+    socket.send_multipart([rid.to_bytes(8, "big"), *encode({"protocol": PROTOCOL, **request})])
     assert socket.poll(5000), f"no reply to {request['op']}"
     frames = socket.recv_multipart()
     assert int.from_bytes(frames[0], "big") == rid
     return msgpack.unpackb(frames[1])
+
+
+def test_a_peer_of_another_protocol_is_named_at_either_end(buffer_server):
+    """An older client (its requests name no protocol) is refused by name and the server serves
+    on; a client meeting an older server (a raw ROUTER answering as one did, with no protocol in
+    its reply) raises, naming both protocols, instead of misreading the reply."""
+    server = buffer_server()
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.connect(server.address)
+    try:
+        for rid, request in enumerate([{"op": "stats"}, {"op": "stats", "protocol": 1},
+                                       {"op": "insert", "groups": [make_group().to_wire()]}], start=1):
+            raw.send_multipart([rid.to_bytes(8, "big"), *encode(request)])
+            assert raw.poll(5000)
+            reply = msgpack.unpackb(raw.recv_multipart()[1])
+            assert reply["ok"] is False and f"this server speaks {PROTOCOL}" in reply["error"], reply
+            assert reply["protocol"] == PROTOCOL
+    finally:
+        raw.close(linger=0)
+    assert BufferClient(server.address, timeout_s=5.0).stats()["size"] == 0   # nothing stored, still serving
+
+    old = zmq.Context.instance().socket(zmq.ROUTER)
+    port = old.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_as_an_old_server():
+        if old.poll(5000):
+            identity, rid, *_ = old.recv_multipart()
+            old.send_multipart([identity, rid, msgpack.packb({"ok": True, "size": 0, "incarnation": "old"})])
+
+    thread = threading.Thread(target=answer_as_an_old_server)
+    thread.start()
+    try:
+        with pytest.raises(BufferError, match=rf"answers in protocol 1 \(none named\), this client speaks {PROTOCOL}"):
+            BufferClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0).stats()
+    finally:
+        thread.join()
+        old.close(linger=0)
 
 
 def test_every_reply_names_the_control_port_and_an_insert_sent_there_is_refused(buffer_server):
@@ -693,10 +730,10 @@ def test_the_learners_requests_are_served_before_inserts_that_arrived_first():
     learner.connect(f"tcp://127.0.0.1:{server.control_port}")
     try:
         for i in range(20):
-            actor.send_multipart([(i + 1).to_bytes(8, "big"), *encode({"op": "insert", "groups": [
+            actor.send_multipart([(i + 1).to_bytes(8, "big"), *encode({"op": "insert", "protocol": PROTOCOL, "groups": [
                 make_group(seed=i).to_wire()]})])
         assert server._socket.poll(5000)   # the inserts have arrived (the loop is not running yet)
-        learner.send_multipart([(99).to_bytes(8, "big"), *encode({"op": "stats"})])
+        learner.send_multipart([(99).to_bytes(8, "big"), *encode({"op": "stats", "protocol": PROTOCOL})])
         assert server._control.poll(5000)
         server.start()
         assert learner.poll(5000)
