@@ -86,10 +86,11 @@ def group_of(nbytes: int):
     return make_group(low)
 
 
-def fill(client, groups: list, count: int) -> None:
+def fill(client, groups: list, count: int, first: int = 0) -> None:
     """Put `count` groups through `client`: `groups` again and again, under new ids each time
-    (a put encodes its groups at once, so renaming them after is safe)."""
-    for start in range(0, count, len(groups)):
+    (fill-<first>, fill-<first + 1>, ...; a put encodes its groups at once, so renaming them
+    after is safe)."""
+    for start in range(first, first + count, len(groups)):
         for i, g in enumerate(groups):
             g.id = f"fill-{start + i}"
         client.put(*groups)

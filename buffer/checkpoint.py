@@ -4,7 +4,13 @@ A checkpoint is `<dir>/buffer-<n>.ckpt` (n counts up): a magic line, then the fr
 wire message (common/wire.py: a msgpack header and the groups' arrays as raw frames), each
 led by its length. It is written to a temporary name, fsynced, renamed, and the folder
 fsynced, so a server killed while saving leaves the previous checkpoint as the newest; the
-newest `keep` are kept. Reading checks the magic, every length and the wire format.
+newest `keep` are kept, and the whole checkpoints they build on. Reading checks the magic,
+every length and the wire format.
+
+A checkpoint is whole, or a delta on a whole one: `buffer-<n>.on-<m>.ckpt` holds the arrays of
+only the groups stored since checkpoint m was taken, and every other group by its id (with
+its place and counts), so that a large table that changes slowly is not written whole every
+period (buffer.checkpoint_full_every). Reading a delta reads its base too (read_with_base).
 
 A server that owns its process writes its periodic checkpoints from a forked child
 (ForkedWrite), as Redis's BGSAVE does: the child sees the tables as they were at the fork
@@ -16,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
+import re
 import signal
 import struct
 import sys
@@ -27,6 +34,7 @@ from common.wire import WireError, decode, encode
 
 MAGIC = b"asyncrl buffer checkpoint 1\n"
 PREFIX, SUFFIX = "buffer-", ".ckpt"
+_NAME = re.compile(r"buffer-(\d+)(?:\.on-(\d+))?\.ckpt")   # a whole one, or a delta on checkpoint m
 
 
 class CheckpointError(RuntimeError):
@@ -40,10 +48,16 @@ def checkpoints(folder) -> list:
         return []
     found = []
     for p in folder.iterdir():
-        number = p.name[len(PREFIX):-len(SUFFIX)]
-        if p.name.startswith(PREFIX) and p.name.endswith(SUFFIX) and number.isdigit():
-            found.append((int(number), p))
+        if (named := _NAME.fullmatch(p.name)) is not None:
+            found.append((int(named[1]), p))
     return [p for _, p in sorted(found)]
+
+
+def base_of(path) -> Path | None:
+    """The whole checkpoint a delta checkpoint builds on (it may be missing); None for a whole one."""
+    path = Path(path)
+    named = _NAME.fullmatch(path.name)
+    return path.with_name(f"{PREFIX}{int(named[2]):08d}{SUFFIX}") if named and named[2] else None
 
 
 def latest(folder) -> Path | None:
@@ -51,14 +65,17 @@ def latest(folder) -> Path | None:
     return found[-1] if found else None
 
 
-def write(folder, state: dict, keep: int = 2, before_rename: Callable[[], None] | None = None) -> Path:
+def write(folder, state: dict, keep: int = 2, before_rename: Callable[[], None] | None = None,
+          base: Path | None = None) -> Path:
     """`before_rename`: called once the file is on disk, before it becomes the newest; it may
-    raise to leave it unpublished (a forked writer whose server is gone)."""
+    raise to leave it unpublished (a forked writer whose server is gone). `base`: the whole
+    checkpoint that `state`, a delta, builds on (its name says so)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     newest = latest(folder)
-    number = int(newest.name[len(PREFIX):-len(SUFFIX)]) + 1 if newest else 1
-    final = folder / f"{PREFIX}{number:08d}{SUFFIX}"
+    number = int(_NAME.fullmatch(newest.name)[1]) + 1 if newest else 1
+    on = f".on-{int(_NAME.fullmatch(Path(base).name)[1]):08d}" if base is not None else ""
+    final = folder / f"{PREFIX}{number:08d}{on}{SUFFIX}"
     partial = final.with_name(f"{final.name}.{os.getpid()}.partial")   # a writer's own: none clobbers another's
     frames = encode(state)
     with open(partial, "wb") as f:
@@ -82,8 +99,11 @@ def write(folder, state: dict, keep: int = 2, before_rename: Callable[[], None] 
         os.fsync(directory)
     finally:
         os.close(directory)
-    for old in checkpoints(folder)[:-keep]:
-        old.unlink()
+    kept = checkpoints(folder)[-keep:]
+    needed = set(kept) | {base_of(p) for p in kept}
+    for old in checkpoints(folder):
+        if old not in needed:
+            old.unlink()
     return final
 
 
@@ -126,7 +146,8 @@ class ForkedWrite:
     encodes), and encoding copies small arrays into new buffers (common/wire.py), so a
     child may need about the table's size again."""
 
-    def __init__(self, folder, state: Callable[[], dict], keep: int, seq: int = 0, waiters: list = ()):
+    def __init__(self, folder, state: Callable[[], dict], keep: int, seq: int = 0, waiters: list = (),
+                 base: Path | None = None):
         self.folder, self.seq, self.waiters = Path(folder), seq, list(waiters)
         self.started = time.monotonic()
         self.result: Path | CheckpointError | None = None
@@ -139,7 +160,7 @@ class ForkedWrite:
             os.close(write_end)
             raise
         if pid == 0:   # the child: never returns
-            _write_and_exit(self.folder, state, keep, write_end, parent)
+            _write_and_exit(self.folder, state, keep, write_end, parent, base)
         os.close(write_end)
         self.pid, self._pipe = pid, read_end
         self.fork_s = time.monotonic() - self.started   # what the caller was held
@@ -196,7 +217,8 @@ class ForkedWrite:
                                           "before it finished")
 
 
-def _write_and_exit(folder: Path, state: Callable[[], dict], keep: int, pipe: int, parent: int) -> None:
+def _write_and_exit(folder: Path, state: Callable[[], dict], keep: int, pipe: int, parent: int,
+                    base: Path | None) -> None:
     code, said = 1, "error the writer ended without a word"
     try:
         os.closerange(3, pipe)   # every inherited descriptor but stdio and the pipe (the class says why)
@@ -211,7 +233,7 @@ def _write_and_exit(folder: Path, state: Callable[[], dict], keep: int, pipe: in
         def parent_alive() -> None:
             if os.getppid() != parent:
                 raise CheckpointError("the server died while the checkpoint was written; left unpublished")
-        path = write(folder, state(), keep, before_rename=parent_alive)
+        path = write(folder, state(), keep, before_rename=parent_alive, base=base)
         code, said = 0, f"ok {path}"
     except BaseException as e:
         said = f"error {type(e).__name__}: {e}"
@@ -220,6 +242,20 @@ def _write_and_exit(folder: Path, state: Callable[[], dict], keep: int, pipe: in
             os.write(pipe, said.encode()[:60000])
         finally:
             os._exit(code)
+
+
+def read_with_base(path) -> tuple[dict, dict | None]:
+    """(the checkpoint's state, its base's state): None for a whole checkpoint. CheckpointError
+    naming the file if a delta's base is missing or unreadable."""
+    base = base_of(path)
+    state = read(path)
+    if base is None:
+        return state, None
+    if not base.is_file():
+        raise CheckpointError(f"{path} is a delta on {base.name}, which is missing")
+    if state.get("base") != base.name:
+        raise CheckpointError(f"{path} is named a delta on {base.name} but says it builds on {state.get('base')!r}")
+    return state, read(base)
 
 
 def read(path) -> dict:

@@ -74,6 +74,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import zmq
 
@@ -127,6 +128,12 @@ class BufferConfig:
     them itself and serves nothing meanwhile (4 s for a table of 537 MB). The last one, when
     the server stops, is always the loop's own."""
     keep_checkpoints: int = 2
+    """The newest checkpoints kept (and the whole ones they build on)."""
+    checkpoint_full_every: int = 8
+    """Every this many checkpoints one is whole; the others are deltas on the last whole one
+    (buffer/checkpoint.py): the arrays of only the groups stored since, every other group by
+    its id. 1: each whole. A server's first checkpoint after a start, and one when the groups
+    stored since the last whole one reach half the table's size, are whole too."""
     restore: bool = True
     """Start from the newest checkpoint in checkpoint_dir, if there is one."""
     max_restarts: int = 3
@@ -152,6 +159,8 @@ class BufferConfig:
         check(self.checkpoint_every_s >= 0, "checkpoint_every_s", f"must be >= 0, got {self.checkpoint_every_s}")
         check(self.checkpoint_timeout_s > 0, "checkpoint_timeout_s", f"must be > 0, got {self.checkpoint_timeout_s}")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.checkpoint_full_every >= 1, "checkpoint_full_every",
+              f"must be >= 1, got {self.checkpoint_full_every}")
         check(self.max_restarts >= 0, "max_restarts", f"must be >= 0, got {self.max_restarts}")
         for name in self.tables:
             check(name != ROLLOUTS, f"tables.{name}", f"{ROLLOUTS!r} is buffer.table; name the others otherwise")
@@ -223,6 +232,15 @@ class _PendingSample:
     n: int
     deadline: float
     arrived: float   # when the server read it (monotonic)
+
+
+@dataclass
+class _Plan:
+    """A checkpoint to write: `state` makes what it holds; `base`: the whole checkpoint a delta
+    builds on, None for a whole one, which then holds `counted` inserts of each table."""
+    state: Callable[[], dict]
+    base: Path | None
+    counted: dict | None = None
 
 
 @dataclass
@@ -341,14 +359,19 @@ class BufferServer:
         # checkpoint op that comes while one is written waits for the next, which holds its groups
         self._fork_checkpoints = owns_process and config.checkpoint_in_child and checkpoint.can_fork()
         self._writing: checkpoint.ForkedWrite | None = None
+        self._writing_plan: _Plan | None = None   # what the forked write in progress is
         self._checkpoint_asked: list = []     # (socket, identity, rid) of checkpoint ops for the next one
-        self.checkpoint_stats = {"written": 0, "failed": 0, "last_s": None, "last_held_loop_ms": None}
+        self.checkpoint_stats = {"written": 0, "whole": 0, "failed": 0, "last_s": None, "last_held_loop_ms": None}
         if config.checkpoint_dir:
             checkpoint.remove_partials(config.checkpoint_dir)   # left by writers killed while saving
+        # the whole checkpoint that deltas build on: (its path, each table's insert count it
+        # holds), and the deltas written on it; none yet, so this server's first is whole
+        self._base: tuple[Path, dict] | None = None
+        self._deltas_on_base = 0
         if config.checkpoint_dir and config.restore:
             newest = checkpoint.latest(config.checkpoint_dir)
             if newest is not None:
-                self._restore(checkpoint.read(newest))
+                self._restore(*checkpoint.read_with_base(newest))
                 self.checkpoint_seq, self.restored_from = self.inserts, newest
                 log.info("buffer: restored %d groups from %s", self.size, newest)
         self._schedule_checkpoint()
@@ -388,14 +411,17 @@ class BufferServer:
     def size(self) -> int:
         return sum(len(t) for t in self.tables.values())
 
-    def _restore(self, state: dict) -> None:
+    def _restore(self, state: dict, base: dict | None = None) -> None:
         """Every table of a checkpoint that this server has (a checkpoint of one table, from
         before named tables, is the rollouts table's); a table the config no longer names is
-        left out, logged."""
+        left out, logged. `base`: the whole checkpoint's state that a delta's builds on."""
         states = state["tables"] if "tables" in state else {ROLLOUTS: state}
         for name, table_state in states.items():
             if name in self.tables:
-                self.tables[name].restore(table_state)
+                try:
+                    self.tables[name].restore(table_state, base and base["tables"].get(name, {"items": []}))
+                except ValueError as e:
+                    raise checkpoint.CheckpointError(f"table {name!r}: {e}") from None
             else:
                 log.warning("buffer: the checkpoint's table %r is not configured; its %d groups are left out",
                             name, len(table_state.get("items", [])))
@@ -448,6 +474,17 @@ class BufferServer:
     def _state(self) -> dict:
         return {"tables": {name: t.state() for name, t in self.tables.items()}}
 
+    def _plan_checkpoint(self) -> "_Plan":
+        """The next checkpoint: a delta on the last whole one, or whole (the config's turn,
+        none written yet, or a table whose groups stored since then reach half its size)."""
+        base = self._base
+        if (base is not None and self._deltas_on_base + 1 < self.config.checkpoint_full_every and base[0].is_file()
+                and all(2 * (t.stats.inserts - base[1][n]) < max(len(t), 1) for n, t in self.tables.items())):
+            path, counted = base
+            return _Plan(lambda: {"base": path.name, "tables": {n: t.state(new_after=counted[n])
+                                                                for n, t in self.tables.items()}}, path)
+        return _Plan(self._state, None, {n: t.stats.inserts for n, t in self.tables.items()})
+
     def _schedule_checkpoint(self) -> None:
         self._next_checkpoint = time.monotonic() + (self.config.checkpoint_every_s or math.inf)
 
@@ -463,18 +500,19 @@ class BufferServer:
         if self._writing is not None:
             self._writing.kill("was overtaken by a checkpoint written in the serving loop")
             asked, self._writing = self._writing.waiters + asked, None
-        seq, started = self.inserts, time.monotonic()
+        seq, started, plan = self.inserts, time.monotonic(), self._plan_checkpoint()
         try:
-            path = self._write_in_loop()
+            path = self._write_in_loop(plan)
         except Exception as e:
-            self._checkpoint_done(self._write_failed(e), seq, started, asked)
+            self._checkpoint_done(self._write_failed(e), seq, started, asked, plan)
             raise
-        self._checkpoint_done(path, seq, started, asked)
+        self._checkpoint_done(path, seq, started, asked, plan)
         return path
 
-    def _write_in_loop(self) -> Path:
+    def _write_in_loop(self, plan: "_Plan") -> Path:
         started = time.monotonic()
-        path = checkpoint.write(self.config.checkpoint_dir, self._state(), keep=self.config.keep_checkpoints)
+        path = checkpoint.write(self.config.checkpoint_dir, plan.state(), keep=self.config.keep_checkpoints,
+                                base=plan.base)
         self.checkpoint_stats["last_held_loop_ms"] = round((time.monotonic() - started) * 1000, 2)
         return path
 
@@ -487,25 +525,33 @@ class BufferServer:
         or if the fork fails, written here and answered at once. A failure is counted, logged
         and answered; the server serves on and tries again at the next period."""
         self._schedule_checkpoint()
-        seq, started = self.inserts, time.monotonic()
+        seq, started, plan = self.inserts, time.monotonic(), self._plan_checkpoint()
         if self._fork_checkpoints:
             try:
-                self._writing = checkpoint.ForkedWrite(self.config.checkpoint_dir, self._state,
-                                                       keep=self.config.keep_checkpoints, seq=seq, waiters=asked)
+                self._writing = checkpoint.ForkedWrite(self.config.checkpoint_dir, plan.state,
+                                                       keep=self.config.keep_checkpoints, seq=seq, waiters=asked,
+                                                       base=plan.base)
+                self._writing_plan = plan
                 self.checkpoint_stats["last_held_loop_ms"] = round(self._writing.fork_s * 1000, 2)
                 return
             except OSError as e:   # no memory or process left for a child: this one is written here
                 log.warning("buffer: could not fork a checkpoint writer (%s); writing it in the serving loop", e)
         try:
-            result = self._write_in_loop()
+            result = self._write_in_loop(plan)
         except Exception as e:   # a full disk, say
             result = self._write_failed(e)
-        self._checkpoint_done(result, seq, started, asked)
+        self._checkpoint_done(result, seq, started, asked, plan)
 
-    def _checkpoint_done(self, result, seq: int, started: float, asked: list) -> None:
+    def _checkpoint_done(self, result, seq: int, started: float, asked: list, plan: "_Plan") -> None:
         """A checkpoint ended (result: its path, or the CheckpointError that ended it): what it
-        holds (the first `seq` inserts) counts as saved, and those who asked for it are answered."""
+        holds (the first `seq` inserts) counts as saved, and those who asked for it are answered.
+        A whole one is the base of the deltas that follow."""
         if isinstance(result, Path):
+            if plan.base is None:
+                self._base, self._deltas_on_base = (result, plan.counted), 0
+                self.checkpoint_stats["whole"] += 1
+            else:
+                self._deltas_on_base += 1
             self.checkpoint_seq = max(self.checkpoint_seq, seq)
             self.checkpoint_stats.update(written=self.checkpoint_stats["written"] + 1,
                                          last_s=round(time.monotonic() - started, 4))
@@ -526,7 +572,7 @@ class BufferServer:
                                       f"({self.config.checkpoint_timeout_s:g}s)")
             if result is not None:
                 self._writing = None
-                self._checkpoint_done(result, writing.seq, writing.started, writing.waiters)
+                self._checkpoint_done(result, writing.seq, writing.started, writing.waiters, self._writing_plan)
         if self._writing is None and (self._checkpoint_asked or time.monotonic() >= self._next_checkpoint):
             asked, self._checkpoint_asked = self._checkpoint_asked, []
             self._start_checkpoint(asked)

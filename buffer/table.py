@@ -402,14 +402,16 @@ class Table:
         self.stats.samples += len(groups)
 
     # -- checkpoints -----------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, new_after: int | None = None) -> dict:
         """Everything a restored table needs to continue as this one: the groups in insertion
         order with their sample counts, their slots (what uniform draws), the recent ids (so
         re-sent inserts stay idempotent across a restart), the learner version, the counters
-        and the RNG."""
+        and the RNG. `new_after` (a delta checkpoint's: the inserts its base had counted): the
+        groups stored before then are named by their id alone, the base holding them."""
         s = self.stats
         return {"learner_version": self.learner_version,
-                "items": [[e.group.to_wire(), e.times_sampled, e.priority, e.order] for e in self._items.values()],
+                "items": [[e.group.to_wire() if new_after is None or e.order > new_after else e.group.id,
+                           e.times_sampled, e.priority, e.order] for e in self._items.values()],
                 "slots": list(self._slots),
                 "seen": list(self._seen),
                 "stats": {"inserts": s.inserts, "duplicates": s.duplicates, "samples": s.samples,
@@ -419,13 +421,25 @@ class Table:
                           "dropped_staleness": [[k, v] for k, v in s.dropped_staleness.items()]},
                 "rng": _jsonable_rng(self._rng.getstate())}
 
-    def restore(self, state: dict) -> None:
-        """Become the table `state()` described (its groups validated again)."""
+    def restore(self, state: dict, base: dict | None = None) -> None:
+        """Become the table `state()` described (its groups validated again); `base`: the state
+        of the whole checkpoint a delta's state builds on, which holds the groups it names by
+        id. ValueError, with nothing changed, if one is not there."""
+        held = {}
+        if base is not None:
+            named = {data for data, *_ in state["items"] if type(data) is str}
+            held = {g.id: g for g in (RolloutGroup.from_wire(data) for data, *_ in base["items"]) if g.id in named}
+            missing = named - held.keys()
+            if missing:
+                raise ValueError(f"{len(missing)} group(s) named by the checkpoint are not in its base, "
+                                 f"such as {sorted(missing)[0]!r}")
+        elif any(type(data) is str for data, *_ in state["items"]):
+            raise ValueError("the checkpoint is a delta (it names groups by id) but no base was given")
         self._items = OrderedDict()
         self._priority, self._order = np.zeros(64), np.zeros(64, np.int64)   # what was held weighs nothing now
         self._weights = SumTree() if self.config.selector == "prioritized" else None
         for data, times_sampled, priority, order in state["items"]:
-            group = RolloutGroup.from_wire(data)
+            group = held[data] if type(data) is str else RolloutGroup.from_wire(data)
             self._items[group.id] = _Entry(group, int(times_sampled), float(priority), int(order))
         slots = [str(k) for k in state.get("slots", [])]   # (checkpoints before slots: insertion order)
         self._slots, self._slot_of, self._by_version = [], {}, {}

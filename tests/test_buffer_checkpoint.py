@@ -18,6 +18,7 @@ from buffer.process import BufferProcess, overrides
 from buffer.server import BufferConfig, BufferServer
 from buffer.table import Table, TableConfig
 from common.config import ConfigError
+from common.wire import encode
 from tests.conftest import make_group
 
 
@@ -51,6 +52,83 @@ def test_checkpoints_are_numbered_kept_and_a_partial_one_is_ignored(tmp_path):
     assert checkpoint.checkpoints(tmp_path) == paths[1:]
     (tmp_path / "buffer-00000009.ckpt.partial").write_bytes(b"half a file")  # killed while saving
     assert checkpoint.latest(tmp_path) == paths[-1]
+
+
+def _encoded(table: Table) -> bytes:
+    return b"".join(bytes(frame) for frame in encode(table.state()))
+
+
+def test_a_delta_checkpoint_holds_only_new_groups_and_restores_what_a_whole_one_restores(tmp_path):
+    """Checkpoints 2 and 3 are deltas on 1 (buffer.checkpoint_full_every=3): each holds the
+    arrays of the groups stored since 1 alone, and a server restored from one is, byte for
+    byte, what a server restored from a whole checkpoint written at the same moment is (the
+    oracle); checkpoint 4 is whole again, and keep_checkpoints=1 keeps a kept delta's base."""
+    config = BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every_s=0,
+                          keep_checkpoints=1, checkpoint_full_every=3,
+                          table=TableConfig(max_size=64, max_staleness=3, max_times_sampled=2))
+    server = BufferServer(config)
+    for i in range(40):
+        server.table.insert(make_group(seed=i, prompt_id=f"p{i}"))
+    server.table.sample(5)
+    whole = server.checkpoint()
+    assert whole.name == "buffer-00000001.ckpt"
+    server.table.insert(make_group(seed=100, prompt_id="new"))
+    server.table.sample(3)                          # counts change for groups the base holds
+    server.table.set_learner_version(1)
+    delta = server.checkpoint()
+    assert delta.name == "buffer-00000002.on-00000001.ckpt" and delta.stat().st_size < whole.stat().st_size / 3
+    items = checkpoint.read(delta)["tables"]["rollouts"]["items"]
+    assert len(items) == len(server.table) and sum(type(data) is not str for data, *_ in items) == 1
+    for i in range(2):
+        server.table.insert(make_group(seed=200 + i, prompt_id="newer"))
+    delta = server.checkpoint()
+    assert delta.name == "buffer-00000003.on-00000001.ckpt"
+    assert checkpoint.checkpoints(tmp_path / "ckpt") == [whole, delta]    # the base of the kept one kept
+    oracle = checkpoint.write(tmp_path / "oracle", server._state())
+    from_delta, from_whole = BufferServer(config), BufferServer(BufferConfig(**{
+        **config.__dict__, "checkpoint_dir": str(tmp_path / "oracle")}))
+    try:
+        assert from_delta.restored_from == delta and from_whole.restored_from == oracle
+        assert from_delta.table.summary()["size"] == len(server.table) > 30
+        assert _encoded(from_delta.table) == _encoded(from_whole.table) == _encoded(server.table)
+    finally:
+        for s in (from_delta, from_whole):
+            s.close()
+    assert server.checkpoint().name == "buffer-00000004.ckpt"            # whole: the third on a base
+    assert checkpoint.checkpoints(tmp_path / "ckpt") == [tmp_path / "ckpt" / "buffer-00000004.ckpt"]
+    server.close()
+
+
+def test_a_checkpoint_is_whole_when_half_the_table_is_new_or_the_server_restarted(tmp_path):
+    config = BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path), checkpoint_every_s=0,
+                          table=TableConfig(max_size=10, max_staleness=3))
+    server = BufferServer(config)
+    for i in range(10):
+        server.table.insert(make_group(seed=i))
+    assert ".on-" not in server.checkpoint().name
+    for i in range(4):
+        server.table.insert(make_group(seed=10 + i))           # 4 of 10 new: a delta
+    assert server.checkpoint().name.endswith(".on-00000001.ckpt")
+    server.table.insert(make_group(seed=20))                   # 5 of 10 new: whole
+    assert server.checkpoint().name == "buffer-00000003.ckpt"
+    server.close()
+    again = BufferServer(config)                               # restored from 3; its first is whole
+    assert again.checkpoint().name == "buffer-00000004.ckpt"
+    again.close()
+
+
+def test_a_delta_whose_base_is_gone_is_refused_at_start_naming_it(tmp_path):
+    config = BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path), checkpoint_every_s=0)
+    server = BufferServer(config)
+    for i in range(4):
+        server.table.insert(make_group(seed=i))
+    base = server.checkpoint()
+    server.table.insert(make_group(seed=4))
+    delta = server.checkpoint()
+    server.close()
+    base.unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{delta.name} is a delta on {base.name}, which is missing"):
+        BufferServer(config)
 
 
 @pytest.mark.parametrize("damage", ["magic", "truncate"])
@@ -145,9 +223,10 @@ def test_kill_9_and_restart_lose_nothing_acknowledged_and_store_nothing_twice(tm
             group = make_group(seed=i, prompt_id=f"g{i}")
             assert client.insert(group)["stored"] == [True]
             sent.append(group.id)
-            if i == 11:
+            if i in (7, 11):            # whole, then a delta on it (written by forked children)
                 client.checkpoint()     # groups 0-11 are on disk; 12-29 only in the server's memory
         assert client.unsaved == 18
+        assert checkpoint.latest(tmp_path / "ckpt").name == "buffer-00000002.on-00000001.ckpt"
         os.kill(process.process.pid, signal.SIGKILL)
         process.process.wait(10)
         process.check()                 # the launcher's check: restarts it from the checkpoint
