@@ -1,6 +1,6 @@
-"""Buffer checkpoints: a table's whole state in one file, written atomically.
+"""Buffer checkpoints: the tables' state in one file, written atomically; whole, or a delta on a whole one.
 
-A checkpoint is `<dir>/buffer-<n>.ckpt` (n counts up): a magic line, then the frames of one
+A checkpoint is `<dir>/buffer-<n>.ckpt` (n counts up; a delta's name says its base, below): a magic line, then the frames of one
 wire message (common/wire.py: a msgpack header and the groups' arrays as raw frames), each
 led by its length. It is written to a temporary name, fsynced, renamed, and the folder
 fsynced, so a server killed while saving leaves the previous checkpoint as the newest; the

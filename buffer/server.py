@@ -371,7 +371,12 @@ class BufferServer:
         if config.checkpoint_dir and config.restore:
             newest = checkpoint.latest(config.checkpoint_dir)
             if newest is not None:
-                self._restore(*checkpoint.read_with_base(newest))
+                state, base = checkpoint.read_with_base(newest)   # CheckpointError names the file
+                try:
+                    self._restore(state, base)
+                except checkpoint.CheckpointError as e:
+                    on = checkpoint.base_of(newest)
+                    raise checkpoint.CheckpointError(f"{newest}{f' (a delta on {on.name})' if on else ''}: {e}") from None
                 self.checkpoint_seq, self.restored_from = self.inserts, newest
                 log.info("buffer: restored %d groups from %s", self.size, newest)
         self._schedule_checkpoint()
@@ -641,7 +646,7 @@ class BufferServer:
             if not isinstance(request, dict) or not isinstance(request.get("op"), str):
                 raise RequestError("request must be a map with a string 'op'")
             if request.get("protocol") != PROTOCOL:
-                raise RequestError(f"request in protocol {request.get('protocol', '1 (none named)')!r}, this server "
+                raise RequestError(f"request in protocol {request.get('protocol', '1 (none named)')}, this server "
                                    f"speaks {PROTOCOL}: run the buffer and its clients from the same asyncrl version")
             handler = getattr(self, f"_op_{request['op']}", None)
             if handler is None:

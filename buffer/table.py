@@ -183,7 +183,9 @@ class Table:
         """Store the group; False if its id was stored before (a re-sent insert). ValueError,
         with nothing changed, if a prioritized table cannot weigh its priority (weight_of)."""
         self.weight_of(float(priority))
-        if group.id in self._seen:
+        # held, or stored lately: a group held longer than `remember_ids` later inserts is
+        # still refused, not given a second slot
+        if group.id in self._seen or group.id in self._items:
             self.stats.duplicates += 1
             return False
         self._seen[group.id] = None

@@ -40,6 +40,16 @@ def test_a_resent_insert_is_stored_once(buffer_server):
     assert stats["size"] == 2 and stats["inserts"] == 2 and stats["duplicates"] == 1
 
 
+def test_a_group_held_longer_than_the_remembered_ids_is_still_refused_when_resent():
+    """The table remembers the last `remember_ids` ids; a group still held past them is a
+    duplicate all the same (it once took a second slot, and a later draw failed on it)."""
+    table = Table(TableConfig(max_size=10, max_staleness=100), remember_ids=3)
+    groups = [make_group(seed=i, prompt_id=f"p{i}") for i in range(5)]
+    assert all(table.insert(g) for g in groups)
+    assert table.insert(groups[0]) is False and table.stats.duplicates == 1 and len(table) == 5
+    assert sorted(g.id for g in table.select(5)) == sorted(g.id for g in groups)
+
+
 def test_groups_past_the_staleness_bound_are_dropped_and_never_sampled(buffer_server):
     client = BufferClient(buffer_server(max_staleness=2).address, timeout_s=5.0)
     old, fresh = make_group(version=0, seed=1), make_group(version=3, seed=2)

@@ -129,6 +129,13 @@ def test_a_delta_whose_base_is_gone_is_refused_at_start_naming_it(tmp_path):
     base.unlink()
     with pytest.raises(checkpoint.CheckpointError, match=rf"{delta.name} is a delta on {base.name}, which is missing"):
         BufferServer(config)
+    other = BufferServer(BufferConfig(timeout_s=5.0, checkpoint_dir=str(tmp_path / "other"), checkpoint_every_s=0))
+    other.table.insert(make_group(seed=9))
+    other.checkpoint().rename(base)   # a whole checkpoint, but not the one the delta was taken on
+    other.close()
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{delta.name} \(a delta on {base.name}\): table "
+                                                         r"'rollouts': 4 group\(s\) named by the checkpoint are not in its base"):
+        BufferServer(config)
 
 
 @pytest.mark.parametrize("damage", ["magic", "truncate"])
