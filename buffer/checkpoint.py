@@ -1,11 +1,12 @@
-"""Buffer checkpoints: the tables' state in one file, written atomically; whole, or a delta on a whole one.
+"""Buffer checkpoints: the tables' state in one file, written atomically; whole, or a delta on
+a whole one.
 
-A checkpoint is `<dir>/buffer-<n>.ckpt` (n counts up; a delta's name says its base, below): a magic line, then the frames of one
-wire message (common/wire.py: a msgpack header and the groups' arrays as raw frames), each
-led by its length. It is written to a temporary name, fsynced, renamed, and the folder
-fsynced, so a server killed while saving leaves the previous checkpoint as the newest; the
-newest `keep` are kept, and the whole checkpoints they build on. Reading checks the magic,
-every length and the wire format.
+A checkpoint is `<dir>/buffer-<n>.ckpt` (n counts up; a delta's name also says its base,
+below): a magic line, then the frames of one wire message (common/wire.py: a msgpack header
+and the groups' arrays as raw frames), each led by its length. It is written to a temporary
+name, fsynced, renamed, and the folder fsynced, so a server killed while saving leaves the
+previous checkpoint as the newest; the newest `keep` are kept, and the whole checkpoints they
+build on. Reading checks the magic, every length and the wire format.
 
 A checkpoint is whole, or a delta on a whole one: `buffer-<n>.on-<m>.ckpt` holds the arrays of
 only the groups stored since checkpoint m was taken, and every other group by its id (with
