@@ -26,7 +26,9 @@ machine and date; given --reverb-python (the interpreter of a venv with dm-rever
 bench/reverb_bench.py), DeepMind's Reverb does the same work too, and reverb_share_items_4k
 and reverb_share_mb_1m (asyncrl over Reverb, 8 writers; inserts only, each acknowledged, with as
 many items per flush as an asyncrl writer's puts of that size may go together, unless
---reverb-flush-every says otherwise) join it.
+--reverb-flush-every says otherwise) join it. The cases run system by system, Ray's queue
+last; a SIGTERM (a deadline's `timeout`) ends the run with the summary of the cases that ran,
+its `cut_short` naming where it stopped.
 
     python -m bench.buffer_bench [--quick] [--seconds 4] [--writers 1 8 32] [--window 4] [--coalesce 128]
                                  [--out FILE]
@@ -40,6 +42,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -360,6 +363,15 @@ def run_reverb(python: str, nbytes: int, writers: int, seconds: float, flush_eve
 SYSTEMS = {"asyncrl": run_asyncrl, "raw pyzmq": run_raw_zmq, "ray queue": run_ray_queue}
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stopped(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM ends it at once
+    raise _Stop
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="8 writers only, 3 s per case (under two minutes)")
@@ -393,26 +405,37 @@ def main():
     rows = []
     print(f"{'system':<10} {'size':>5} {'writers':>7} {'items/s':>9} {'MB/s':>8} {'taken/s':>9} "
           f"{'insert p50/p99 ms':>18} {'sample p50/p99 ms':>18}", flush=True)
-    for size, group in groups.items():
-        tokens, nbytes = int(group.lengths[0]), encoded_size(group)
-        for writers in args.writers:
-            for system in args.systems + (["reverb"] if args.reverb_python else []):
-                if system == "reverb":
-                    flush = args.reverb_flush_every or coalesced(group, args.coalesce)
-                    r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, flush)
-                    r["flush_every"] = flush
-                else:
-                    extra = ({"window": args.window, "coalesce": args.coalesce, "prefill": args.prefill,
-                              "writer_nice": args.writer_nice}
-                             if system == "asyncrl" else {})
-                    r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
-                r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
-                rows.append(r)
-                print(f"{system:<10} {size:>5} {writers:>7} {r['items_per_s']:>9.0f} {r['mb_per_s']:>8.1f} "
-                      f"{'-' if r['taken_per_s'] is None else round(r['taken_per_s']):>9} {str(r['insert_p50_ms']) + '/' + str(r['insert_p99_ms']):>18} "
-                      f"{str(r['sample_p50_ms']) + '/' + str(r['sample_p99_ms']):>18}"
-                      + (f"   server's part {r['server_sample_p50_ms']}/{r['server_sample_p99_ms']}"
-                         if r.get("server_sample_p99_ms") is not None else ""), flush=True)
+    # Ray's queue last (its start took minutes on a fresh 16-core machine, 2026-12-08), and a
+    # SIGTERM (a deadline's `timeout`) ends the bench with the summary of the cases that ran
+    systems = ([name for name in args.systems if name != "ray queue"] + (["reverb"] if args.reverb_python else [])
+               + [name for name in args.systems if name == "ray queue"])
+    cases = [(system, size, writers) for system in systems for size in groups for writers in args.writers]
+    signal.signal(signal.SIGTERM, _stopped)
+    cut_short = None
+    try:
+        for system, size, writers in cases:
+            group = groups[size]
+            tokens, nbytes = int(group.lengths[0]), encoded_size(group)
+            if system == "reverb":
+                flush = args.reverb_flush_every or coalesced(group, args.coalesce)
+                r = run_reverb(args.reverb_python, nbytes, writers, args.seconds, flush)
+                r["flush_every"] = flush
+            else:
+                extra = ({"window": args.window, "coalesce": args.coalesce, "prefill": args.prefill,
+                          "writer_nice": args.writer_nice}
+                         if system == "asyncrl" else {})
+                r = SYSTEMS[system](tokens, nbytes, writers, args.seconds, args.batch, work, **extra)
+            r.update(system=system, size=size, bytes=nbytes, writers=writers, mb_per_s=r["items_per_s"] * nbytes / 1e6)
+            rows.append(r)
+            print(f"{system:<10} {size:>5} {writers:>7} {r['items_per_s']:>9.0f} {r['mb_per_s']:>8.1f} "
+                  f"{'-' if r['taken_per_s'] is None else round(r['taken_per_s']):>9} {str(r['insert_p50_ms']) + '/' + str(r['insert_p99_ms']):>18} "
+                  f"{str(r['sample_p50_ms']) + '/' + str(r['sample_p99_ms']):>18}"
+                  + (f"   server's part {r['server_sample_p50_ms']}/{r['server_sample_p99_ms']}"
+                     if r.get("server_sample_p99_ms") is not None else ""), flush=True)
+    except _Stop:
+        cut_short = (f"stopped by SIGTERM in {system} at {size} with {writers} writers: "
+                     f"{len(cases) - len(rows) - 1} case(s) after it did not run")
+        print(cut_short, flush=True)
 
     def get(system, size, writers=8):
         return next((r for r in rows if (r["system"], r["size"], r["writers"]) == (system, size, writers)), None)
@@ -440,6 +463,7 @@ def main():
         **({"reverb_flush_every": {size: get("reverb", size)["flush_every"] for size in SIZES if get("reverb", size)}}
            if args.reverb_python else {}),
         "command": "python -m bench.buffer_bench " + " ".join(sys.argv[1:]),
+        **({"cut_short": cut_short} if cut_short else {}),
     }
     if args.out:
         with open(args.out, "w") as f:
