@@ -11,7 +11,7 @@ from learner import checkpoint, logprob_head
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
 from common.rendezvous import RendezvousHost
-from tests.conftest import make_group
+from tests.conftest import end_rank, make_group
 
 STEPS, STOP = 4, 2
 FIGURES = ("loss/policy", "learner/grad_norm", "loss/clip_frac", "learner/lr")
@@ -76,6 +76,7 @@ def _rank(rank, model_path, rendezvous, buffer_address, folder, results):
     resumed.close()
     if rank == 0:
         results.put((got, expected))
+    end_rank()
 
 
 def test_resume_two_ranks_gives_bit_identical_losses(tiny_model_path, tmp_path, buffer_server):

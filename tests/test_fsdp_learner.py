@@ -12,7 +12,7 @@ from learner import fsdp
 from learner.learner import Learner, TrainerConfig
 from learner.loss import LossConfig
 from common.rendezvous import RendezvousHost
-from tests.conftest import make_group
+from tests.conftest import end_rank, make_group
 
 
 def groups():
@@ -32,7 +32,7 @@ def trainer(world: int, micro_rows: int, micro_tokens: int = 0, max_grad_norm: f
 
 
 def _rank(rank, model_path, rendezvous, out_path, buffer_address, aggregation, micro_tokens, max_grad_norm):
-    faulthandler.enable()   # a crash in C++ (once, in CI: SIGABRT) shows where Python was
+    faulthandler.enable()   # a crash in C++ shows where Python was (a SIGABRT in CI showed none: end_rank)
     channel = LocalWeightChannel()
     # rank 0 holds rows of 6 and 9 tokens, rank 1 of 12 and 15: packed by a token budget, they
     # need different numbers of passes, and must still make the same number
@@ -49,6 +49,7 @@ def _rank(rank, model_path, rendezvous, out_path, buffer_address, aggregation, m
         torch.save({"metrics": metrics, "version": weights[0],
                     "weights": {k: np.array(v) for k, v in weights[1].items()}}, str(out_path) + ".pt")
     learner.close()
+    end_rank()
 
 
 # The middle case clips the gradient (its norm is far above 1e-2): the sharded norm must be the
@@ -109,6 +110,7 @@ def _gather_rank(rank, model_path, rendezvous, out_path):
             assert whole == {} and cast == {}
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 def test_the_full_weights_gathered_in_buckets_equal_torchs_full_state_dict_cast_where_they_live(tiny_model_path,
