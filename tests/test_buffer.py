@@ -696,7 +696,9 @@ def test_a_peer_of_another_protocol_is_named_at_either_end(buffer_server):
             assert reply["protocol"] == PROTOCOL
     finally:
         raw.close(linger=0)
-    assert BufferClient(server.address, timeout_s=5.0).stats()["size"] == 0   # nothing stored, still serving
+    client = BufferClient(server.address, timeout_s=5.0)
+    assert client.stats()["size"] == 0   # nothing stored, still serving
+    client.close()
 
     old = zmq.Context.instance().socket(zmq.ROUTER)
     port = old.bind_to_random_port("tcp://127.0.0.1")
@@ -709,8 +711,10 @@ def test_a_peer_of_another_protocol_is_named_at_either_end(buffer_server):
     thread = threading.Thread(target=answer_as_an_old_server)
     thread.start()
     try:
+        client = BufferClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
         with pytest.raises(BufferError, match=rf"answers in protocol 1 \(none named\), this client speaks {PROTOCOL}"):
-            BufferClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0).stats()
+            client.stats()
+        client.close()
     finally:
         thread.join()
         old.close(linger=0)
