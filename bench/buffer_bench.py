@@ -432,7 +432,8 @@ def main():
                   f"{str(r['sample_p50_ms']) + '/' + str(r['sample_p99_ms']):>18}"
                   + (f"   server's part {r['server_sample_p50_ms']}/{r['server_sample_p99_ms']}"
                      if r.get("server_sample_p99_ms") is not None else ""), flush=True)
-    except _Stop:
+    except _Stop:   # in the case after the last row
+        system, size, writers = cases[len(rows)]
         cut_short = (f"stopped by SIGTERM in {system} at {size} with {writers} writers: "
                      f"{len(cases) - len(rows) - 1} case(s) after it did not run")
         print(cut_short, flush=True)
